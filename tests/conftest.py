@@ -1,0 +1,50 @@
+"""Shared fixtures: a tiny corpus, tokenizer and shards made by the project's own pipeline, once per session."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import sentencepiece as spm
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from data.default_corpus import stdlib_documents  # noqa: E402
+from data.prepare import train_tokenizer, write_splits  # noqa: E402
+
+TINY_VOCAB = 384  # 4 specials + 256 byte pieces + 124 merges: small, and byte fallback is exercised
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> dict:
+    """Shards of 160 standard-library documents (8 val) and a byte-fallback tokenizer trained on them."""
+    root = tmp_path_factory.mktemp("tiny_data")
+    documents = stdlib_documents()[:160]
+    tokenizer = train_tokenizer(documents[8:], root / "tok.model", TINY_VOCAB)
+    write_splits(documents, root / "shards", tokenizer, val_documents=8)
+    vocab_size = spm.SentencePieceProcessor(model_file=str(tokenizer)).vocab_size()
+    return {"data_path": root / "shards", "tokenizer_path": tokenizer, "vocab_size": vocab_size, "documents": documents}
+
+
+def tiny_env(tiny_data, **overrides) -> dict:
+    """A 2-layer, 64-wide model on the tiny data: seconds per run on a CPU, eager (compile is tested on its own)."""
+    env = dict(
+        DATA_PATH=str(tiny_data["data_path"]), TOKENIZER_PATH=str(tiny_data["tokenizer_path"]),
+        VOCAB_SIZE=str(tiny_data["vocab_size"]), NUM_LAYERS="2", MODEL_DIM="64", NUM_HEADS="4", NUM_KV_HEADS="2",
+        TRAIN_SEQ_LEN="64", TRAIN_BATCH_TOKENS="4096", VAL_BATCH_SIZE="8192", ITERATIONS="30", WARMUP_STEPS="0",
+        WARMDOWN_ITERS="10", MAX_WALLCLOCK_SECONDS="0", VAL_LOSS_EVERY="0", TRAIN_LOG_EVERY="5", COMPILE="0",
+        EMA_DECAY="0.9", MATRIX_LR="0.04", SEED="1337",
+    )
+    env.update({k: str(v) for k, v in overrides.items()})
+    return env
+
+
+def run_trainer(cwd: Path, env: dict, nproc: int = 1, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run train_moe.py as a user would: plain python for one process, torchrun (gloo) for several."""
+    cmd = [sys.executable, str(REPO / "train_moe.py")]
+    if nproc > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(REPO / "train_moe.py")]
+    full_env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    full_env.update(env, OMP_NUM_THREADS="1")
+    return subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)

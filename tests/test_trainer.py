@@ -1,0 +1,323 @@
+"""train_moe.py: shards, val_bpb, export, config errors, EMA, and whole runs on 1 and 2 CPU processes."""
+import json
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import sentencepiece as spm
+import torch
+
+import train_moe as tm
+from conftest import REPO, run_trainer, tiny_env
+from data.shards import write_shard
+
+
+def events(run_dir, run_id):
+    lines = (run_dir / "logs" / f"{run_id}.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines]
+
+
+def only(evs, name):
+    found = [e for e in evs if e["event"] == name]
+    assert len(found) == 1, f"expected one {name} event, got {len(found)}"
+    return found[0]
+
+
+# ---------------------------------------------------------------- shards
+
+def test_shard_roundtrip(tmp_path):
+    tokens = np.random.default_rng(0).integers(0, 65536, size=5000)
+    write_shard(tmp_path / "s.bin", tokens)
+    loaded = tm.load_data_shard(tmp_path / "s.bin")
+    assert loaded.dtype == torch.uint16
+    assert np.array_equal(loaded.numpy(), tokens)
+    assert (tmp_path / "s.bin").stat().st_size == 1024 + 2 * 5000
+
+
+@pytest.mark.parametrize("word,value,message", [(0, 1234, "magic"), (1, 2, "version"), (2, 4999, "promises")])
+def test_shard_rejects_bad_header(tmp_path, word, value, message):
+    path = tmp_path / "s.bin"
+    write_shard(path, np.arange(5000))
+    raw = bytearray(path.read_bytes())
+    raw[4 * word : 4 * word + 4] = np.int32(value).tobytes()
+    path.write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match=message):
+        tm.load_data_shard(path)
+
+
+def test_shard_rejects_truncated_file(tmp_path):
+    path = tmp_path / "s.bin"
+    write_shard(path, np.arange(5000))
+    path.write_bytes(path.read_bytes()[:-2])
+    with pytest.raises(ValueError, match="promises 5000 tokens"):
+        tm.load_data_shard(path)
+
+
+# ---------------------------------------------------------------- val_bpb
+
+def test_byte_tables_match_decoded_utf8(tiny_data):
+    sp = spm.SentencePieceProcessor(model_file=str(tiny_data["tokenizer_path"]))
+    tables = tm.build_byte_tables(sp, "cpu")
+    documents = tiny_data["documents"][:20] + ["naïve café — 東京 😀 ünïcödé", "Ünïcode first; then   spaces"]
+    byte_pieces_seen = 0
+    for doc in documents:
+        ids = sp.encode(doc)
+        byte_pieces_seen += sum(sp.is_byte(i) for i in ids)
+        stream = torch.tensor([sp.bos_id()] + ids)
+        counted = tm.target_bytes(stream[:-1], stream[1:], tables).sum().item()
+        assert counted == len(sp.decode(ids).encode("utf-8")), doc[:60]
+    assert byte_pieces_seen > 0, "the check must cover byte-fallback pieces"
+
+
+def test_evaluate_matches_hand_computation(tiny_data):
+    """With a constant per-token loss c, val_loss = c and val_bpb = c/ln2 * tokens/bytes, where bytes is the
+    UTF-8 length of the decoded documents: the definition the tables must reproduce over several windows."""
+    sp = spm.SentencePieceProcessor(model_file=str(tiny_data["tokenizer_path"]))
+    seq_len = 32
+    docs = tiny_data["documents"][:3] + ["naïve café — 東京 😀"]
+    stream = [t for doc in docs for t in [sp.bos_id()] + sp.encode(doc)]
+    # A last document of single letters, one token each, makes the stream exactly whole windows plus one.
+    letters = (-len(stream)) % seq_len + seq_len
+    docs.append(" ".join(["a"] * letters))
+    stream += [sp.bos_id()] + sp.encode(docs[-1])
+    assert (len(stream) - 1) % seq_len == 0
+    val = torch.tensor(stream, dtype=torch.int32)
+    cfg = tm.Hyperparameters({"TRAIN_SEQ_LEN": str(seq_len), "VAL_BATCH_SIZE": "64", "TRAIN_BATCH_TOKENS": "256"})
+    c = 2.5
+    tables = tm.build_byte_tables(sp, "cpu")
+    loss, bpb = tm.evaluate(lambda x, y: torch.full(y.shape, c), val, tables, cfg, torch.device("cpu"), 0)
+    nbytes = sum(len(sp.decode(sp.encode(doc)).encode("utf-8")) for doc in docs)
+    assert loss == pytest.approx(c, rel=1e-12)
+    assert bpb == pytest.approx(c / math.log(2) * (len(stream) - 1) / nbytes, rel=1e-12)
+
+
+@pytest.mark.parametrize("targets,seq_len,stride", [(1024, 128, 0), (1024, 128, 64), (1000, 128, 48), (128, 128, 16), (777, 64, 1)])
+def test_eval_windows_score_every_target_once(targets, seq_len, stride):
+    starts, scored = tm.eval_windows(targets, seq_len, stride)
+    counts = torch.zeros(targets, dtype=torch.int64)
+    for start, n in zip(starts.tolist(), scored.tolist()):
+        assert 0 <= start and start + seq_len <= targets and 1 <= n <= seq_len
+        counts[start + seq_len - n : start + seq_len] += 1
+        if start > 0:  # every scored position after the first window sees at least seq_len - stride of context
+            assert seq_len - n >= seq_len - (stride or seq_len)
+    assert torch.equal(counts, torch.ones(targets, dtype=torch.int64))
+
+
+def test_sliding_stride_equal_to_seq_len_is_the_non_overlapping_eval(tiny_data):
+    sp = spm.SentencePieceProcessor(model_file=str(tiny_data["tokenizer_path"]))
+    cfg = tm.Hyperparameters(tiny_env(tiny_data))
+    torch.manual_seed(0)
+    model = tm.GPT(cfg)
+    for p in model.parameters():  # zero-initialised projections would make every window's loss identical
+        p.data.normal_(0, 0.05)
+    val = tm.load_val_tokens(cfg)
+    tables = tm.build_byte_tables(sp, "cpu")
+    cpu = torch.device("cpu")
+    plain = tm.evaluate(model.token_losses, val, tables, cfg, cpu, 0)
+    assert tm.evaluate(model.token_losses, val, tables, cfg, cpu, cfg.train_seq_len) == pytest.approx(plain, rel=1e-9)
+    sliding = tm.evaluate(model.token_losses, val, tables, cfg, cpu, 16)
+    assert sliding[0] != pytest.approx(plain[0], rel=1e-6)  # more context changes the losses
+
+
+# ---------------------------------------------------------------- export
+
+@pytest.mark.parametrize("bits,max_rel_rms", [(8, 0.008), (6, 0.03), (5, 0.06)])
+def test_quantize_error_bounds(bits, max_rel_rms):
+    w = torch.randn(64, 512, generator=torch.Generator().manual_seed(bits))
+    q, scale = tm.quantize_rows(w, bits)
+    qmax = 2 ** (bits - 1) - 1
+    assert q.dtype == torch.int8 and scale.dtype == torch.float16
+    assert q.abs().max().item() <= qmax
+    recon = q.float() * scale.float()[:, None]
+    rel_rms = ((recon - w).square().mean() / w.square().mean()).sqrt().item()
+    assert rel_rms < max_rel_rms
+    # Inside the clip range the error is at most half a step; the search never loses to plain absmax.
+    inside = w.abs() <= qmax * scale.float()[:, None]
+    assert ((recon - w).abs() <= scale.float()[:, None] / 2 + 1e-6)[inside].all()
+    absmax_scale = (w.abs().amax(1) / qmax).half().float()
+    absmax_err = ((torch.round(w / absmax_scale[:, None]).clamp(-qmax, qmax) * absmax_scale[:, None] - w).square().sum(1))
+    assert ((recon - w).square().sum(1) <= absmax_err + 1e-9).all()
+
+
+def test_clip_search_clips_outliers_at_low_bits():
+    w = torch.randn(8, 512, generator=torch.Generator().manual_seed(0))
+    w[:, 0] = 40.0  # one huge outlier per row
+    q, scale = tm.quantize_rows(w, 5)
+    assert (scale.float() < 40.0 / 15 * 0.99).all()
+
+
+def test_artifact_roundtrip_and_byte_accounting(tmp_path):
+    torch.manual_seed(0)
+    state = {
+        "tok_emb.weight": torch.randn(100, 32),
+        "blocks.0.attn.q.weight": torch.randn(32, 32),
+        "blocks.0.mlp.fc.weight": torch.randn(64, 32),
+        "blocks.0.attn_scale": torch.rand(32),
+        "blocks.0.resid_mix": torch.rand(2, 32),
+    }
+    bits = {"embed": 8, "attn": 6, "mlp": 5}
+    header, arrays = tm.quantize_state(state, bits)
+    assert {k: v.get("bits") for k, v in header.items()} == {
+        "tok_emb.weight": 8, "blocks.0.attn.q.weight": 6, "blocks.0.mlp.fc.weight": 5,
+        "blocks.0.attn_scale": None, "blocks.0.resid_mix": None}
+    blob = tm.pack_artifact(header, arrays)
+    path = tmp_path / "a" / "model.zst"
+    tm.write_artifact(path, blob)
+    assert path.stat().st_size == len(blob) and not list(path.parent.glob("*.tmp"))
+    loaded = tm.unpack_artifact(path.read_bytes())
+    assert set(loaded) == set(state)
+    for name, t in state.items():
+        if header[name]["kind"] == "int":
+            expected = arrays[name].astype(np.float32) * arrays[name + ".scale"].astype(np.float32)[:, None]
+            assert torch.equal(loaded[name], torch.from_numpy(expected))
+        else:
+            assert torch.equal(loaded[name], t.half().float())
+    with pytest.raises(Exception):
+        tm.unpack_artifact(blob[: len(blob) // 2])
+
+
+# ---------------------------------------------------------------- config errors
+
+@pytest.mark.parametrize("overrides,variable", [
+    ({"MLP_MODE": "moe"}, "MLP_MODE"),
+    ({"NUM_LAYERS": "nine"}, "NUM_LAYERS"),
+    ({"NUM_LAYERS": "0"}, "NUM_LAYERS"),
+    ({"MATRIX_LR": "nan"}, "MATRIX_LR"),
+    ({"EMA_DECAY": "1.5"}, "EMA_DECAY"),
+    ({"QUANT_MLP_BITS": "4"}, "QUANT_MLP_BITS"),
+    ({"MODEL_DIM": "65"}, "MODEL_DIM"),
+    ({"NUM_KV_HEADS": "3"}, "NUM_HEADS"),
+    ({"TRAIN_BATCH_TOKENS": "4000"}, "TRAIN_BATCH_TOKENS"),
+    ({"EVAL_STRIDE": "65"}, "EVAL_STRIDE"),
+    ({"DATA_PATH": "/nonexistent/shards"}, "DATA_PATH"),
+    ({"TOKENIZER_PATH": "/nonexistent/tok.model"}, "TOKENIZER_PATH"),
+    ({"VOCAB_SIZE": "1024"}, "VOCAB_SIZE"),
+])
+def test_config_errors_name_the_variable(tiny_data, overrides, variable):
+    with pytest.raises(tm.ConfigError, match=rf"^{variable}="):
+        tm.Hyperparameters(tiny_env(tiny_data, **overrides)).check_inputs()
+
+
+def test_corrupt_shard_is_a_config_error(tiny_data, tmp_path):
+    for shard in tiny_data["data_path"].iterdir():
+        (tmp_path / shard.name).write_bytes(shard.read_bytes())
+    victim = tmp_path / "fineweb_train_000000.bin"
+    victim.write_bytes(victim.read_bytes()[:-10])
+    with pytest.raises(tm.ConfigError, match=r"^DATA_PATH=.*fineweb_train_000000.bin"):
+        tm.Hyperparameters(tiny_env(tiny_data, DATA_PATH=tmp_path)).check_inputs()
+
+
+def test_config_error_exits_with_one_line_before_any_work(tiny_data, tmp_path):
+    result = run_trainer(tmp_path, tiny_env(tiny_data, NUM_HEADS="3"), timeout=60)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "config_error: MODEL_DIM=64: must be divisible by NUM_HEADS=3"]
+    assert not (tmp_path / "logs").exists()
+
+
+# ---------------------------------------------------------------- optimizer and EMA
+
+def test_newton_schulz_orthogonalizes_batched():
+    g = torch.randn(3, 48, 96, generator=torch.Generator().manual_seed(0))
+    out = tm.newton_schulz(g, steps=5).float()
+    singular = torch.linalg.svdvals(out)
+    assert singular.min() > 0.5 and singular.max() < 1.3
+    assert torch.allclose(out[1], tm.newton_schulz(g[1], steps=5).float())
+    tall = tm.newton_schulz(g[0].T, steps=5).float()
+    assert torch.allclose(tall, out[0].T)
+
+
+def test_ema_update_follows_the_ramped_decay():
+    model = torch.nn.Linear(3, 2)
+    ema = tm.EMA(model, decay=0.5)
+    start = model.weight.detach().clone()
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    ema.update()  # t=0: decay min(0.5, 1/10) = 0.1
+    assert torch.allclose(ema.shadow[0], 0.1 * start + 0.9 * (start + 1))
+    previous = ema.shadow[0].clone()
+    for t in range(1, 12):  # the ramp 2/11, 3/12, ... until it reaches the 0.5 cap at t=8
+        with torch.no_grad():
+            model.weight.add_(1.0)
+        ema.update()
+        d = min(0.5, (1 + t) / (10 + t))
+        assert torch.allclose(ema.shadow[0], d * previous + (1 - d) * model.weight.detach())
+        previous = ema.shadow[0].clone()
+    ema.copy_to_model()
+    assert torch.equal(model.weight.detach(), ema.shadow[0])
+
+
+# ---------------------------------------------------------------- compile
+
+def test_train_step_compiles_fullgraph_without_recompiles(tiny_data):
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    cfg = tm.Hyperparameters(tiny_env(tiny_data))
+    torch.manual_seed(0)
+    model = tm.GPT(cfg)
+    step = torch.compile(model, fullgraph=True, dynamic=False)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for seed in range(3):
+            ids = torch.randint(0, cfg.vocab_size, (2, cfg.train_seq_len), generator=torch.Generator().manual_seed(seed))
+            loss = step(ids[:, :-1].contiguous(), ids[:, 1:].contiguous())
+            loss.backward()
+            assert torch.isfinite(loss)
+    eager = model(ids[:, :-1].contiguous(), ids[:, 1:].contiguous())
+    assert eager.item() == pytest.approx(loss.item(), rel=1e-4)
+
+
+# ---------------------------------------------------------------- whole runs
+
+def test_tiny_run_learns_exports_and_roundtrips(tiny_data, tmp_path):
+    env = tiny_env(tiny_data, RUN_ID="tiny", ITERATIONS=40, VAL_LOSS_EVERY=20, WARMUP_STEPS=2, WANDB=1,
+                   WANDB_MODE="offline", WANDB_DIR=tmp_path, WANDB_SILENT="true")
+    result = run_trainer(tmp_path, env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    evs = events(tmp_path, "tiny")
+    train = [e for e in evs if e["event"] == "train"]
+    assert train[-1]["train_loss"] < train[0]["train_loss"] - 1.0
+    vals = [e for e in evs if e["event"] == "val"]
+    assert [v["step"] for v in vals] == [0, 20]
+    ema, rt, raw = only(evs, "final_ema"), only(evs, "final_roundtrip"), only(evs, "final_raw")
+    assert ema["val_bpb"] < vals[0]["val_bpb"] - 0.5
+    assert raw["val_bpb"] < vals[0]["val_bpb"] - 0.5
+    # Default bits (MLP int6, the rest int8): the exported model scores within 0.01 bpb of its source weights.
+    assert abs(rt["val_bpb"] - ema["val_bpb"]) < 0.01
+    art = only(evs, "artifact")
+    assert art["code_bytes"] == len((REPO / "train_moe.py").read_bytes())
+    assert art["model_bytes"] == (tmp_path / art["path"]).stat().st_size
+    assert art["artifact_bytes"] == art["code_bytes"] + art["model_bytes"]
+    assert art["status"] == "OK" and art["limit"] == 16_000_000
+    log_text = (tmp_path / "logs" / "tiny.txt").read_text()
+    assert log_text.startswith((REPO / "train_moe.py").read_text())
+    assert "config mlp_mode:dense" in log_text and f"torch {torch.__version__}" in log_text
+    assert f"final_roundtrip val_loss:{rt['val_loss']:.8f} val_bpb:{rt['val_bpb']:.8f}" in result.stdout
+    assert list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
+
+
+def test_two_processes_match_one_and_warmup_is_rolled_back(tiny_data, tmp_path):
+    common = dict(ITERATIONS=6, TRAIN_LOG_EVERY=1, VAL_LOSS_EVERY=3, EMA_DECAY=0)
+    runs = {
+        "one": (1, tiny_env(tiny_data, RUN_ID="one", WARMUP_STEPS=2, **common)),
+        "two": (2, tiny_env(tiny_data, RUN_ID="two", WARMUP_STEPS=2, ARTIFACT_LIMIT_BYTES=1000, **common)),
+        "nowarm": (1, tiny_env(tiny_data, RUN_ID="nowarm", WARMUP_STEPS=0, **common)),
+    }
+    results = {}
+    for run_id, (nproc, env) in runs.items():
+        result = run_trainer(tmp_path, env, nproc=nproc)
+        assert result.returncode == 0, result.stderr[-3000:]
+        results[run_id] = events(tmp_path, run_id)
+
+    def losses(run_id, event, key):
+        return [e[key] for e in results[run_id] if e["event"] == event]
+
+    assert only(results["two"], "model")["grad_accum_steps"] == 4
+    assert losses("one", "train", "train_loss") == pytest.approx(losses("two", "train", "train_loss"), abs=2e-3)
+    assert losses("one", "val", "val_loss") == pytest.approx(losses("two", "val", "val_loss"), abs=2e-3)
+    assert losses("one", "train", "train_loss") == losses("nowarm", "train", "train_loss")
+    assert only(results["two"], "artifact")["status"] == "OVER"
+    assert only(results["two"], "final_roundtrip")["val_bpb"] == pytest.approx(
+        only(results["one"], "final_roundtrip")["val_bpb"], abs=5e-3)

@@ -1,0 +1,935 @@
+"""moe-golf trainer: a Parameter Golf language model in one file (16,000,000-byte artifact, val_bpb on FineWeb).
+
+Launch:  RUN_ID=x DATA_PATH=... torchrun --standalone --nproc_per_node=8 train_moe.py   (or: python train_moe.py)
+Every knob is an environment variable read once at start (table in README.md); bad values stop the run with
+one `config_error:` line before any data is read or anything is compiled.
+"""
+from __future__ import annotations
+
+import copy
+import glob
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import sentencepiece as spm
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+import zstandard
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+# -----------------------------------------------------------------------------
+# HYPERPARAMETERS
+# -----------------------------------------------------------------------------
+
+MLP_MODES = ("dense",)
+QUANT_BITS = (5, 6, 8)
+
+
+class ConfigError(ValueError):
+    pass
+
+
+class EnvReader:
+    """Typed, range-checked reads of environment variables; every failure names the variable."""
+
+    def __init__(self, env):
+        self.env = env
+
+    def raw(self, name, default):
+        return self.env.get(name, str(default)).strip()
+
+    def text(self, name, default):
+        return self.raw(name, default)
+
+    def integer(self, name, default, lo=None, hi=None):
+        raw = self.raw(name, default)
+        try:
+            value = int(raw)
+        except ValueError:
+            raise ConfigError(f"{name}={raw!r}: expected an integer{_range_text(lo, hi)}") from None
+        if (lo is not None and value < lo) or (hi is not None and value > hi):
+            raise ConfigError(f"{name}={raw!r}: expected an integer{_range_text(lo, hi)}")
+        return value
+
+    def number(self, name, default, lo=None, hi=None):
+        raw = self.raw(name, default)
+        try:
+            value = float(raw)
+        except ValueError:
+            raise ConfigError(f"{name}={raw!r}: expected a number{_range_text(lo, hi)}") from None
+        if not math.isfinite(value) or (lo is not None and value < lo) or (hi is not None and value > hi):
+            raise ConfigError(f"{name}={raw!r}: expected a finite number{_range_text(lo, hi)}")
+        return value
+
+    def choice(self, name, default, allowed):
+        raw = self.raw(name, default)
+        if raw not in [str(a) for a in allowed]:
+            raise ConfigError(f"{name}={raw!r}: allowed values are {', '.join(str(a) for a in allowed)}")
+        return type(allowed[0])(raw)
+
+    def flag(self, name, default):
+        return bool(self.choice(name, default, (0, 1)))
+
+
+def _range_text(lo, hi):
+    if lo is not None and hi is not None:
+        return f" in [{lo}, {hi}]"
+    return f" >= {lo}" if lo is not None else (f" <= {hi}" if hi is not None else "")
+
+
+class Hyperparameters:
+    def __init__(self, env=os.environ):
+        get = EnvReader(env)
+        # Run and data. Names and defaults follow the challenge's train_gpt.py wherever the knob exists there.
+        self.run_id = get.text("RUN_ID", "")
+        self.data_path = get.text("DATA_PATH", "./data/datasets/fineweb10B_sp1024")
+        self.tokenizer_path = get.text("TOKENIZER_PATH", "./data/tokenizers/fineweb_1024_bpe.model")
+        self.seed = get.integer("SEED", 1337, 0, 2**31 - 1)
+        self.iterations = get.integer("ITERATIONS", 20000, 1)
+        self.warmup_steps = get.integer("WARMUP_STEPS", 20, 0)
+        self.warmdown_iters = get.integer("WARMDOWN_ITERS", 1200, 0)
+        self.max_wallclock_seconds = get.number("MAX_WALLCLOCK_SECONDS", 600, 0)
+        self.train_batch_tokens = get.integer("TRAIN_BATCH_TOKENS", 524288, 1)
+        self.train_seq_len = get.integer("TRAIN_SEQ_LEN", 1024, 2)
+        self.train_log_every = get.integer("TRAIN_LOG_EVERY", 200, 1)
+        self.val_loss_every = get.integer("VAL_LOSS_EVERY", 1000, 0)
+        self.val_batch_size = get.integer("VAL_BATCH_SIZE", 524288, 1)
+        self.eval_stride = get.integer("EVAL_STRIDE", 0, 0)
+        self.compile = get.flag("COMPILE", 1)
+        self.wandb = get.flag("WANDB", 0)
+        # Model.
+        self.vocab_size = get.integer("VOCAB_SIZE", 1024, 2, 65536)
+        self.num_layers = get.integer("NUM_LAYERS", 9, 1)
+        self.model_dim = get.integer("MODEL_DIM", 512, 2)
+        self.num_heads = get.integer("NUM_HEADS", 8, 1)
+        self.num_kv_heads = get.integer("NUM_KV_HEADS", 4, 1)
+        self.mlp_mode = get.choice("MLP_MODE", "dense", MLP_MODES)
+        self.mlp_mult = get.integer("MLP_MULT", 2, 1)
+        self.tie_embeddings = get.flag("TIE_EMBEDDINGS", 1)
+        self.rope_base = get.number("ROPE_BASE", 10000.0, 1.0)
+        self.logit_softcap = get.number("LOGIT_SOFTCAP", 30.0, 0.0)
+        self.qk_gain_init = get.number("QK_GAIN_INIT", 1.5, 0.0)
+        self.tied_embed_init_std = get.number("TIED_EMBED_INIT_STD", 0.005, 0.0)
+        # Optimizer.
+        self.embed_lr = get.number("EMBED_LR", 0.6, 0.0)
+        self.head_lr = get.number("HEAD_LR", 0.008, 0.0)
+        self.tied_embed_lr = get.number("TIED_EMBED_LR", 0.05, 0.0)
+        self.matrix_lr = get.number("MATRIX_LR", 0.04, 0.0)
+        self.scalar_lr = get.number("SCALAR_LR", 0.04, 0.0)
+        self.muon_momentum = get.number("MUON_MOMENTUM", 0.95, 0.0, 1.0)
+        self.muon_backend_steps = get.integer("MUON_BACKEND_STEPS", 5, 1)
+        self.muon_momentum_warmup_start = get.number("MUON_MOMENTUM_WARMUP_START", 0.85, 0.0, 1.0)
+        self.muon_momentum_warmup_steps = get.integer("MUON_MOMENTUM_WARMUP_STEPS", 500, 0)
+        self.beta1 = get.number("BETA1", 0.9, 0.0, 1.0)
+        self.beta2 = get.number("BETA2", 0.95, 0.0, 1.0)
+        self.adam_eps = get.number("ADAM_EPS", 1e-8, 0.0)
+        self.grad_clip_norm = get.number("GRAD_CLIP_NORM", 0.0, 0.0)
+        self.ema_decay = get.number("EMA_DECAY", 0.997, 0.0, 0.999999)
+        # Export.
+        self.quant_embed_bits = get.choice("QUANT_EMBED_BITS", 8, QUANT_BITS)
+        self.quant_attn_bits = get.choice("QUANT_ATTN_BITS", 8, QUANT_BITS)
+        self.quant_mlp_bits = get.choice("QUANT_MLP_BITS", 6, QUANT_BITS)
+        self.artifact_limit_bytes = get.integer("ARTIFACT_LIMIT_BYTES", 16_000_000, 1)
+        # Set by torchrun; the global batch is split over WORLD_SIZE x GRAD_ACCUM micro-batches, as in the
+        # baseline, so 1, 2, 4 or 8 GPUs see the same batches in the same order.
+        self.world_size = get.integer("WORLD_SIZE", 1, 1, 8)
+        self.rank = get.integer("RANK", 0, 0, self.world_size - 1)
+        self.local_rank = get.integer("LOCAL_RANK", 0, 0, self.world_size - 1)
+        self.grad_accum_steps = 8 // self.world_size
+        self._check_shapes()
+
+    def _check_shapes(self):
+        if self.model_dim % self.num_heads:
+            raise ConfigError(f"MODEL_DIM={self.model_dim}: must be divisible by NUM_HEADS={self.num_heads}")
+        if (self.model_dim // self.num_heads) % 2:
+            raise ConfigError(f"MODEL_DIM={self.model_dim}: MODEL_DIM/NUM_HEADS must be even for RoPE")
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError(f"NUM_HEADS={self.num_heads}: must be divisible by NUM_KV_HEADS={self.num_kv_heads}")
+        micro = self.world_size * self.grad_accum_steps * self.train_seq_len
+        if self.train_batch_tokens % micro:
+            raise ConfigError(
+                f"TRAIN_BATCH_TOKENS={self.train_batch_tokens}: must be a multiple of WORLD_SIZE x grad_accum x "
+                f"TRAIN_SEQ_LEN = {self.world_size} x {self.grad_accum_steps} x {self.train_seq_len} = {micro}"
+            )
+        if self.val_batch_size < self.world_size * self.train_seq_len:
+            raise ConfigError(
+                f"VAL_BATCH_SIZE={self.val_batch_size}: must be at least WORLD_SIZE x TRAIN_SEQ_LEN = "
+                f"{self.world_size * self.train_seq_len}"
+            )
+        if self.eval_stride > self.train_seq_len:
+            raise ConfigError(f"EVAL_STRIDE={self.eval_stride}: must be in [0, TRAIN_SEQ_LEN={self.train_seq_len}]")
+
+    def check_inputs(self):
+        """Shards and tokenizer must be usable before the run spends anything; headers and vocab only."""
+        for split in ("train", "val"):
+            files = sorted(glob.glob(os.path.join(self.data_path, f"fineweb_{split}_*.bin")))
+            if not files:
+                raise ConfigError(f"DATA_PATH={self.data_path!r}: no fineweb_{split}_*.bin shards there")
+            for file in files:
+                try:
+                    read_shard_header(file)
+                except ValueError as e:
+                    raise ConfigError(f"DATA_PATH={self.data_path!r}: {e}") from None
+        if not os.path.isfile(self.tokenizer_path):
+            raise ConfigError(f"TOKENIZER_PATH={self.tokenizer_path!r}: no such file")
+        try:
+            sp = spm.SentencePieceProcessor(model_file=self.tokenizer_path)
+        except Exception as e:  # sentencepiece raises bare RuntimeError/OSError on a bad model file
+            raise ConfigError(f"TOKENIZER_PATH={self.tokenizer_path!r}: not a SentencePiece model ({e})") from None
+        if sp.vocab_size() != self.vocab_size:
+            raise ConfigError(
+                f"VOCAB_SIZE={self.vocab_size}: the tokenizer {self.tokenizer_path} has {sp.vocab_size()} pieces"
+            )
+        return sp
+
+
+# -----------------------------------------------------------------------------
+# OPTIMIZER: Muon for block matrices, Adam for the rest
+# -----------------------------------------------------------------------------
+
+def newton_schulz(grad: Tensor, steps: int, eps: float = 1e-7) -> Tensor:
+    """Approximate the nearest semi-orthogonal matrix (batched over leading dims) with a quintic iteration
+    tuned to push singular values into [0.7, 1.2] fast rather than exactly to 1."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    x = grad.bfloat16()
+    tall = x.size(-2) > x.size(-1)
+    if tall:
+        x = x.mT
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) + eps)
+    for _ in range(steps):
+        gram = x @ x.mT
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return x.mT if tall else x
+
+
+class Muon(torch.optim.Optimizer):
+    """Nesterov momentum, then orthogonalised updates. Matrix i is orthogonalised on rank i % world_size and
+    one all-reduce of a flat buffer shares the results, so the Newton-Schulz work is split across GPUs."""
+
+    def __init__(self, params, lr: float, momentum: float, backend_steps: int):
+        super().__init__(params, dict(lr=lr, momentum=momentum, backend_steps=backend_steps))
+
+    @torch.no_grad()
+    def step(self):
+        distributed = dist.is_available() and dist.is_initialized()
+        world, rank = (dist.get_world_size(), dist.get_rank()) if distributed else (1, 0)
+        for group in self.param_groups:
+            params = group["params"]
+            updates = torch.zeros(sum(p.numel() for p in params), device=params[0].device, dtype=torch.float32)
+            offset = 0
+            for i, p in enumerate(params):
+                if i % world == rank and p.grad is not None:
+                    buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p.grad))
+                    buf.mul_(group["momentum"]).add_(p.grad)
+                    update = newton_schulz(p.grad.add(buf, alpha=group["momentum"]), group["backend_steps"])
+                    # Orthogonal updates of tall matrices have small entries; rescale so all layers move alike.
+                    update = update * max(1.0, p.size(-2) / p.size(-1)) ** 0.5
+                    updates[offset : offset + p.numel()] = update.flatten()
+                offset += p.numel()
+            if distributed:
+                dist.all_reduce(updates)
+            offset = 0
+            for p in params:
+                p.add_(updates[offset : offset + p.numel()].view_as(p), alpha=-group["lr"])
+                offset += p.numel()
+
+
+# -----------------------------------------------------------------------------
+# METRIC: val_bpb as the challenge computes it
+# -----------------------------------------------------------------------------
+
+def build_byte_tables(sp: spm.SentencePieceProcessor, device) -> tuple[Tensor, Tensor, Tensor]:
+    """Per token id: UTF-8 bytes without a leading U+2581, whether it had one, and whether it is a boundary
+    (control/unknown/unused: no bytes, and no space is owed to the token after it)."""
+    n = sp.vocab_size()
+    base_bytes = np.zeros(n, dtype=np.int16)
+    has_space = np.zeros(n, dtype=np.bool_)
+    is_boundary = np.ones(n, dtype=np.bool_)
+    for i in range(n):
+        if sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i):
+            continue
+        is_boundary[i] = False
+        if sp.is_byte(i):
+            base_bytes[i] = 1
+            continue
+        piece = sp.id_to_piece(i)
+        if piece.startswith("\u2581"):
+            has_space[i] = True
+            piece = piece[1:]
+        base_bytes[i] = len(piece.encode("utf-8"))
+    return (torch.tensor(base_bytes, dtype=torch.int64, device=device),
+            torch.tensor(has_space, device=device), torch.tensor(is_boundary, device=device))
+
+
+def target_bytes(x: Tensor, y: Tensor, tables) -> Tensor:
+    base_bytes, has_space, is_boundary = tables
+    return base_bytes[y] + (has_space[y] & ~is_boundary[x]).long()
+
+
+def eval_windows(num_targets: int, seq_len: int, stride: int) -> tuple[Tensor, Tensor]:
+    """Window starts and, per window, how many of its last positions are scored, so that every target is
+    scored exactly once and each with as much left context as the stride allows. stride 0 = seq_len."""
+    stride = stride or seq_len
+    starts = list(range(0, num_targets - seq_len + 1, stride))
+    if starts[-1] != num_targets - seq_len:
+        starts.append(num_targets - seq_len)
+    starts = torch.tensor(starts)
+    ends = starts + seq_len
+    scored = torch.cat([torch.tensor([seq_len]), ends[1:] - ends[:-1]])
+    return starts, scored
+
+
+@torch.no_grad()
+def evaluate(token_losses, val_tokens: Tensor, tables, cfg: Hyperparameters, device, stride: int):
+    """Return (val_loss in nats per token, val_bpb) over the whole val split, sums in float64 across ranks."""
+    seq_len = cfg.train_seq_len
+    starts, scored = eval_windows(val_tokens.numel() - 1, seq_len, stride)
+    lo = len(starts) * cfg.rank // cfg.world_size
+    hi = len(starts) * (cfg.rank + 1) // cfg.world_size
+    batch = max(1, min(cfg.val_batch_size // (cfg.world_size * seq_len), hi - lo))
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss nats, tokens, bytes
+    positions = torch.arange(seq_len)
+    for i in range(lo, hi, batch):
+        # The last batch repeats its final window with nothing scored: one shape, so one compiled graph.
+        wanted = torch.arange(i, i + batch)
+        windows = wanted.clamp_max(hi - 1)
+        idx = starts[windows, None] + positions
+        x = val_tokens[idx].to(device=device, dtype=torch.int64, non_blocking=True)
+        y = val_tokens[idx + 1].to(device=device, dtype=torch.int64, non_blocking=True)
+        scored_here = torch.where(wanted < hi, scored[windows], 0)
+        mask = (positions >= seq_len - scored_here[:, None]).to(device)
+        with autocast(device):
+            losses = token_losses(x, y).float()
+        sums[0] += (losses * mask).sum(dtype=torch.float64)
+        sums[1] += mask.sum()
+        sums[2] += (target_bytes(x, y, tables) * mask).sum(dtype=torch.float64)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(sums)
+    loss_sum, tokens, nbytes = sums.tolist()
+    val_loss = loss_sum / tokens
+    return val_loss, val_loss / math.log(2) * tokens / nbytes
+
+
+# -----------------------------------------------------------------------------
+# EXPORT: per-row quantization by tensor category, zstd, and the 16 MB check
+# -----------------------------------------------------------------------------
+
+ARTIFACT_MAGIC = b"MOEGOLF1"
+CLIP_FRACTIONS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.6)
+
+
+def tensor_category(name: str) -> str:
+    if name in ("tok_emb.weight", "lm_head.weight"):
+        return "embed"
+    if ".attn." in name and name.endswith(".weight"):
+        return "attn"
+    if ".mlp." in name and name.endswith(".weight"):
+        return "mlp"
+    return "control"  # norms' gains, residual mixes, skip weights: tiny, and the model is sensitive to them
+
+
+def quantize_rows(w: Tensor, bits: int) -> tuple[Tensor, Tensor]:
+    """Symmetric per-row integers in an int8 container with an fp16 scale per row. Each row's clip is the
+    fraction of its max |w| with the least squared reconstruction error: clipping a few outliers buys finer
+    steps for everything else, which matters most at 5 and 6 bits."""
+    qmax = 2 ** (bits - 1) - 1
+    w = w.float().reshape(-1, w.shape[-1])
+    row_max = w.abs().amax(dim=1)
+    best_err = torch.full_like(row_max, float("inf"))
+    best_q = torch.zeros_like(w, dtype=torch.int8)
+    best_scale = torch.zeros_like(row_max, dtype=torch.float16)
+    for fraction in CLIP_FRACTIONS:
+        # Round the scale to fp16 first so the error measured is the error the artifact will have.
+        scale = (row_max * fraction / qmax).clamp_min(2**-24).half()
+        q = torch.clamp(torch.round(w / scale.float()[:, None]), -qmax, qmax)
+        err = (q * scale.float()[:, None] - w).square().sum(dim=1)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_q[better] = q[better].to(torch.int8)
+        best_scale[better] = scale[better]
+    return best_q, best_scale
+
+
+def quantize_state(state: dict[str, Tensor], bits: dict[str, int]) -> tuple[dict, dict[str, np.ndarray]]:
+    """Return (JSON-able header, named raw arrays). Control tensors stay float16."""
+    header, arrays = {}, {}
+    for name, t in state.items():
+        category = tensor_category(name)
+        t = t.detach().cpu()
+        if category == "control" or t.ndim < 2:
+            header[name] = {"kind": "float", "shape": list(t.shape)}
+            arrays[name] = t.to(torch.float16).numpy()
+        else:
+            q, scale = quantize_rows(t, bits[category])
+            header[name] = {"kind": "int", "bits": bits[category], "shape": list(t.shape)}
+            arrays[name] = q.numpy()
+            arrays[name + ".scale"] = scale.numpy()
+    return header, arrays
+
+
+def pack_artifact(header: dict, arrays: dict[str, np.ndarray]) -> bytes:
+    """MAGIC, header length, JSON header, then raw little-endian arrays in header order; zstd level 22.
+    A flat layout instead of torch.save: no pickle or zip padding for the compressor to carry."""
+    layout = {name: {"dtype": a.dtype.str, "shape": list(a.shape)} for name, a in arrays.items()}
+    meta = json.dumps({"tensors": header, "arrays": layout}, separators=(",", ":")).encode()
+    body = b"".join(np.ascontiguousarray(a).tobytes() for a in arrays.values())
+    raw = ARTIFACT_MAGIC + len(meta).to_bytes(4, "little") + meta + body
+    return zstandard.ZstdCompressor(level=22).compress(raw)
+
+
+def unpack_artifact(blob: bytes) -> dict[str, Tensor]:
+    raw = zstandard.ZstdDecompressor().decompress(blob)
+    if raw[:8] != ARTIFACT_MAGIC:
+        raise ValueError("not a moe-golf artifact (bad magic)")
+    n = int.from_bytes(raw[8:12], "little")
+    meta = json.loads(raw[12 : 12 + n])
+    arrays, offset = {}, 12 + n
+    for name, spec in meta["arrays"].items():
+        dtype = np.dtype(spec["dtype"])
+        count = int(np.prod(spec["shape"]))
+        arrays[name] = np.frombuffer(raw, dtype=dtype, count=count, offset=offset).reshape(spec["shape"])
+        offset += count * dtype.itemsize
+    if offset != len(raw):
+        raise ValueError(f"artifact body is {len(raw) - offset} bytes longer than its header says")
+    state = {}
+    for name, spec in meta["tensors"].items():
+        a = torch.from_numpy(arrays[name].copy())
+        if spec["kind"] == "int":
+            scale = torch.from_numpy(arrays[name + ".scale"].copy()).float()
+            a = (a.float() * scale[:, None]).reshape(spec["shape"])
+        state[name] = a.float()
+    return state
+
+
+def write_artifact(path: Path, blob: bytes) -> None:
+    """Through a temporary file: a crash mid-write never leaves a file that looks like a finished artifact."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(blob)
+    os.replace(tmp, path)
+
+
+# -----------------------------------------------------------------------------
+# DATA: the challenge's shards
+# -----------------------------------------------------------------------------
+
+SHARD_MAGIC, SHARD_VERSION, SHARD_HEADER_BYTES = 20240520, 1, 256 * 4
+
+
+def read_shard_header(path) -> int:
+    size = os.path.getsize(path)
+    header = np.fromfile(path, dtype="<i4", count=256)
+    if size < SHARD_HEADER_BYTES or header[0] != SHARD_MAGIC:
+        raise ValueError(f"{path}: not a shard (magic {header[0] if len(header) else None} != {SHARD_MAGIC})")
+    if header[1] != SHARD_VERSION:
+        raise ValueError(f"{path}: shard version {header[1]} != {SHARD_VERSION}")
+    if size != SHARD_HEADER_BYTES + 2 * int(header[2]):
+        raise ValueError(f"{path}: {size} bytes, but its header promises {header[2]} tokens")
+    return int(header[2])
+
+
+def load_data_shard(path) -> Tensor:
+    count = read_shard_header(path)
+    return torch.from_numpy(np.fromfile(path, dtype="<u2", count=count, offset=SHARD_HEADER_BYTES))
+
+
+def load_val_tokens(cfg: Hyperparameters) -> Tensor:
+    files = sorted(glob.glob(os.path.join(cfg.data_path, "fineweb_val_*.bin")))
+    tokens = torch.cat([load_data_shard(f) for f in files])
+    check_token_range(tokens, cfg.vocab_size, "the val split")
+    usable = (tokens.numel() - 1) // cfg.train_seq_len * cfg.train_seq_len
+    if usable <= 0:
+        raise ConfigError(f"DATA_PATH={cfg.data_path!r}: val split has {tokens.numel()} tokens, needs > TRAIN_SEQ_LEN")
+    return tokens[: usable + 1].to(torch.int32)
+
+
+def check_token_range(tokens: Tensor, vocab_size: int, what: str) -> None:
+    top = int(tokens.numpy().max()) if tokens.numel() else -1  # numpy: torch has no max for uint16
+    if top >= vocab_size:
+        raise ConfigError(f"VOCAB_SIZE={vocab_size}: {what} holds token id {top}")
+
+
+class TokenStream:
+    """Train shards in name order, read sequentially and wrapped around; counts passes over the data."""
+
+    def __init__(self, files: list[str], vocab_size: int):
+        self.files, self.vocab_size = files, vocab_size
+        self.file_index, self.tokens_read = 0, 0
+        self.total_tokens = sum(read_shard_header(f) for f in files)
+        self.tokens = self._load(0)
+        self.pos = 0
+
+    def _load(self, i):
+        tokens = load_data_shard(self.files[i])
+        check_token_range(tokens, self.vocab_size, self.files[i])
+        return tokens
+
+    def take(self, n: int) -> Tensor:
+        parts = []
+        while n > 0:
+            if self.pos == self.tokens.numel():
+                self.file_index = (self.file_index + 1) % len(self.files)
+                self.tokens, self.pos = self._load(self.file_index), 0
+            k = min(n, self.tokens.numel() - self.pos)
+            parts.append(self.tokens[self.pos : self.pos + k])
+            self.pos, n, self.tokens_read = self.pos + k, n - k, self.tokens_read + k
+        return torch.cat(parts)
+
+
+class DistributedTokenLoader:
+    """Each micro-step takes one contiguous span per rank, so the union over ranks and accumulation steps
+    is the same token sequence for any world size."""
+
+    def __init__(self, cfg: Hyperparameters, device):
+        files = sorted(glob.glob(os.path.join(cfg.data_path, "fineweb_train_*.bin")))
+        self.stream, self.cfg, self.device = TokenStream(files, cfg.vocab_size), cfg, device
+
+    def next_batch(self) -> tuple[Tensor, Tensor]:
+        cfg = self.cfg
+        local = cfg.train_batch_tokens // (cfg.world_size * cfg.grad_accum_steps)
+        chunk = self.stream.take((local + 1) * cfg.world_size)
+        span = chunk[cfg.rank * (local + 1) : (cfg.rank + 1) * (local + 1)].to(torch.int64)
+        x = span[:-1].view(-1, cfg.train_seq_len).to(self.device, non_blocking=True)
+        y = span[1:].view(-1, cfg.train_seq_len).to(self.device, non_blocking=True)
+        return x, y
+
+
+# -----------------------------------------------------------------------------
+# MODEL
+# -----------------------------------------------------------------------------
+
+class CastedLinear(nn.Linear):
+    """fp32 master weight, cast to the activation dtype at each matmul."""
+
+    def __init__(self, in_features: int, out_features: int, zero_init: bool = False):
+        super().__init__(in_features, out_features, bias=False)
+        if zero_init:
+            nn.init.zeros_(self.weight)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight.to(x.dtype))
+
+
+def rms_norm(x: Tensor) -> Tensor:
+    return F.rms_norm(x, (x.size(-1),))
+
+
+def rotary(x: Tensor, base: float) -> Tensor:
+    """RoPE over the last dim of [B, H, T, head_dim]."""
+    half = x.size(-1) // 2
+    inv_freq = base ** (-torch.arange(half, device=x.device, dtype=torch.float32) / half)
+    angles = torch.arange(x.size(-2), device=x.device, dtype=torch.float32)[:, None] * inv_freq
+    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: Hyperparameters):
+        super().__init__()
+        self.num_heads, self.num_kv_heads = cfg.num_heads, cfg.num_kv_heads
+        self.head_dim, self.rope_base = cfg.model_dim // cfg.num_heads, cfg.rope_base
+        kv_dim = cfg.num_kv_heads * self.head_dim
+        self.q = CastedLinear(cfg.model_dim, cfg.model_dim)
+        self.k = CastedLinear(cfg.model_dim, kv_dim)
+        self.v = CastedLinear(cfg.model_dim, kv_dim)
+        self.out = CastedLinear(cfg.model_dim, cfg.model_dim, zero_init=True)
+        self.q_gain = nn.Parameter(torch.full((cfg.num_heads,), cfg.qk_gain_init))
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, T, D = x.shape
+        q = self.q(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        # QK-norm fixes the logit scale; the learnable per-head gain then sets attention sharpness.
+        q = rotary(rms_norm(q), self.rope_base) * self.q_gain.to(x.dtype)[:, None, None]
+        k = rotary(rms_norm(k), self.rope_base)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.num_kv_heads != self.num_heads)
+        return self.out(y.transpose(1, 2).reshape(B, T, D))
+
+
+class DenseMLP(nn.Module):
+    def __init__(self, cfg: Hyperparameters):
+        super().__init__()
+        self.fc = CastedLinear(cfg.model_dim, cfg.mlp_mult * cfg.model_dim)
+        self.proj = CastedLinear(cfg.mlp_mult * cfg.model_dim, cfg.model_dim, zero_init=True)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return self.proj(F.relu(self.fc(x)).square()), x.new_zeros((), dtype=torch.float32)
+
+
+def build_mlp(cfg: Hyperparameters, layer: int) -> nn.Module:
+    """The MLP slot of block `layer`. Every MLP returns (output, auxiliary loss) so routed MLPs can add
+    balancing losses without changing the block."""
+    return DenseMLP(cfg)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: Hyperparameters, layer: int):
+        super().__init__()
+        dim = cfg.model_dim
+        self.attn = Attention(cfg)
+        self.mlp = build_mlp(cfg, layer)
+        self.attn_scale = nn.Parameter(torch.ones(dim))
+        self.mlp_scale = nn.Parameter(torch.ones(dim))
+        # Learnable blend of the running residual with the block-0 input (the normalised embedding).
+        self.resid_mix = nn.Parameter(torch.stack((torch.ones(dim), torch.zeros(dim))))
+
+    def forward(self, x: Tensor, x0: Tensor) -> tuple[Tensor, Tensor]:
+        mix = self.resid_mix.to(x.dtype)
+        x = mix[0] * x + mix[1] * x0
+        x = x + self.attn_scale.to(x.dtype) * self.attn(rms_norm(x))
+        y, aux = self.mlp(rms_norm(x))
+        return x + self.mlp_scale.to(x.dtype) * y, aux
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: Hyperparameters):
+        super().__init__()
+        self.logit_softcap = cfg.logit_softcap
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.model_dim)
+        if cfg.tie_embeddings:
+            nn.init.normal_(self.tok_emb.weight, std=cfg.tied_embed_init_std)
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
+        # U-Net: the first half of the blocks push their outputs, the second half pop them in reverse.
+        self.num_encoder = cfg.num_layers // 2
+        self.skip_weights = nn.Parameter(torch.ones(min(self.num_encoder, cfg.num_layers - self.num_encoder), cfg.model_dim))
+        self.lm_head = None if cfg.tie_embeddings else CastedLinear(cfg.model_dim, cfg.vocab_size, zero_init=True)
+
+    def logits(self, ids: Tensor) -> tuple[Tensor, Tensor]:
+        x = x0 = rms_norm(self.tok_emb(ids))
+        skips, aux = [], torch.zeros((), device=ids.device)
+        for i, block in enumerate(self.blocks):
+            if i >= self.num_encoder and skips:
+                x = x + self.skip_weights[i - self.num_encoder].to(x.dtype) * skips.pop()
+            x, block_aux = block(x, x0)
+            aux = aux + block_aux
+            if i < self.num_encoder:
+                skips.append(x)
+        head = self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
+        logits = F.linear(rms_norm(x), head.to(x.dtype)).float()
+        if self.logit_softcap > 0:
+            logits = self.logit_softcap * torch.tanh(logits / self.logit_softcap)
+        return logits, aux
+
+    def forward(self, ids: Tensor, targets: Tensor) -> Tensor:
+        logits, aux = self.logits(ids)
+        return F.cross_entropy(logits.flatten(0, 1), targets.flatten()) + aux
+
+    def token_losses(self, ids: Tensor, targets: Tensor) -> Tensor:
+        logits, _ = self.logits(ids)
+        return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
+
+
+def muon_params(model: GPT) -> list[nn.Parameter]:
+    return [m.weight for m in model.blocks.modules() if isinstance(m, CastedLinear)]
+
+
+def build_optimizers(model: GPT, cfg: Hyperparameters) -> list[torch.optim.Optimizer]:
+    matrices = {id(p) for p in muon_params(model)}
+    head = [] if model.lm_head is None else [model.lm_head.weight]
+    scalars = [p for n, p in model.named_parameters() if id(p) not in matrices and n not in ("tok_emb.weight", "lm_head.weight")]
+    embed_lr = cfg.tied_embed_lr if cfg.tie_embeddings else cfg.embed_lr
+    groups = [dict(params=[model.tok_emb.weight], lr=embed_lr), dict(params=scalars, lr=cfg.scalar_lr)]
+    if head:
+        groups.append(dict(params=head, lr=cfg.head_lr))
+    adam = torch.optim.Adam(groups, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps, fused=torch.cuda.is_available())
+    muon = Muon(muon_params(model), lr=cfg.matrix_lr, momentum=cfg.muon_momentum, backend_steps=cfg.muon_backend_steps)
+    optimizers = [adam, muon]
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["base_lr"] = group["lr"]
+    return optimizers
+
+
+class EMA:
+    """fp32 shadow of the weights. The decay ramps as min(EMA_DECAY, (1+t)/(10+t)) so the average forgets
+    the random init within a few dozen steps; short runs otherwise export mostly-untrained weights."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay, self.updates = decay, 0
+        self.params = list(model.parameters())
+        self.shadow = [p.detach().float().clone() for p in self.params]
+
+    @torch.no_grad()
+    def update(self):
+        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        torch._foreach_lerp_(self.shadow, [p.float() for p in self.params], 1.0 - decay)
+        self.updates += 1
+
+    @torch.no_grad()
+    def copy_to_model(self):
+        for p, s in zip(self.params, self.shadow):
+            p.copy_(s)
+
+
+# -----------------------------------------------------------------------------
+# TRAINING
+# -----------------------------------------------------------------------------
+
+def autocast(device):
+    return torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def compiled(fn, cfg: Hyperparameters):
+    return torch.compile(fn, dynamic=False, fullgraph=True) if cfg.compile else fn
+
+
+class RunLog:
+    """key:value lines to stdout and logs/<RUN_ID>.txt, the same metrics as JSON lines, and optionally wandb.
+    Only rank 0 writes."""
+
+    def __init__(self, cfg: Hyperparameters, master: bool):
+        self.master, self.wandb = master, None
+        if not master:
+            return
+        Path("logs").mkdir(exist_ok=True)
+        self.text_file = open(f"logs/{cfg.run_id}.txt", "w", encoding="utf-8")
+        self.json_file = open(f"logs/{cfg.run_id}.jsonl", "w", encoding="utf-8")
+        if cfg.wandb:
+            import wandb
+
+            self.wandb = wandb.init(project=os.environ.get("WANDB_PROJECT", "moe-golf"), name=cfg.run_id, config=vars(cfg))
+
+    def text(self, line: str, echo: bool = True):
+        if self.master:
+            if echo:
+                print(line, flush=True)
+            self.text_file.write(line + "\n")
+            self.text_file.flush()
+
+    def metrics(self, event: str, **values):
+        if not self.master:
+            return
+        shown = " ".join(f"{k}:{v:.{8 if k.endswith(('loss', 'bpb')) else 4}f}" if isinstance(v, float) else f"{k}:{v}"
+                         for k, v in values.items())
+        self.text(f"{event} {shown}")
+        self.json_file.write(json.dumps({"event": event, "time": time.time(), **values}) + "\n")
+        self.json_file.flush()
+        if self.wandb is not None:
+            numbers = {f"{event}/{k}": v for k, v in values.items() if isinstance(v, (int, float)) and k != "step"}
+            self.wandb.log(numbers, step=values.get("step"))
+
+    def close(self):
+        if self.master:
+            self.text_file.close()
+            self.json_file.close()
+            if self.wandb is not None:
+                self.wandb.finish()
+
+
+def environment_report(device) -> str:
+    lines = [f"python {platform.python_version()} torch {torch.__version__} numpy {np.__version__} "
+             f"sentencepiece {spm.__version__} zstandard {zstandard.__version__} platform {platform.platform()}"]
+    if device.type == "cuda":
+        lines.append(f"cuda {torch.version.cuda} gpu {torch.cuda.get_device_name(device)}")
+        try:
+            lines.append(subprocess.run(["nvidia-smi"], capture_output=True, text=True, timeout=30).stdout)
+        except (OSError, subprocess.SubprocessError) as e:
+            lines.append(f"nvidia-smi unavailable: {e}")
+    else:
+        lines.append(f"cpu threads {torch.get_num_threads()}")
+    return "\n".join(lines)
+
+
+def lr_scale(cfg: Hyperparameters, step: int, elapsed_ms: float) -> float:
+    """1 until the warmdown, then linear to 0: by step count without a wallclock cap, otherwise by time,
+    estimating the remaining steps from the mean step time so LR reaches 0 at the cap."""
+    if cfg.warmdown_iters <= 0:
+        return 1.0
+    if cfg.max_wallclock_seconds <= 0:
+        return min(1.0, max(cfg.iterations - step, 0) / cfg.warmdown_iters)
+    warmdown_ms = cfg.warmdown_iters * elapsed_ms / max(step, 1)
+    remaining_ms = max(1000 * cfg.max_wallclock_seconds - elapsed_ms, 0.0)
+    return min(1.0, remaining_ms / max(warmdown_ms, 1e-9))
+
+
+def main():
+    try:
+        cfg = Hyperparameters()
+        sp = cfg.check_inputs()
+        train(cfg, sp)
+    except ConfigError as e:
+        print(f"config_error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def train(cfg: Hyperparameters, sp: spm.SentencePieceProcessor):
+    distributed = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    device = torch.device("cuda", cfg.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    else:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // cfg.world_size))
+    if distributed:
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
+    master = cfg.rank == 0
+    # Every rank must agree on the run id: it names the artifact that all ranks read back.
+    run_id = [cfg.run_id or f"{time.strftime('%Y%m%d_%H%M%S')}_{uuid.uuid4().hex[:6]}"]
+    if distributed:
+        dist.broadcast_object_list(run_id, src=0)
+    cfg.run_id = run_id[0]
+    artifact_path = Path("artifacts") / f"{cfg.run_id}.moe.zst"
+    if master:
+        artifact_path.unlink(missing_ok=True)  # a stale artifact must not pass for this run's
+
+    log = RunLog(cfg, master)
+    log.text(Path(__file__).read_text(encoding="utf-8"), echo=False)
+    log.text("=" * 100, echo=False)
+    log.text(environment_report(device), echo=False)
+    log.text("=" * 100, echo=False)
+    for key, value in vars(cfg).items():
+        log.text(f"config {key}:{value}")
+
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    val_tokens = load_val_tokens(cfg)
+    tables = build_byte_tables(sp, device)
+    model = GPT(cfg).to(device)
+    optimizers = build_optimizers(model, cfg)
+    train_model = compiled(model, cfg)
+    if distributed:
+        train_model = DDP(train_model, device_ids=[cfg.local_rank] if device.type == "cuda" else None, broadcast_buffers=False)
+    eval_losses = compiled(model.token_losses, cfg)
+    log.metrics("model", params=sum(p.numel() for p in model.parameters()), muon_matrices=len(muon_params(model)),
+                val_tokens=val_tokens.numel() - 1, world_size=cfg.world_size, grad_accum_steps=cfg.grad_accum_steps)
+
+    def train_step(loader) -> Tensor:
+        total = torch.zeros((), device=device)
+        for micro in range(cfg.grad_accum_steps):
+            if distributed:
+                train_model.require_backward_grad_sync = micro == cfg.grad_accum_steps - 1
+            x, y = loader.next_batch()
+            with autocast(device):
+                loss = train_model(x, y)
+            (loss / cfg.grad_accum_steps).backward()
+            total += loss.detach()
+        if cfg.grad_clip_norm > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip_norm)
+        for opt in optimizers:
+            opt.step()
+        model.zero_grad(set_to_none=True)
+        return total / cfg.grad_accum_steps
+
+    def set_schedule(step: int, scale: float):
+        frac = min(step / cfg.muon_momentum_warmup_steps, 1.0) if cfg.muon_momentum_warmup_steps else 1.0
+        for group in optimizers[1].param_groups:
+            group["momentum"] = (1 - frac) * cfg.muon_momentum_warmup_start + frac * cfg.muon_momentum
+        for opt in optimizers:
+            for group in opt.param_groups:
+                group["lr"] = group["base_lr"] * scale
+
+    # Compile warm-up: real steps so every graph is built before the clock starts, then rolled back so the
+    # measured run starts from the same weights, optimizer state and data as if it had not happened.
+    if cfg.warmup_steps > 0:
+        t0 = time.perf_counter()
+        initial_model = copy.deepcopy(model.state_dict())
+        initial_opts = [copy.deepcopy(opt.state_dict()) for opt in optimizers]
+        warmup_loader = DistributedTokenLoader(cfg, device)
+        for _ in range(cfg.warmup_steps):
+            set_schedule(0, 1.0)
+            train_step(warmup_loader)
+        model.load_state_dict(initial_model)
+        for opt, state in zip(optimizers, initial_opts):
+            opt.load_state_dict(state)
+        synchronize(device)
+        log.metrics("warmup", steps=cfg.warmup_steps, seconds=time.perf_counter() - t0)
+
+    loader = DistributedTokenLoader(cfg, device)
+    ema = EMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
+    train_ms, step, stop_at = 0.0, 0, None
+    synchronize(device)
+    t0 = time.perf_counter()
+    while True:
+        last = step == cfg.iterations or (stop_at is not None and step >= stop_at)
+        if not last and cfg.val_loss_every and step % cfg.val_loss_every == 0:
+            synchronize(device)
+            train_ms += 1000 * (time.perf_counter() - t0)
+            val_loss, val_bpb = evaluate(eval_losses, val_tokens, tables, cfg, device, stride=0)
+            log.metrics("val", step=step, val_loss=val_loss, val_bpb=val_bpb, train_time_ms=round(train_ms),
+                        step_avg_ms=train_ms / max(step, 1))
+            synchronize(device)
+            t0 = time.perf_counter()
+        if last:
+            break
+        elapsed_ms = train_ms + 1000 * (time.perf_counter() - t0)
+        scale = lr_scale(cfg, step, elapsed_ms)
+        set_schedule(step, scale)
+        train_loss = train_step(loader)
+        if ema is not None:
+            ema.update()
+        step += 1
+        elapsed_ms = train_ms + 1000 * (time.perf_counter() - t0)
+        if step % cfg.train_log_every == 0 or step <= 10 or step == cfg.iterations:
+            if distributed:
+                dist.all_reduce(train_loss, op=dist.ReduceOp.AVG)
+            log.metrics("train", step=step, train_loss=train_loss.item(), lr_scale=scale, train_time_ms=round(elapsed_ms),
+                        step_avg_ms=elapsed_ms / step, tokens_per_s=round(step * cfg.train_batch_tokens / (elapsed_ms / 1000)))
+        reached_cap = cfg.max_wallclock_seconds > 0 and elapsed_ms >= 1000 * cfg.max_wallclock_seconds
+        if distributed and cfg.max_wallclock_seconds > 0:
+            # Every rank must stop at the same step or the next collective deadlocks.
+            flag = torch.tensor(int(reached_cap), device=device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            reached_cap = bool(flag.item())
+        if reached_cap and stop_at is None:
+            stop_at = step
+
+    synchronize(device)
+    train_ms += 1000 * (time.perf_counter() - t0)
+    stream = loader.stream
+    log.metrics("train_done", steps=step, train_time_ms=round(train_ms), step_avg_ms=train_ms / max(step, 1),
+                stopped_by="wallclock" if stop_at is not None else "iterations", tokens_seen=stream.tokens_read,
+                data_passes=stream.tokens_read / stream.total_tokens,
+                peak_memory_mib=round(torch.cuda.max_memory_allocated(device) / 2**20) if device.type == "cuda" else 0)
+
+    def final_eval(event: str, losses_fn):
+        t = time.perf_counter()
+        val_loss, val_bpb = evaluate(losses_fn, val_tokens, tables, cfg, device, stride=cfg.eval_stride)
+        log.metrics(event, val_loss=val_loss, val_bpb=val_bpb, eval_stride=cfg.eval_stride, eval_seconds=time.perf_counter() - t)
+
+    final_eval("final_raw", eval_losses)
+    if ema is not None:
+        ema.copy_to_model()
+        final_eval("final_ema", eval_losses)
+
+    # Export the (EMA) weights, then score what was written: the roundtrip score is the official one.
+    if master:
+        bits = {"embed": cfg.quant_embed_bits, "attn": cfg.quant_attn_bits, "mlp": cfg.quant_mlp_bits}
+        blob = pack_artifact(*quantize_state(model.state_dict(), bits))
+        write_artifact(artifact_path, blob)
+        code_bytes = len(Path(__file__).read_bytes())
+        model_bytes = artifact_path.stat().st_size
+        total = code_bytes + model_bytes
+        log.metrics("artifact", code_bytes=code_bytes, model_bytes=model_bytes, artifact_bytes=total,
+                    limit=cfg.artifact_limit_bytes, status="OK" if total <= cfg.artifact_limit_bytes else "OVER",
+                    path=str(artifact_path))
+    if distributed:
+        dist.barrier()
+    fresh = GPT(cfg).to(device)
+    fresh.load_state_dict(unpack_artifact(artifact_path.read_bytes()))
+    final_eval("final_roundtrip", compiled(fresh.token_losses, cfg))
+    log.close()
+    if distributed:
+        dist.barrier()  # no rank tears down its connections while another still uses them
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
