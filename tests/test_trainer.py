@@ -57,8 +57,22 @@ def test_shard_rejects_truncated_file(tmp_path):
 
 # ---------------------------------------------------------------- val_bpb
 
-def test_byte_tables_match_decoded_utf8(tiny_data):
-    sp = spm.SentencePieceProcessor(model_file=str(tiny_data["tokenizer_path"]))
+@pytest.fixture(scope="module")
+def dummy_prefix_tokenizer(tiny_data, tmp_path_factory):
+    """Like the project's tokenizer but with add_dummy_prefix: a document's first piece then starts with U+2581,
+    which decoding drops, so it must not be counted after BOS: the boundary rule of the byte tables."""
+    prefix = tmp_path_factory.mktemp("dummy") / "tok"
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(tiny_data["documents"][8:]), model_prefix=str(prefix), model_type="bpe",
+        vocab_size=tiny_data["vocab_size"], byte_fallback=True, add_dummy_prefix=True, hard_vocab_limit=False,
+        character_coverage=0.999, pad_id=0, bos_id=1, eos_id=2, unk_id=3, max_sentence_length=1 << 30, minloglevel=2)
+    return f"{prefix}.model"
+
+
+@pytest.mark.parametrize("which", ["project", "dummy_prefix"])
+def test_byte_tables_match_decoded_utf8(tiny_data, dummy_prefix_tokenizer, which):
+    model_file = str(tiny_data["tokenizer_path"]) if which == "project" else dummy_prefix_tokenizer
+    sp = spm.SentencePieceProcessor(model_file=model_file)
     tables = tm.build_byte_tables(sp, "cpu")
     documents = tiny_data["documents"][:20] + ["naïve café — 東京 😀 ünïcödé", "Ünïcode first; then   spaces"]
     byte_pieces_seen = 0
