@@ -45,14 +45,11 @@ class EnvReader:
     def __init__(self, env):
         self.env = env
 
-    def raw(self, name, default):
+    def text(self, name, default):
         return self.env.get(name, str(default)).strip()
 
-    def text(self, name, default):
-        return self.raw(name, default)
-
     def integer(self, name, default, lo=None, hi=None):
-        raw = self.raw(name, default)
+        raw = self.text(name, default)
         try:
             value = int(raw)
         except ValueError:
@@ -62,7 +59,7 @@ class EnvReader:
         return value
 
     def number(self, name, default, lo=None, hi=None):
-        raw = self.raw(name, default)
+        raw = self.text(name, default)
         try:
             value = float(raw)
         except ValueError:
@@ -72,7 +69,7 @@ class EnvReader:
         return value
 
     def choice(self, name, default, allowed):
-        raw = self.raw(name, default)
+        raw = self.text(name, default)
         if raw not in [str(a) for a in allowed]:
             raise ConfigError(f"{name}={raw!r}: allowed values are {', '.join(str(a) for a in allowed)}")
         return type(allowed[0])(raw)
@@ -799,7 +796,6 @@ def train(cfg: Hyperparameters, sp: spm.SentencePieceProcessor):
         log.text(f"config {key}:{value}")
 
     torch.manual_seed(cfg.seed)
-    np.random.seed(cfg.seed)
     val_tokens = load_val_tokens(cfg)
     tables = build_byte_tables(sp, device)
     model = GPT(cfg).to(device)
