@@ -31,7 +31,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 # HYPERPARAMETERS
 # -----------------------------------------------------------------------------
 
-MLP_MODES = ("dense",)
+MLP_MODES = ("dense", "sparse", "shared_routed", "soft")
+ROUTERS = ("softmax", "sigmoid", "hash")
 QUANT_BITS = (5, 6, 8)
 
 
@@ -78,6 +79,26 @@ class EnvReader:
         return bool(self.choice(name, default, (0, 1)))
 
 
+def _round8(x: float) -> int:
+    return max(8, int(x) // 8 * 8)
+
+
+def parse_layers(spec: str, num_layers: int) -> tuple[int, ...]:
+    """MOE_LAYERS: "all", or indices and ranges such as "1,3,5-8" (0-based, inclusive)."""
+    if spec == "all":
+        return tuple(range(num_layers))
+    layers = set()
+    try:
+        for part in spec.split(","):
+            lo, _, hi = part.partition("-")
+            layers.update(range(int(lo), int(hi or lo) + 1))
+    except ValueError:
+        raise ConfigError(f"MOE_LAYERS={spec!r}: expected all, or layer indices and ranges like 1,3,5-8") from None
+    if not layers or min(layers) < 0 or max(layers) >= num_layers:
+        raise ConfigError(f"MOE_LAYERS={spec!r}: layers must lie in [0, NUM_LAYERS-1={num_layers - 1}]")
+    return tuple(sorted(layers))
+
+
 def _range_text(lo, hi):
     if lo is not None and hi is not None:
         return f" in [{lo}, {hi}]"
@@ -112,6 +133,19 @@ class Hyperparameters:
         self.num_kv_heads = get.integer("NUM_KV_HEADS", 4, 1)
         self.mlp_mode = get.choice("MLP_MODE", "dense", MLP_MODES)
         self.mlp_mult = get.integer("MLP_MULT", 2, 1)
+        # Mixture of experts (MLP_MODE other than dense). Sizes of 0 mean "the dense MLP's active FLOPs".
+        self.moe_layers = parse_layers(get.text("MOE_LAYERS", "all"), self.num_layers)
+        self.num_experts = get.integer("NUM_EXPERTS", 8, 2, 256)
+        self.top_k = get.integer("TOP_K", 2, 1)
+        self.expert_hidden = get.integer("EXPERT_HIDDEN", 0, 0)
+        self.expert_act = get.choice("EXPERT_ACT", "relu2", ("relu2", "swiglu"))
+        self.shared_hidden = get.integer("SHARED_HIDDEN", 0, 0)
+        self.shared_gate = get.flag("SHARED_GATE", 1)
+        self.router = get.choice("ROUTER", "softmax", ROUTERS)
+        self.norm_topk_prob = get.flag("NORM_TOPK_PROB", 0)
+        self.moe_aux_coef = get.number("MOE_AUX_COEF", 0.01, 0.0)
+        self.router_z_coef = get.number("ROUTER_Z_COEF", 0.001, 0.0)
+        self.router_bias_rate = get.number("ROUTER_BIAS_RATE", 0.001, 0.0)
         self.tie_embeddings = get.flag("TIE_EMBEDDINGS", 1)
         self.rope_base = get.number("ROPE_BASE", 10000.0, 1.0)
         self.logit_softcap = get.number("LOGIT_SOFTCAP", 30.0, 0.0)
@@ -123,6 +157,7 @@ class Hyperparameters:
         self.tied_embed_lr = get.number("TIED_EMBED_LR", 0.05, 0.0)
         self.matrix_lr = get.number("MATRIX_LR", 0.04, 0.0)
         self.scalar_lr = get.number("SCALAR_LR", 0.04, 0.0)
+        self.router_lr = get.number("ROUTER_LR", 0.001, 0.0)
         self.muon_momentum = get.number("MUON_MOMENTUM", 0.95, 0.0, 1.0)
         self.muon_backend_steps = get.integer("MUON_BACKEND_STEPS", 5, 1)
         self.muon_momentum_warmup_start = get.number("MUON_MOMENTUM_WARMUP_START", 0.85, 0.0, 1.0)
@@ -136,6 +171,7 @@ class Hyperparameters:
         self.quant_embed_bits = get.choice("QUANT_EMBED_BITS", 8, QUANT_BITS)
         self.quant_attn_bits = get.choice("QUANT_ATTN_BITS", 8, QUANT_BITS)
         self.quant_mlp_bits = get.choice("QUANT_MLP_BITS", 6, QUANT_BITS)
+        self.quant_expert_bits = get.choice("QUANT_EXPERT_BITS", 6, QUANT_BITS)
         self.artifact_limit_bytes = get.integer("ARTIFACT_LIMIT_BYTES", 16_000_000, 1)
         # Set by torchrun; the global batch is split over WORLD_SIZE x GRAD_ACCUM micro-batches, as in the
         # baseline, so 1, 2, 4 or 8 GPUs see the same batches in the same order.
@@ -144,6 +180,7 @@ class Hyperparameters:
         self.local_rank = get.integer("LOCAL_RANK", 0, 0, self.world_size - 1)
         self.grad_accum_steps = 8 // self.world_size
         self._check_shapes()
+        self._check_moe()
 
     def _check_shapes(self):
         if self.model_dim % self.num_heads:
@@ -165,6 +202,30 @@ class Hyperparameters:
             )
         if self.eval_stride > self.train_seq_len:
             raise ConfigError(f"EVAL_STRIDE={self.eval_stride}: must be in [0, TRAIN_SEQ_LEN={self.train_seq_len}]")
+
+    def _check_moe(self):
+        if self.mlp_mode == "dense":
+            return
+        dense_hidden = self.mlp_mult * self.model_dim
+        if self.top_k > self.num_experts:
+            raise ConfigError(f"TOP_K={self.top_k}: must be at most NUM_EXPERTS={self.num_experts}")
+        if self.mlp_mode == "soft" and self.router != "softmax":
+            raise ConfigError(f"ROUTER={self.router}: MLP_MODE=soft gates every expert with a softmax; only softmax applies")
+        if self.top_k == 1 and self.norm_topk_prob and self.mlp_mode != "soft" and self.router != "hash":
+            raise ConfigError("NORM_TOPK_PROB=1: with TOP_K=1 every weight becomes 1 and the LM loss gives the router "
+                              "no gradient; use NORM_TOPK_PROB=0 (Switch keeps the raw probability)")
+        # SwiGLU has three matrices to relu^2's two: 2/3 of the hidden size costs the same FLOPs.
+        scale = 2 / 3 if self.expert_act == "swiglu" else 1.0
+        if self.mlp_mode == "shared_routed" and not self.shared_hidden:
+            self.shared_hidden = _round8(dense_hidden // 2 * scale)
+        if not self.expert_hidden:
+            routed = dense_hidden - (self.shared_hidden / scale if self.mlp_mode == "shared_routed" else 0)
+            per_expert = routed / (self.num_experts if self.mlp_mode == "soft" else self.top_k)
+            self.expert_hidden = _round8(per_expert * scale)
+        # Grouped matmuls need 16-byte row strides: multiples of 8 bf16 values.
+        for name in ("model_dim", "expert_hidden", "shared_hidden"):
+            if getattr(self, name) % 8:
+                raise ConfigError(f"{name.upper()}={getattr(self, name)}: must be a multiple of 8 for the expert matmuls")
 
     def check_inputs(self):
         """Shards and tokenizer must be usable before the run spends anything; headers and vocab only."""
@@ -326,8 +387,13 @@ CLIP_FRACTIONS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.6)
 
 
 def tensor_category(name: str) -> str:
+    """The role of a state-dict entry: it picks the optimizer (Muon for attn/mlp/experts) and the export bits."""
     if name in ("tok_emb.weight", "lm_head.weight"):
         return "embed"
+    if ".mlp.experts." in name:
+        return "experts"
+    if name.endswith((".mlp.router", ".mlp.router_bias", ".mlp.shared_gate")):
+        return "router"  # quantizing routers flips routing decisions: always kept in 16 bits or more
     if ".attn." in name and name.endswith(".weight"):
         return "attn"
     if ".mlp." in name and name.endswith(".weight"):
@@ -358,14 +424,15 @@ def quantize_rows(w: Tensor, bits: int) -> tuple[Tensor, Tensor]:
 
 
 def quantize_state(state: dict[str, Tensor], bits: dict[str, int]) -> tuple[dict, dict[str, np.ndarray]]:
-    """Return (JSON-able header, named raw arrays). Control tensors stay float16."""
+    """Return (JSON-able header, named raw arrays). Control and router tensors stay float."""
     header, arrays = {}, {}
     for name, t in state.items():
         category = tensor_category(name)
         t = t.detach().cpu()
-        if category == "control" or t.ndim < 2:
+        if category in ("control", "router") or t.ndim < 2:
             header[name] = {"kind": "float", "shape": list(t.shape)}
-            arrays[name] = t.to(torch.float16).numpy()
+            # The balancing bias moves in steps of ~1e-3 and only ranks experts: keep it exact.
+            arrays[name] = t.to(torch.float32 if name.endswith("router_bias") else torch.float16).numpy()
         else:
             q, scale = quantize_rows(t, bits[category])
             header[name] = {"kind": "int", "bits": bits[category], "shape": list(t.shape)}
@@ -555,20 +622,167 @@ class Attention(nn.Module):
         return self.out(y.transpose(1, 2).reshape(B, T, D))
 
 
-class DenseMLP(nn.Module):
-    def __init__(self, cfg: Hyperparameters):
-        super().__init__()
-        self.fc = CastedLinear(cfg.model_dim, cfg.mlp_mult * cfg.model_dim)
-        self.proj = CastedLinear(cfg.mlp_mult * cfg.model_dim, cfg.model_dim, zero_init=True)
+def activate(h: Tensor, act: str) -> Tensor:
+    if act == "swiglu":  # rows hold [gate; up], gate first as in the fused Hugging Face layout
+        gate, up = h.chunk(2, dim=-1)
+        return F.silu(gate) * up
+    return F.relu(h).square()
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        return self.proj(F.relu(self.fc(x)).square()), x.new_zeros((), dtype=torch.float32)
+
+class FeedForward(nn.Module):
+    """The dense MLP, also the shared expert of shared_routed. Like every MLP slot it returns (output, aux loss)."""
+
+    def __init__(self, dim: int, hidden: int, act: str = "relu2"):
+        super().__init__()
+        self.act = act
+        self.fc = CastedLinear(dim, 2 * hidden if act == "swiglu" else hidden)
+        self.proj = CastedLinear(hidden, dim, zero_init=True)
+
+    def forward(self, x: Tensor, ids: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        return self.proj(activate(self.fc(x), self.act)), x.new_zeros((), dtype=torch.float32)
+
+
+def matmul_dtype(x: Tensor) -> torch.dtype:
+    """bf16 under autocast (grouped matmuls are not autocast ops) and when compiled (the compiler's checks of
+    torch._grouped_mm accept bf16 only, on the CPU too); eager CPU runs keep fp32, exact for reference tests."""
+    return torch.bfloat16 if torch.is_autocast_enabled(x.device.type) or torch.compiler.is_compiling() else x.dtype
+
+
+class Permute(torch.autograd.Function):
+    """x[perm] whose backward is a gather by the inverse permutation instead of the scatter-add autograd would
+    emit for an index gather: every slot is moved exactly once, so no atomics are needed."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, perm: Tensor, inverse: Tensor) -> Tensor:
+        ctx.save_for_backward(inverse)
+        return x[perm]
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (inverse,) = ctx.saved_tensors
+        return grad[inverse], None, None
+
+
+class ExpertBank(nn.Module):
+    """E experts as two stacked fp32 weights stored [E, out, in]: Muon orthogonalises each expert's matrix on
+    its own, export quantizes each expert's rows."""
+
+    def __init__(self, num_experts: int, dim: int, hidden: int, act: str):
+        super().__init__()
+        self.act = act
+        rows = 2 * hidden if act == "swiglu" else hidden
+        bound = 1 / math.sqrt(dim)  # nn.Linear's default init, per expert
+        self.w_in = nn.Parameter(torch.empty(num_experts, rows, dim).uniform_(-bound, bound))
+        self.w_out = nn.Parameter(torch.zeros(num_experts, dim, hidden))
+
+    def grouped(self, x: Tensor, expert_idx: Tensor, counts: Tensor) -> Tensor:
+        """Dropless top-k: x [N, D], expert_idx [N, K] -> each slot's expert output [N, K, D]. Slots are sorted by
+        expert and run through two grouped matmuls; static shapes and no host sync, so it compiles whole."""
+        n, k = expert_idx.shape
+        order = torch.argsort(expert_idx.flatten(), stable=True)
+        inverse = torch.empty_like(order).scatter_(0, order, torch.arange(n * k, device=x.device))
+        offsets = counts.cumsum(0).to(torch.int32)
+        dtype = matmul_dtype(x)
+        slots = x.to(dtype)[:, None, :].expand(n, k, x.size(-1)).reshape(n * k, -1)
+        h = torch._grouped_mm(Permute.apply(slots, order, inverse), self.w_in.to(dtype).mT, offs=offsets)
+        # .to(dtype): autocast runs the square of relu^2 in fp32, and grouped matmuls take one dtype.
+        out = torch._grouped_mm(activate(h, self.act).to(dtype), self.w_out.to(dtype).mT, offs=offsets)
+        return Permute.apply(out, inverse, order).view(n, k, -1)
+
+    def dense(self, x: Tensor, gates: Tensor) -> Tensor:
+        """Every expert on every token, weighted: x [N, D], gates [N, E] -> [N, D]. As one wide MLP whose hidden
+        units are scaled by their expert's gate, it costs what a dense MLP of hidden E*F costs."""
+        e, rows, d = self.w_in.shape
+        dtype = matmul_dtype(x)
+        h = x.to(dtype) @ self.w_in.to(dtype).reshape(e * rows, d).T
+        h = activate(h.view(-1, e, rows), self.act) * gates[..., None]
+        return h.to(dtype).flatten(1) @ self.w_out.to(dtype).permute(1, 0, 2).reshape(d, -1).T
+
+
+def balanced_hash_table(vocab_size: int, num_experts: int, top_k: int, seed: int, layer: int) -> Tensor:
+    """[vocab, K] distinct experts per token id; over the vocabulary every expert gets the same number of
+    (token, slot) pairs to within one. Random per layer, rebuilt from the seed, so it costs no artifact bytes."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + layer)
+    rank_of_token = torch.randperm(vocab_size, generator=g)
+    relabel = torch.randperm(num_experts, generator=g)
+    consecutive = (torch.arange(vocab_size)[:, None] * top_k + torch.arange(top_k)) % num_experts
+    return relabel[consecutive[rank_of_token]]
+
+
+class MoEMLP(nn.Module):
+    """sparse: top-k routed experts; shared_routed: the same plus an always-on shared expert; soft: a softmax gate
+    over all experts, all computed. Router math and the combine run in fp32."""
+
+    def __init__(self, cfg: Hyperparameters, layer: int):
+        super().__init__()
+        self.mode, self.router_kind = cfg.mlp_mode, cfg.router
+        self.num_experts, self.top_k, self.norm_topk_prob = cfg.num_experts, cfg.top_k, cfg.norm_topk_prob
+        self.aux_coef, self.z_coef = cfg.moe_aux_coef, cfg.router_z_coef
+        self.experts = ExpertBank(cfg.num_experts, cfg.model_dim, cfg.expert_hidden, cfg.expert_act)
+        if self.mode == "soft" or self.router_kind != "hash":
+            self.router = nn.Parameter(torch.randn(cfg.num_experts, cfg.model_dim) * 0.02)
+        if self.mode != "soft" and self.router_kind == "sigmoid":
+            # Selection-only bias, moved by load balancing outside the graph, never by gradients; saved.
+            self.register_buffer("router_bias", torch.zeros(cfg.num_experts))
+        if self.mode != "soft" and self.router_kind == "hash":
+            self.register_buffer("hash_table", balanced_hash_table(cfg.vocab_size, cfg.num_experts, cfg.top_k, cfg.seed, layer), persistent=False)
+        if self.mode == "shared_routed":
+            self.shared = FeedForward(cfg.model_dim, cfg.shared_hidden, cfg.expert_act)
+            if cfg.shared_gate:  # Qwen2-MoE: y = routed + sigmoid(w_s . x) * shared(x)
+                self.shared_gate = nn.Parameter(torch.zeros(1, cfg.model_dim))
+        # Token-slots (or gate mass, for soft) per expert since the last reset: balancing and telemetry read it.
+        self.register_buffer("expert_load", torch.zeros(cfg.num_experts), persistent=False)
+
+    def route(self, x: Tensor, ids: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """x [N, D] -> (expert ids [N, K], fp32 weights [N, K], slots per expert [E], auxiliary loss)."""
+        aux = x.new_zeros((), dtype=torch.float32)
+        if self.router_kind == "hash":
+            idx = self.hash_table[ids]
+            weights = torch.full(idx.shape, 1.0 / self.top_k, device=x.device)
+        else:
+            logits = x.float() @ self.router.float().T
+            if self.router_kind == "softmax":
+                probs = logits.softmax(dim=-1)
+                weights, idx = probs.topk(self.top_k, dim=-1)
+                if self.norm_topk_prob:
+                    weights = weights / weights.sum(dim=-1, keepdim=True)
+            else:  # DeepSeek-V3: choose by score + bias, weigh by the unbiased score
+                scores = logits.sigmoid()
+                idx = (scores + self.router_bias).topk(self.top_k, dim=-1).indices
+                weights = scores.gather(-1, idx)
+                if self.norm_topk_prob:
+                    weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        counts = torch.zeros(self.num_experts, device=x.device).scatter_add_(0, idx.flatten(), torch.ones(idx.numel(), device=x.device))
+        if self.router_kind == "softmax":
+            # Switch: E * sum_i f_i * P_i with f the slot fractions (summing to 1), so 1 at perfect balance.
+            aux = self.aux_coef * self.num_experts * (counts / idx.numel() * probs.mean(0)).sum()
+            aux = aux + self.z_coef * logits.logsumexp(dim=-1).square().mean()
+        return idx, weights, counts, aux
+
+    def forward(self, x: Tensor, ids: Tensor) -> tuple[Tensor, Tensor]:
+        flat = x.reshape(-1, x.size(-1))
+        if self.mode == "soft":
+            logits = flat.float() @ self.router.float().T
+            gates = logits.softmax(dim=-1)
+            self.expert_load += gates.detach().sum(0)
+            y = self.experts.dense(flat, gates)
+            return y.to(x.dtype).view_as(x), self.z_coef * logits.logsumexp(dim=-1).square().mean()
+        idx, weights, counts, aux = self.route(flat, ids.reshape(-1))
+        self.expert_load += counts
+        y = (self.experts.grouped(flat, idx, counts).float() * weights[..., None]).sum(dim=1)
+        if self.mode == "shared_routed":
+            shared, _ = self.shared(flat)
+            if hasattr(self, "shared_gate"):
+                shared = shared.float() * torch.sigmoid(flat.float() @ self.shared_gate.float().T)
+            y = y + shared
+        return y.to(x.dtype).view_as(x), aux
 
 
 def build_mlp(cfg: Hyperparameters, layer: int) -> nn.Module:
-    """The MLP slot of block `layer`. Every MLP returns (output, auxiliary loss) so routed MLPs can add
-    balancing losses without changing the block."""
-    return DenseMLP(cfg)
+    """The MLP slot of block `layer`. Every MLP takes (x, token ids) and returns (output, auxiliary loss)."""
+    if cfg.mlp_mode != "dense" and layer in cfg.moe_layers:
+        return MoEMLP(cfg, layer)
+    return FeedForward(cfg.model_dim, cfg.mlp_mult * cfg.model_dim)
 
 
 class Block(nn.Module):
@@ -582,11 +796,11 @@ class Block(nn.Module):
         # Learnable blend of the running residual with the block-0 input (the normalised embedding).
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(dim), torch.zeros(dim))))
 
-    def forward(self, x: Tensor, x0: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, x0: Tensor, ids: Tensor) -> tuple[Tensor, Tensor]:
         mix = self.resid_mix.to(x.dtype)
         x = mix[0] * x + mix[1] * x0
         x = x + self.attn_scale.to(x.dtype) * self.attn(rms_norm(x))
-        y, aux = self.mlp(rms_norm(x))
+        y, aux = self.mlp(rms_norm(x), ids)
         return x + self.mlp_scale.to(x.dtype) * y, aux
 
 
@@ -609,7 +823,7 @@ class GPT(nn.Module):
         for i, block in enumerate(self.blocks):
             if i >= self.num_encoder and skips:
                 x = x + self.skip_weights[i - self.num_encoder].to(x.dtype) * skips.pop()
-            x, block_aux = block(x, x0)
+            x, block_aux = block(x, x0, ids)
             aux = aux + block_aux
             if i < self.num_encoder:
                 skips.append(x)
@@ -628,18 +842,21 @@ class GPT(nn.Module):
         return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
 
 
-def muon_params(model: GPT) -> list[nn.Parameter]:
-    return [m.weight for m in model.blocks.modules() if isinstance(m, CastedLinear)]
+def muon_params(model: nn.Module) -> list[nn.Parameter]:
+    return [p for name, p in model.named_parameters() if tensor_category(name) in ("attn", "mlp", "experts")]
 
 
 def build_optimizers(model: GPT, cfg: Hyperparameters) -> list[torch.optim.Optimizer]:
-    matrices = {id(p) for p in muon_params(model)}
+    by_category = {}
+    for name, p in model.named_parameters():
+        by_category.setdefault(tensor_category(name), []).append(p)
     head = [] if model.lm_head is None else [model.lm_head.weight]
-    scalars = [p for n, p in model.named_parameters() if id(p) not in matrices and n not in ("tok_emb.weight", "lm_head.weight")]
     embed_lr = cfg.tied_embed_lr if cfg.tie_embeddings else cfg.embed_lr
-    groups = [dict(params=[model.tok_emb.weight], lr=embed_lr), dict(params=scalars, lr=cfg.scalar_lr)]
+    groups = [dict(params=[model.tok_emb.weight], lr=embed_lr), dict(params=by_category["control"], lr=cfg.scalar_lr)]
     if head:
         groups.append(dict(params=head, lr=cfg.head_lr))
+    if by_category.get("router"):
+        groups.append(dict(params=by_category["router"], lr=cfg.router_lr))
     adam = torch.optim.Adam(groups, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps, fused=torch.cuda.is_available())
     muon = Muon(muon_params(model), lr=cfg.matrix_lr, momentum=cfg.muon_momentum, backend_steps=cfg.muon_backend_steps)
     optimizers = [adam, muon]
@@ -647,6 +864,36 @@ def build_optimizers(model: GPT, cfg: Hyperparameters) -> list[torch.optim.Optim
         for group in opt.param_groups:
             group["base_lr"] = group["lr"]
     return optimizers
+
+
+def parameter_report(model: GPT) -> dict[str, int]:
+    """Parameter counts per category, in total and active per token (a token runs K of E routed experts)."""
+    report = {"total": 0, "active": 0}
+    for name, p in model.named_parameters():
+        category = tensor_category(name)
+        report[category] = report.get(category, 0) + p.numel()
+        report["total"] += p.numel()
+        report["active"] += p.numel()
+    for m in model.modules():
+        if isinstance(m, MoEMLP) and m.mode != "soft":
+            report["active"] -= sum(p.numel() for p in m.experts.parameters()) * (m.num_experts - m.top_k) // m.num_experts
+    return report
+
+
+@torch.no_grad()
+def balance_router_biases(model: nn.Module, rate: float) -> None:
+    """Auxiliary-loss-free balancing (DeepSeek-V3): after each step, b_i += rate * sign(mean load - load_i) over
+    the global batch's loads, centred so the biases do not drift together. Outside the compiled graph."""
+    layers = [m for m in model.modules() if isinstance(m, MoEMLP) and hasattr(m, "router_bias")]
+    if not layers or rate == 0:
+        return
+    loads = torch.stack([m.expert_load for m in layers])
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(loads)
+    step = rate * torch.sign(loads.mean(dim=-1, keepdim=True) - loads)
+    step -= step.mean(dim=-1, keepdim=True)
+    for m, delta in zip(layers, step):
+        m.router_bias += delta
 
 
 class EMA:
@@ -804,10 +1051,16 @@ def train(cfg: Hyperparameters, sp: spm.SentencePieceProcessor):
     if distributed:
         train_model = DDP(train_model, device_ids=[cfg.local_rank] if device.type == "cuda" else None, broadcast_buffers=False)
     eval_losses = compiled(model.token_losses, cfg)
-    log.metrics("model", params=sum(p.numel() for p in model.parameters()), muon_matrices=len(muon_params(model)),
-                val_tokens=val_tokens.numel() - 1, world_size=cfg.world_size, grad_accum_steps=cfg.grad_accum_steps)
+    params = parameter_report(model)
+    log.metrics("model", params=params.pop("total"), active_params=params.pop("active"), **params,
+                muon_matrices=len(muon_params(model)), val_tokens=val_tokens.numel() - 1, world_size=cfg.world_size,
+                grad_accum_steps=cfg.grad_accum_steps)
+
+    moe_mlps = [m for m in model.modules() if isinstance(m, MoEMLP)]
 
     def train_step(loader) -> Tensor:
+        for m in moe_mlps:
+            m.expert_load.zero_()
         total = torch.zeros((), device=device)
         for micro in range(cfg.grad_accum_steps):
             if distributed:
@@ -822,6 +1075,7 @@ def train(cfg: Hyperparameters, sp: spm.SentencePieceProcessor):
         for opt in optimizers:
             opt.step()
         model.zero_grad(set_to_none=True)
+        balance_router_biases(model, cfg.router_bias_rate)
         return total / cfg.grad_accum_steps
 
     def set_schedule(step: int, scale: float):
@@ -907,7 +1161,8 @@ def train(cfg: Hyperparameters, sp: spm.SentencePieceProcessor):
 
     # Export the (EMA) weights, then score what was written: the roundtrip score is the official one.
     if master:
-        bits = {"embed": cfg.quant_embed_bits, "attn": cfg.quant_attn_bits, "mlp": cfg.quant_mlp_bits}
+        bits = {"embed": cfg.quant_embed_bits, "attn": cfg.quant_attn_bits, "mlp": cfg.quant_mlp_bits,
+                "experts": cfg.quant_expert_bits}
         blob = pack_artifact(*quantize_state(model.state_dict(), bits))
         write_artifact(artifact_path, blob)
         code_bytes = len(Path(__file__).read_bytes())

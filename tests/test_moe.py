@@ -1,0 +1,314 @@
+"""MoE modes of train_moe.py: dispatch, routers, balancing, hash routing, export, compile, whole runs."""
+import json
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import train_moe as tm
+from conftest import run_trainer, tiny_env
+
+SMALL = {"MODEL_DIM": "32", "NUM_HEADS": "4", "NUM_KV_HEADS": "2", "TRAIN_SEQ_LEN": "16", "TRAIN_BATCH_TOKENS": "128",
+         "VOCAB_SIZE": "64", "NUM_LAYERS": "2", "NUM_EXPERTS": "4", "TOP_K": "2", "EXPERT_HIDDEN": "16"}
+
+
+def config(**overrides) -> tm.Hyperparameters:
+    return tm.Hyperparameters({**SMALL, "MLP_MODE": "sparse", **{k: str(v) for k, v in overrides.items()}})
+
+
+def randomize(module: torch.nn.Module, seed: int = 0) -> None:
+    """Zero-initialised output weights would hide errors in the expert path."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+
+
+# ---------------------------------------------------------------- dispatch
+
+def naive_experts(bank: tm.ExpertBank, x, idx):
+    """Per-expert Python loop: the obviously correct reference for ExpertBank.grouped."""
+    out = torch.zeros(*idx.shape, x.size(-1))
+    for e in range(bank.w_in.size(0)):
+        tok, slot = (idx == e).nonzero(as_tuple=True)
+        h = tm.activate(x[tok] @ bank.w_in[e].T, bank.act)
+        out = out.index_put((tok, slot), h @ bank.w_out[e].T)
+    return out
+
+
+@pytest.mark.parametrize("act", ["relu2", "swiglu"])
+def test_grouped_dispatch_matches_per_expert_loop_with_an_empty_expert(act):
+    torch.manual_seed(0)
+    bank = tm.ExpertBank(num_experts=5, dim=16, hidden=8, act=act)
+    randomize(bank)
+    x = torch.randn(12, 16)
+    idx = torch.randint(0, 4, (12, 2))  # expert 4 receives nothing
+    idx[:, 1] = (idx[:, 0] + 1) % 4
+    counts = torch.zeros(5).scatter_add_(0, idx.flatten(), torch.ones(24))
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    got = bank.grouped(x1, idx, counts)
+    grads = torch.autograd.grad(got.square().sum(), [x1, bank.w_in, bank.w_out])
+    want = naive_experts(bank, x2, idx)
+    ref_grads = torch.autograd.grad(want.square().sum(), [x2, bank.w_in, bank.w_out])
+    torch.testing.assert_close(got, want)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r)
+    assert counts[4] == 0
+    assert torch.equal(grads[1][4], torch.zeros_like(grads[1][4])) and torch.equal(grads[2][4], torch.zeros_like(grads[2][4]))
+
+
+def test_soft_mode_is_the_gate_weighted_sum_of_all_experts():
+    torch.manual_seed(0)
+    layer = tm.MoEMLP(config(MLP_MODE="soft"), 0)
+    randomize(layer)
+    x = torch.randn(2, 5, 32)
+    y, _ = layer(x, torch.zeros(2, 5, dtype=torch.long))
+    flat = x.reshape(-1, 32)
+    gates = (flat @ layer.router.T).softmax(-1)
+    want = sum(gates[:, e : e + 1] * (tm.activate(flat @ layer.experts.w_in[e].T, "relu2") @ layer.experts.w_out[e].T) for e in range(4))
+    torch.testing.assert_close(y.reshape(-1, 32), want)
+
+
+def test_soft_mode_is_causal():
+    torch.manual_seed(0)
+    cfg = tm.Hyperparameters({**SMALL, "MLP_MODE": "soft"})
+    model = tm.GPT(cfg)
+    randomize(model)
+    ids = torch.randint(0, 64, (1, 16))
+    changed = ids.clone()
+    changed[0, 10:] = (changed[0, 10:] + 1) % 64
+    a, _ = model.logits(ids)
+    b, _ = model.logits(changed)
+    torch.testing.assert_close(a[0, :10], b[0, :10])
+    assert not torch.allclose(a[0, 10:], b[0, 10:])
+
+
+# ---------------------------------------------------------------- routers
+
+def test_softmax_router_aux_and_z_loss_by_hand():
+    layer = tm.MoEMLP(config(MOE_AUX_COEF=0.01, ROUTER_Z_COEF=0.001), 0)
+    x = torch.randn(6, 32)
+    idx, weights, counts, aux = layer.route(x, torch.zeros(6, dtype=torch.long))
+    logits = x @ layer.router.T
+    probs = logits.softmax(-1)
+    f = torch.stack([(idx == e).sum() for e in range(4)]).float() / 12
+    want = 0.01 * 4 * (f * probs.mean(0)).sum() + 0.001 * logits.logsumexp(-1).square().mean()
+    torch.testing.assert_close(aux, want)
+    torch.testing.assert_close(weights, probs.gather(-1, idx))
+    assert (weights.sum(-1) < 1).all()  # norm_topk_prob=0: the raw probabilities, not renormalized
+    assert torch.equal(counts, f * 12)
+
+
+def test_top1_without_renormalization_trains_the_router():
+    cfg = config(TOP_K=1)
+    layer = tm.MoEMLP(cfg, 0)
+    randomize(layer)
+    layer.aux_coef = layer.z_coef = 0.0  # only the LM path
+    y, _ = layer(torch.randn(2, 8, 32), torch.zeros(2, 8, dtype=torch.long))
+    (grad,) = torch.autograd.grad(y.square().sum(), [layer.router])
+    assert grad.abs().sum() > 0
+
+
+def test_sigmoid_router_bias_selects_but_does_not_weigh():
+    layer = tm.MoEMLP(config(ROUTER="sigmoid", NORM_TOPK_PROB=0), 0)
+    x = torch.randn(10, 32)
+    with torch.no_grad():
+        layer.router_bias.copy_(torch.tensor([5.0, 5.0, -5.0, -5.0]))
+    idx, weights, _, aux = layer.route(x, torch.zeros(10, dtype=torch.long))
+    assert set(idx.flatten().tolist()) == {0, 1}
+    torch.testing.assert_close(weights, (x @ layer.router.T).sigmoid().gather(-1, idx))
+    assert aux == 0
+
+
+def skewed_sigmoid_layer():
+    """Experts 0 and 1 win most tokens of skewed_batch: their router rows align with its mean. The rows are
+    large enough that scores spread over tokens, so a bias shift moves some tokens rather than all at once."""
+    torch.manual_seed(0)
+    layer = tm.MoEMLP(config(ROUTER="sigmoid", NUM_EXPERTS=8), 0)
+    with torch.no_grad():
+        layer.router.normal_(0, 0.1)
+        layer.router[0] += 0.08
+        layer.router[1] += 0.06
+    return layer
+
+
+def skewed_batch(n, seed):
+    return torch.randn(n, 32, generator=torch.Generator().manual_seed(seed)) + 1.0
+
+
+def loads_after_routing(layer, x):
+    layer.expert_load.zero_()
+    idx, _, counts, _ = layer.route(x, torch.zeros(len(x), dtype=torch.long))
+    layer.expert_load += counts
+    return counts
+
+
+def test_balancing_bias_evens_out_a_skewed_router():
+    layer = skewed_sigmoid_layer()
+    x = skewed_batch(512, seed=1)
+    before = loads_after_routing(layer, x)
+    assert before.max() / before.mean() > 3
+    for _ in range(300):
+        loads_after_routing(layer, x)
+        tm.balance_router_biases(layer, rate=0.01)
+    after = loads_after_routing(layer, x)
+    assert after.max() / after.mean() < 1.3 and after.min() > 0
+    assert layer.router_bias.sum().abs() < 1e-4  # centred updates: the biases do not drift together
+
+
+def _two_rank_balancing(rank, world, init_file, out_dir):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    layer = skewed_sigmoid_layer()
+    for step in range(20):  # each rank routes its own half of the batch
+        x = skewed_batch(64, seed=100 * step + rank)
+        loads_after_routing(layer, x)
+        tm.balance_router_biases(layer, rate=0.01)
+    torch.save(layer.router_bias, os.path.join(out_dir, f"bias{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_balancing_bias_is_identical_across_ranks_and_uses_global_loads(tmp_path):
+    mp.spawn(_two_rank_balancing, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2)
+    b0, b1 = torch.load(tmp_path / "bias0.pt"), torch.load(tmp_path / "bias1.pt")
+    assert torch.equal(b0, b1)
+    layer = skewed_sigmoid_layer()  # one process, both halves as one global batch
+    for step in range(20):
+        x = torch.cat([skewed_batch(64, seed=100 * step + r) for r in range(2)])
+        loads_after_routing(layer, x)
+        tm.balance_router_biases(layer, rate=0.01)
+    torch.testing.assert_close(b0, layer.router_bias)
+
+
+def test_hash_routing_is_balanced_per_layer_and_rebuilt_identically():
+    cfg = config(ROUTER="hash", VOCAB_SIZE=1000, NUM_EXPERTS=8, TOP_K=2)
+    model = tm.GPT(cfg)
+    tables = [b.mlp.hash_table for b in model.blocks]
+    for table in tables:
+        assert (table[:, 0] != table[:, 1]).all()
+        counts = torch.bincount(table.flatten(), minlength=8)
+        assert counts.max() - counts.min() <= 1
+    assert not torch.equal(tables[0], tables[1])
+    assert not any("hash_table" in k for k in model.state_dict())  # costs no artifact bytes
+    assert not any(n.endswith("router") for n, _ in model.named_parameters())
+    torch.manual_seed(123)  # a different global RNG state must not matter: the table comes from SEED
+    rebuilt = tm.GPT(cfg)
+    for a, b in zip(tables, [blk.mlp.hash_table for blk in rebuilt.blocks]):
+        assert torch.equal(a, b)
+    other_seed = tm.GPT(config(ROUTER="hash", VOCAB_SIZE=1000, NUM_EXPERTS=8, TOP_K=2, SEED=7))
+    assert not torch.equal(tables[0], other_seed.blocks[0].mlp.hash_table)
+
+
+# ---------------------------------------------------------------- config, parameters, export
+
+@pytest.mark.parametrize("overrides,variable", [
+    ({"TOP_K": "5"}, "TOP_K"),
+    ({"MLP_MODE": "soft", "ROUTER": "hash"}, "ROUTER"),
+    ({"TOP_K": "1", "NORM_TOPK_PROB": "1"}, "NORM_TOPK_PROB"),
+    ({"EXPERT_HIDDEN": "20"}, "EXPERT_HIDDEN"),
+    ({"MOE_LAYERS": "0-5"}, "MOE_LAYERS"),
+    ({"MOE_LAYERS": "one"}, "MOE_LAYERS"),
+    ({"ROUTER": "topk"}, "ROUTER"),
+    ({"EXPERT_ACT": "gelu"}, "EXPERT_ACT"),
+    ({"NUM_EXPERTS": "1"}, "NUM_EXPERTS"),
+])
+def test_moe_config_errors(overrides, variable):
+    with pytest.raises(tm.ConfigError, match=rf"^{variable}="):
+        config(**overrides)
+
+
+def test_auto_expert_sizes_match_dense_active_flops():
+    dense = 2 * 32
+    assert config(EXPERT_HIDDEN=0, TOP_K=2).expert_hidden == dense // 2
+    assert config(MLP_MODE="soft", EXPERT_HIDDEN=0, NUM_EXPERTS=4).expert_hidden == dense // 4
+    shared = config(MLP_MODE="shared_routed", EXPERT_HIDDEN=0, TOP_K=2, NUM_EXPERTS=8)
+    assert shared.shared_hidden == 32 and shared.expert_hidden == 16
+
+
+def test_parameter_report_counts_active_experts():
+    cfg = config(NUM_EXPERTS=8, TOP_K=2, MOE_LAYERS="1")
+    model = tm.GPT(cfg)
+    report = tm.parameter_report(model)
+    expert_params = 8 * (16 * 32 + 32 * 16)
+    assert report["experts"] == expert_params and report["router"] == 8 * 32
+    assert report["mlp"] == 2 * 32 * 64 * 1  # the dense layer 0
+    assert report["total"] == sum(p.numel() for p in model.parameters())
+    assert report["total"] - report["active"] == expert_params * 6 // 8
+
+
+def test_export_quantizes_each_expert_and_keeps_routers_float():
+    cfg = config(ROUTER="sigmoid", QUANT_EXPERT_BITS=5)
+    model = tm.GPT(cfg)
+    randomize(model)
+    with torch.no_grad():
+        model.blocks[0].mlp.router_bias.copy_(torch.tensor([1e-3, -2e-3, 3.3e-4, 0.0]))
+    state = model.state_dict()
+    header, arrays = tm.quantize_state(state, {"embed": 8, "attn": 8, "mlp": 8, "experts": 5})
+    w_in = "blocks.0.mlp.experts.w_in"
+    assert header[w_in]["bits"] == 5 and arrays[w_in + ".scale"].shape == (4 * 16,)  # a scale per row per expert
+    assert arrays[w_in].min() >= -15 and arrays[w_in].max() <= 15
+    assert header["blocks.0.mlp.router"]["kind"] == "float" and arrays["blocks.0.mlp.router"].dtype.itemsize >= 2
+    loaded = tm.unpack_artifact(tm.pack_artifact(header, arrays))
+    assert torch.equal(loaded["blocks.0.mlp.router_bias"], state["blocks.0.mlp.router_bias"])
+    fresh = tm.GPT(cfg)
+    fresh.load_state_dict(loaded)
+    assert torch.equal(fresh.blocks[0].mlp.router, state["blocks.0.mlp.router"].half().float())
+    err = (fresh.blocks[0].mlp.experts.w_in - state[w_in]).square().mean() / state[w_in].square().mean()
+    assert 0 < err.sqrt() < 0.06  # int5 per-row error, as for any other matrix
+
+
+# ---------------------------------------------------------------- compile
+
+MODES = {
+    "sparse_softmax": {"MLP_MODE": "sparse", "ROUTER": "softmax"},
+    "sparse_sigmoid": {"MLP_MODE": "sparse", "ROUTER": "sigmoid", "NORM_TOPK_PROB": "1"},
+    "sparse_hash": {"MLP_MODE": "sparse", "ROUTER": "hash"},
+    "shared_routed": {"MLP_MODE": "shared_routed", "EXPERT_ACT": "swiglu"},
+    "soft": {"MLP_MODE": "soft"},
+}
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_every_mode_compiles_fullgraph_without_recompiles(mode):
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    cfg = tm.Hyperparameters({**SMALL, **MODES[mode], "ROUTER_BIAS_RATE": "0.01"})
+    torch.manual_seed(0)
+    model = tm.GPT(cfg)
+    randomize(model)
+    step = torch.compile(model, fullgraph=True, dynamic=False)
+    routings = []
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for seed in range(3):
+            ids = torch.randint(0, 64, (4, 17), generator=torch.Generator().manual_seed(seed))
+            for m in model.modules():
+                if isinstance(m, tm.MoEMLP):
+                    m.expert_load.zero_()
+            loss = step(ids[:, :-1].contiguous(), ids[:, 1:].contiguous())
+            loss.backward()
+            tm.balance_router_biases(model, cfg.router_bias_rate)
+            routings.append(model.blocks[0].mlp.expert_load.clone())
+    assert all(torch.isfinite(r).all() for r in routings) and not torch.equal(routings[0], routings[1])
+    eager = model(ids[:, :-1].contiguous(), ids[:, 1:].contiguous())
+    assert eager.item() == pytest.approx(loss.item(), rel=2e-2)  # compiled experts run in bf16, eager in fp32
+
+
+# ---------------------------------------------------------------- whole runs
+
+@pytest.mark.parametrize("mode", MODES)
+def test_every_mode_trains_exports_and_roundtrips(tiny_data, tmp_path, mode):
+    env = tiny_env(tiny_data, RUN_ID=mode, ITERATIONS=25, NUM_EXPERTS=4, **MODES[mode])
+    result = run_trainer(tmp_path, env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    evs = [json.loads(line) for line in (tmp_path / "logs" / f"{mode}.jsonl").read_text().splitlines()]
+    train = [e["train_loss"] for e in evs if e["event"] == "train"]
+    assert train[-1] < train[0] - 1.0
+    final = {e["event"]: e for e in evs if e["event"].startswith("final") or e["event"] in ("model", "artifact")}
+    assert final["model"]["experts"] > 0 and final["model"]["active_params"] <= final["model"]["params"]
+    assert final["artifact"]["status"] == "OK"
+    assert abs(final["final_roundtrip"]["val_bpb"] - final["final_ema"]["val_bpb"]) < 0.02
+    state = tm.unpack_artifact((tmp_path / final["artifact"]["path"]).read_bytes())
+    if MODES[mode].get("ROUTER") == "sigmoid":
+        assert state["blocks.0.mlp.router_bias"].abs().sum() > 0  # the trained balancing bias was saved
