@@ -12,6 +12,7 @@ import json
 import math
 import os
 import platform
+import shlex
 import subprocess
 import sys
 import time
@@ -44,9 +45,11 @@ class EnvReader:
     """Typed, range-checked reads of environment variables; every failure names the variable."""
 
     def __init__(self, env):
-        self.env = env
+        self.env, self.given = env, {}
 
     def text(self, name, default):
+        if name in self.env:
+            self.given[name] = self.env[name]
         return self.env.get(name, str(default)).strip()
 
     def integer(self, name, default, lo=None, hi=None):
@@ -179,6 +182,9 @@ class Hyperparameters:
         self.rank = get.integer("RANK", 0, 0, self.world_size - 1)
         self.local_rank = get.integer("LOCAL_RANK", 0, 0, self.world_size - 1)
         self.grad_accum_steps = 8 // self.world_size
+        # The command that reproduces this run: every knob that was set, then the launcher.
+        knobs = " ".join(f"{k}={shlex.quote(v)}" for k, v in get.given.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK"))
+        self.launch = f"{knobs} torchrun --standalone --nproc_per_node={self.world_size} train_moe.py".strip()
         self._check_shapes()
         self._check_moe()
 
@@ -960,8 +966,7 @@ class RunLog:
     def metrics(self, event: str, **values):
         if not self.master:
             return
-        shown = " ".join(f"{k}:{v:.{8 if k.endswith(('loss', 'bpb')) else 4}f}" if isinstance(v, float) else f"{k}:{v}"
-                         for k, v in values.items())
+        shown = " ".join(f"{k}:{_show(k, v)}" for k, v in values.items())
         self.text(f"{event} {shown}")
         self.json_file.write(json.dumps({"event": event, "time": time.time(), **values}) + "\n")
         self.json_file.flush()
@@ -975,6 +980,14 @@ class RunLog:
             self.json_file.close()
             if self.wandb is not None:
                 self.wandb.finish()
+
+
+def _show(key: str, value) -> str:
+    if isinstance(value, list):
+        return ",".join(_show(key, v) for v in value)
+    if isinstance(value, float):
+        return f"{value:.{8 if key.endswith(('loss', 'bpb')) else 4}f}"
+    return str(value)
 
 
 def environment_report(device) -> str:
@@ -1148,6 +1161,15 @@ def train(cfg: Hyperparameters, sp: spm.SentencePieceProcessor):
                 stopped_by="wallclock" if stop_at is not None else "iterations", tokens_seen=stream.tokens_read,
                 data_passes=stream.tokens_read / stream.total_tokens,
                 peak_memory_mib=round(torch.cuda.max_memory_allocated(device) / 2**20) if device.type == "cuda" else 0)
+
+    # Routing balance of the last step, per MoE layer, over the global batch.
+    for layer, block in enumerate(model.blocks):
+        if isinstance(block.mlp, MoEMLP):
+            load = block.mlp.expert_load.clone()
+            if distributed:
+                dist.all_reduce(load)
+            load = (load / load.sum()).tolist()
+            log.metrics("moe_load", layer=layer, max_over_mean=max(load) * len(load), dead=sum(x == 0 for x in load), load=load)
 
     def final_eval(event: str, losses_fn):
         t = time.perf_counter()
