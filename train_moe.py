@@ -1048,7 +1048,7 @@ def train(cfg: Hyperparameters, sp: spm.SentencePieceProcessor):
         artifact_path.unlink(missing_ok=True)  # a stale artifact must not pass for this run's
 
     log = RunLog(cfg, master)
-    log.text(Path(__file__).read_text(encoding="utf-8"), echo=False)
+    log.text(Path(__file__).read_bytes().decode("utf-8"), echo=False)  # bytes: the source exactly as counted
     log.text("=" * 100, echo=False)
     log.text(environment_report(device), echo=False)
     log.text("=" * 100, echo=False)

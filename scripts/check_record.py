@@ -1,0 +1,155 @@
+"""Check a record folder made by make_record.py (or by hand) against its own logs.
+
+    python scripts/check_record.py records/track_10min_16mb/2026-05-01_sparse_moe
+
+Checks: README.md, submission.json, train_moe.py and at least one log pair (<RUN_ID>.txt + <RUN_ID>.jsonl) are
+present; submission.json has the challenge's fields with the right types; every claimed score and byte count (per
+seed and mean) equals what the logs say; train_moe.py is byte-identical to the source at the top of every log; each
+artifact, recomputed as len(train_moe.py) + the log's model_bytes, fits in 16,000,000 bytes; each run trained within
+the track's time limit. Prints every problem (one line each) and exits 1, or prints one OK line.
+"""
+import json
+import math
+import re
+import statistics
+import sys
+from pathlib import Path
+
+from make_record import TRACK_LIMIT_MS, pre_export_bpb, read_events, split_log
+
+CAP_BYTES = 16_000_000
+NUMBER, INTEGER, TEXT = "number", "integer", "string"
+FIELDS = {"author": TEXT, "github_id": TEXT, "name": TEXT, "blurb": TEXT, "date": TEXT, "track": TEXT,
+          "val_loss": NUMBER, "val_bpb": NUMBER, "bytes_total": INTEGER, "bytes_code": INTEGER, "seeds": "list",
+          "seed_results": "dict", "pre_quant_val_bpb": NUMBER, "hardware": TEXT, "pytorch_version": TEXT}
+SEED_FIELDS = {"val_loss": NUMBER, "val_bpb": NUMBER, "artifact_bytes": INTEGER, "steps": INTEGER, "step_avg_ms": NUMBER}
+
+
+def has_type(value, kind: str) -> bool:
+    # bool is an int in Python, but true is no byte count.
+    if isinstance(value, bool):
+        return False
+    return {NUMBER: isinstance(value, (int, float)), INTEGER: isinstance(value, int), TEXT: isinstance(value, str),
+            "list": isinstance(value, list), "dict": isinstance(value, dict)}[kind]
+
+
+def same(claimed, actual) -> bool:
+    """Equal up to float formatting: the claims are JSON floats of the logs' values or of their means."""
+    return has_type(claimed, NUMBER) and math.isclose(claimed, actual, rel_tol=1e-9, abs_tol=1e-8)
+
+
+def check(folder: Path) -> tuple[list[str], dict]:
+    problems = []
+    for name in ("README.md", "submission.json", "train_moe.py"):
+        if not (folder / name).is_file():
+            problems.append(f"missing {name}")
+    track = folder.resolve().parent.name
+    if track not in TRACK_LIMIT_MS:
+        problems.append(f"folder is not inside one of records/{{{','.join(sorted(TRACK_LIMIT_MS))}}}")
+    shipped = (folder / "train_moe.py").read_bytes() if (folder / "train_moe.py").is_file() else None
+
+    # The logs: every <RUN_ID>.jsonl with its <RUN_ID>.txt, by seed.
+    runs = {}
+    for jsonl_path in sorted(folder.glob("*.jsonl")):
+        text_path = jsonl_path.with_suffix(".txt")
+        if not text_path.is_file():
+            problems.append(f"{jsonl_path.name}: its text log {text_path.name} is missing")
+            continue
+        try:
+            source, _, config = split_log(text_path.read_bytes())
+            events = read_events(jsonl_path)
+        except (ValueError, KeyError, json.JSONDecodeError) as e:
+            problems.append(f"{text_path.stem}: unreadable log: {e}")
+            continue
+        name = text_path.name
+        if shipped is not None and source != shipped:
+            problems.append(f"{name}: train_moe.py differs from the source this run logged")
+        missing = [e for e in ("train_done", "artifact", "final_roundtrip") if e not in events]
+        if missing:
+            problems.append(f"{name}: no {', '.join(missing)} event: the run did not finish")
+            continue
+        model_bytes = events["artifact"]["model_bytes"]
+        artifact_bytes = (len(shipped) if shipped is not None else events["artifact"]["code_bytes"]) + model_bytes
+        if artifact_bytes != events["artifact"]["artifact_bytes"]:
+            problems.append(f"{name}: artifact recomputes to {artifact_bytes} bytes, the log says {events['artifact']['artifact_bytes']}")
+        if artifact_bytes > CAP_BYTES:
+            problems.append(f"{name}: artifact {artifact_bytes:,} bytes is over the {CAP_BYTES:,}-byte cap")
+        limit_ms = TRACK_LIMIT_MS.get(track)
+        if limit_ms is not None and events["train_done"]["train_time_ms"] > limit_ms:
+            problems.append(f"{name}: trained {events['train_done']['train_time_ms']} ms, over {track}'s {limit_ms} ms")
+        runs[config.get("seed")] = {"events": events, "artifact_bytes": artifact_bytes}
+    if not any(folder.glob("*.jsonl")):
+        problems.append("no run log (<RUN_ID>.txt + <RUN_ID>.jsonl)")
+
+    # The claims.
+    if not (folder / "submission.json").is_file():
+        return problems, {}
+    try:
+        sub = json.loads((folder / "submission.json").read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        return problems + [f"submission.json: not JSON: {e}"], {}
+    for field, kind in FIELDS.items():
+        if field not in sub:
+            problems.append(f"submission.json: no {field}")
+        elif not has_type(sub[field], kind):
+            problems.append(f"submission.json: {field} should be a {kind}, is {sub[field]!r}")
+    if not (sub.get("val_bpb_std") is None or has_type(sub["val_bpb_std"], NUMBER)):
+        problems.append(f"submission.json: val_bpb_std should be a number or null, is {sub['val_bpb_std']!r}")
+    if isinstance(sub.get("date"), str) and not re.fullmatch(r"\d{4}-\d{2}-\d{2}", sub["date"]):
+        problems.append(f"submission.json: date {sub['date']!r} is not YYYY-MM-DD")
+    if isinstance(sub.get("track"), str) and sub["track"] != track:
+        problems.append(f"submission.json: track {sub['track']!r} but the folder is in {track}")
+    if shipped is not None and sub.get("bytes_code") != len(shipped):
+        problems.append(f"submission.json: bytes_code {sub.get('bytes_code')} but train_moe.py is {len(shipped)} bytes")
+    if has_type(sub.get("bytes_total"), INTEGER) and sub["bytes_total"] > CAP_BYTES:
+        problems.append(f"submission.json: bytes_total {sub['bytes_total']:,} is over the {CAP_BYTES:,}-byte cap")
+
+    seed_results = sub.get("seed_results") if isinstance(sub.get("seed_results"), dict) else {}
+    seeds = sub.get("seeds") if isinstance(sub.get("seeds"), list) else []
+    claimed_seeds = set(seed_results) | {str(s) for s in seeds}
+    for seed in sorted(claimed_seeds - set(runs)):
+        problems.append(f"seed {seed}: claimed, but no finished log of it is in the folder")
+    for seed in sorted(set(runs) - claimed_seeds):
+        problems.append(f"seed {seed}: logged, but not in submission.json seeds/seed_results")
+    for seed in sorted(set(runs) & set(seed_results)):
+        claim, events = seed_results[seed], runs[seed]["events"]
+        actual = {"val_loss": events["final_roundtrip"]["val_loss"], "val_bpb": events["final_roundtrip"]["val_bpb"],
+                  "artifact_bytes": runs[seed]["artifact_bytes"], "steps": events["train_done"]["steps"],
+                  "step_avg_ms": events["train_done"]["step_avg_ms"]}
+        for field, kind in SEED_FIELDS.items():
+            if not isinstance(claim, dict) or not (has_type(claim.get(field), kind) and same(claim[field], actual[field])):
+                shown = claim.get(field) if isinstance(claim, dict) else claim
+                problems.append(f"seed {seed}: {field} claimed {shown!r}, the log says {actual[field]!r}")
+
+    if runs and set(runs) == claimed_seeds:
+        logged = list(runs.values())
+        losses = [r["events"]["final_roundtrip"]["val_loss"] for r in logged]
+        bpbs = [r["events"]["final_roundtrip"]["val_bpb"] for r in logged]
+        means = {"val_loss": statistics.fmean(losses), "val_bpb": statistics.fmean(bpbs),
+                 "pre_quant_val_bpb": statistics.fmean(pre_export_bpb(r["events"]) for r in logged),
+                 "bytes_total": max(r["artifact_bytes"] for r in logged)}
+        if len(logged) > 1:
+            means["val_bpb_std"] = statistics.stdev(bpbs)
+        for field, actual in means.items():
+            if field in sub and not same(sub[field], actual):
+                problems.append(f"submission.json: {field} claimed {sub[field]!r}, the logs give {actual!r}")
+    return problems, sub
+
+
+def main():
+    if len(sys.argv) != 2:
+        sys.exit("usage: python scripts/check_record.py records/<track>/<date>_<name>")
+    folder = Path(sys.argv[1])
+    if not folder.is_dir():
+        sys.exit(f"check_record: {folder} is not a folder")
+    problems, sub = check(folder)
+    for problem in problems:
+        print(f"{folder}: {problem}")
+    if problems:
+        sys.exit(1)
+    print(f"OK {folder}: val_bpb {sub['val_bpb']:.8f} (val_loss {sub['val_loss']:.8f}) over seeds {sub['seeds']}, "
+          f"{sub['bytes_total']:,} bytes")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,265 @@
+"""Build a Parameter Golf record folder from finished train_moe.py runs (one per seed).
+
+    python scripts/make_record.py --runs logs/seed1.txt logs/seed2.txt logs/seed3.txt \
+        --track track_10min_16mb --name "Sparse MoE 8x top-2" --author "Ada" --github-id ada \
+        --blurb "..." [--baseline-loss 2.07 2.06 2.08] [--baseline-bpb 1.224 1.223 1.225]
+
+Writes records/<track>/<YYYY-MM-DD>_<name>/ (relative to the current directory, normally the repo root) with
+train_moe.py exactly as run (taken from the logs, never from the working tree), each seed's .txt and .jsonl log,
+README.md and submission.json. Refuses runs that are unfinished, over the size cap, over the track's time limit,
+or whose sources or settings differ, and never overwrites a record.
+"""
+import argparse
+import json
+import math
+import re
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+
+SEPARATOR = b"=" * 100
+TRACK_LIMIT_MS = {"track_10min_16mb": 600_000, "track_non_record_16mb": None}
+# Settings that may differ between the seeds of one record; everything else must match.
+PER_RUN_CONFIG = ("run_id", "seed", "launch")
+
+
+def split_log(text_log: bytes) -> tuple[bytes, str, dict]:
+    """The embedded source, the environment report and the `config` settings of a logs/<RUN_ID>.txt.
+
+    The log is: source + "\\n" (the logger adds one), a line of 100 '=', the environment report, another such
+    line, then config and metric lines. The source may itself hold such a line, so the trainer's two are the
+    last two."""
+    lines = text_log.split(b"\n")
+    marks = [i for i, line in enumerate(lines) if line == SEPARATOR]
+    if len(marks) < 2:
+        raise ValueError("no '=' separator lines: not a train_moe.py log")
+    first, second = marks[-2], marks[-1]
+    # The logger's own newline ends the last source line, so joining the lines before the separator gives the
+    # source byte for byte (with its final newline, if it had one).
+    source = b"\n".join(lines[:first])
+    environment = b"\n".join(lines[first + 1:second]).decode("utf-8")
+    config = {}
+    for line in lines[second + 1:]:
+        if line.startswith(b"config "):
+            key, _, value = line[len(b"config "):].decode("utf-8").partition(":")
+            config[key] = value
+    return source, environment, config
+
+
+def read_events(jsonl_path: Path) -> dict:
+    """Events of a logs/<RUN_ID>.jsonl by name; the last one wins, except moe_load, kept as a list (one per layer)."""
+    events = {"moe_load": []}
+    for line in jsonl_path.read_text(encoding="utf-8").splitlines():
+        record = json.loads(line)
+        if record["event"] == "moe_load":
+            events["moe_load"].append(record)
+        else:
+            events[record["event"]] = record
+    return events
+
+
+def run_paths(run: str) -> tuple[Path, Path]:
+    """A run given as logs/<RUN_ID>.txt (or .jsonl) or as a bare RUN_ID."""
+    path = Path(run) if run.endswith((".txt", ".jsonl")) else Path("logs") / f"{run}.txt"
+    return path.with_suffix(".txt"), path.with_suffix(".jsonl")
+
+
+def load_run(run: str, track: str) -> dict:
+    text_path, jsonl_path = run_paths(run)
+    for path in (text_path, jsonl_path):
+        if not path.is_file():
+            sys.exit(f"make_record: {run}: {path} not found")
+    source, environment, config = split_log(text_path.read_bytes())
+    events = read_events(jsonl_path)
+    for needed in ("model", "train_done", "artifact", "final_roundtrip"):
+        if needed not in events:
+            sys.exit(f"make_record: {run}: no {needed} event in {jsonl_path}: the run did not finish")
+    artifact = events["artifact"]
+    if artifact["status"] != "OK" or artifact["artifact_bytes"] > 16_000_000:
+        sys.exit(f"make_record: {run}: artifact {artifact['artifact_bytes']:,} bytes is over the 16,000,000-byte cap")
+    # A size claimed by the log must be the size of what the run wrote, if it is still here to look at.
+    artifact_path = Path(artifact["path"])
+    if artifact_path.is_file() and artifact_path.stat().st_size != artifact["model_bytes"]:
+        sys.exit(f"make_record: {run}: {artifact_path} is {artifact_path.stat().st_size} bytes, "
+                 f"the log says {artifact['model_bytes']}")
+    limit_ms = TRACK_LIMIT_MS[track]
+    if limit_ms is not None and events["train_done"]["train_time_ms"] > limit_ms:
+        sys.exit(f"make_record: {run}: trained {events['train_done']['train_time_ms']} ms, over {track}'s {limit_ms} ms")
+    return {"text_path": text_path, "jsonl_path": jsonl_path, "source": source, "environment": environment,
+            "config": config, "events": events, "seed": int(config["seed"])}
+
+
+def pre_export_bpb(events: dict) -> float:
+    """The last score before export: of the EMA weights when the run kept an EMA, else of the raw weights."""
+    return events.get("final_ema", events["final_raw"])["val_bpb"]
+
+
+def hardware(environment: str, world_size: str) -> str:
+    gpu = re.search(r"^cuda \S+ gpu (.+)$", environment, re.M)
+    return f"{world_size}x {gpu.group(1)}" if gpu else f"{world_size}x CPU"
+
+
+def student_t_sf(t: float, df: float) -> float:
+    """P(T > t) for Student's t with df degrees of freedom, through the regularized incomplete beta function:
+    P(|T| > t) = I_x(df/2, 1/2) with x = df / (df + t^2)."""
+    tail = 0.5 * incomplete_beta(df / (df + t * t), df / 2, 0.5)
+    return tail if t >= 0 else 1 - tail
+
+
+def incomplete_beta(x: float, a: float, b: float) -> float:
+    """Regularized incomplete beta I_x(a, b) by its continued fraction (Numerical Recipes, betacf), using the
+    symmetry I_x(a, b) = 1 - I_{1-x}(b, a) where the fraction converges slowly."""
+    if x <= 0 or x >= 1:
+        return max(0.0, min(1.0, x))
+    if x > (a + 1) / (a + b + 2):
+        return 1 - incomplete_beta(1 - x, b, a)
+    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log(1 - x)) / a
+    tiny = 1e-300
+    c, d = 1.0, 1 - (a + b) * x / (a + 1)
+    d = 1 / (d if abs(d) > tiny else tiny)
+    result = d
+    for m in range(1, 300):
+        for numerator in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
+                          -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
+            d = 1 + numerator * d
+            d = 1 / (d if abs(d) > tiny else tiny)
+            c = 1 + numerator / c
+            c = c if abs(c) > tiny else tiny
+            result *= c * d
+        if abs(c * d - 1) < 1e-15:
+            break
+    return front * result
+
+
+def welch_p_value(ours: list[float], baseline: list[float]) -> float:
+    """One-sided Welch t-test, H1: mean(ours) < mean(baseline). Needs at least 2 values on each side."""
+    var_ours, var_base = statistics.variance(ours) / len(ours), statistics.variance(baseline) / len(baseline)
+    diff = statistics.fmean(baseline) - statistics.fmean(ours)
+    if var_ours + var_base == 0:
+        return 0.0 if diff > 0 else 1.0
+    t = diff / math.sqrt(var_ours + var_base)
+    df = (var_ours + var_base) ** 2 / (var_ours ** 2 / (len(ours) - 1) + var_base ** 2 / (len(baseline) - 1))
+    return student_t_sf(t, df)
+
+
+def submission(runs: list[dict], args, code_bytes: int) -> dict:
+    first = runs[0]
+    config, model = first["config"], first["events"]["model"]
+    losses = [r["events"]["final_roundtrip"]["val_loss"] for r in runs]
+    bpbs = [r["events"]["final_roundtrip"]["val_bpb"] for r in runs]
+    result = {
+        "author": args.author, "github_id": args.github_id, "name": args.name, "blurb": args.blurb,
+        "date": time.strftime("%Y-%m-%d"), "track": args.track,
+        "val_loss": statistics.fmean(losses), "val_bpb": statistics.fmean(bpbs),
+        # Every seed's artifact must fit, so the record claims the largest.
+        "bytes_total": max(r["events"]["artifact"]["artifact_bytes"] for r in runs), "bytes_code": code_bytes,
+        "seeds": [r["seed"] for r in runs],
+        "seed_results": {str(r["seed"]): {
+            "val_loss": r["events"]["final_roundtrip"]["val_loss"], "val_bpb": r["events"]["final_roundtrip"]["val_bpb"],
+            "artifact_bytes": r["events"]["artifact"]["artifact_bytes"], "steps": r["events"]["train_done"]["steps"],
+            "step_avg_ms": r["events"]["train_done"]["step_avg_ms"]} for r in runs},
+        "val_bpb_std": statistics.stdev(bpbs) if len(runs) > 1 else None,
+        "pre_quant_val_bpb": statistics.fmean(pre_export_bpb(r["events"]) for r in runs),
+        "hardware": hardware(first["environment"], config["world_size"]),
+        "pytorch_version": re.search(r"torch (\S+)", first["environment"]).group(1),
+        "mlp_mode": config["mlp_mode"],
+    }
+    if config["mlp_mode"] != "dense":
+        # soft computes every expert under a softmax gate; TOP_K and ROUTER do not apply to it.
+        soft = config["mlp_mode"] == "soft"
+        result.update(router="softmax" if soft else config["router"], num_experts=int(config["num_experts"]),
+                      top_k=int(config["num_experts"]) if soft else int(config["top_k"]),
+                      active_params=model["active_params"], total_params=model["params"])
+    if args.baseline_loss:
+        result["baseline_val_loss"] = statistics.fmean(args.baseline_loss)
+        result["improvement_nats"] = result["baseline_val_loss"] - result["val_loss"]
+        if len(args.baseline_loss) > 1 and len(runs) > 1:
+            result["p_value"] = welch_p_value(losses, args.baseline_loss)
+    if args.baseline_bpb:
+        result["baseline_val_bpb"] = statistics.fmean(args.baseline_bpb)
+        result["improvement_bpb"] = result["baseline_val_bpb"] - result["val_bpb"]
+    return result
+
+
+def readme(runs: list[dict], sub: dict) -> str:
+    config = runs[0]["config"]
+    lines = [f"# {sub['name']}", "", sub["blurb"], "",
+             f"Track `{sub['track']}`, {sub['hardware']}, PyTorch {sub['pytorch_version']}, {sub['date']}, "
+             f"by {sub['author']} (@{sub['github_id']}).", "",
+             f"**val_bpb {sub['val_bpb']:.8f}** (val_loss {sub['val_loss']:.8f} nats), mean of {len(runs)} seed(s)"
+             + (f", std {sub['val_bpb_std']:.8f}" if sub["val_bpb_std"] is not None else "")
+             + f"; artifact at most {sub['bytes_total']:,} bytes ({sub['bytes_code']:,} of them the script).", ""]
+    if "improvement_nats" in sub:
+        lines += [f"Against a baseline of mean val_loss {sub['baseline_val_loss']:.8f}: {sub['improvement_nats']:.5f} nats better"
+                  + (f", one-sided Welch t-test p = {sub['p_value']:.3g}." if "p_value" in sub else "."), ""]
+    lines += ["## Launch", "", "Each seed was run as (from its `config launch:` line):", "", "```bash"]
+    lines += [r["config"]["launch"] for r in runs]
+    lines += ["```", "", "## Results", "",
+              "| seed | val_loss | val_bpb | pre-export val_bpb | artifact bytes | steps | ms/step | train time (s) |",
+              "|---|---|---|---|---|---|---|---|"]
+    for r in runs:
+        ev = r["events"]
+        lines.append(f"| {r['seed']} | {ev['final_roundtrip']['val_loss']:.8f} | {ev['final_roundtrip']['val_bpb']:.8f} | "
+                     f"{pre_export_bpb(ev):.8f} | {ev['artifact']['artifact_bytes']:,} | {ev['train_done']['steps']} | "
+                     f"{ev['train_done']['step_avg_ms']:.2f} | {ev['train_done']['train_time_ms'] / 1000:.1f} |")
+    if "num_experts" in sub:
+        lines += ["", "## Mixture of experts", "",
+                  f"Mode `{sub['mlp_mode']}`, router `{sub['router']}`, {sub['num_experts']} experts, top-{sub['top_k']}, "
+                  f"MoE layers {config['moe_layers']}; {sub['active_params']:,} parameters active per token of "
+                  f"{sub['total_params']:,}.", "",
+                  "Expert load at the last training step (share of routed tokens per expert):", "",
+                  "| seed | layer | max / mean | dead experts | load |", "|---|---|---|---|---|"]
+        for r in runs:
+            for layer in r["events"]["moe_load"]:
+                lines.append(f"| {r['seed']} | {layer['layer']} | {layer['max_over_mean']:.3f} | {layer['dead']} | "
+                             + " ".join(f"{x:.3f}" for x in layer["load"]) + " |")
+    lines += ["", "## Configuration", "", "```"]
+    lines += [f"{k}:{v}" for k, v in config.items() if k not in PER_RUN_CONFIG]
+    lines += ["```", "", "Files: `train_moe.py` exactly as run (byte-identical to the source at the top of each log), "
+              "and each seed's `<RUN_ID>.txt` / `<RUN_ID>.jsonl` log.", ""]
+    return "\n".join(lines)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", nargs="+", required=True, help="logs/<RUN_ID>.txt paths or RUN_IDs, one per seed")
+    parser.add_argument("--track", required=True, choices=sorted(TRACK_LIMIT_MS))
+    parser.add_argument("--name", required=True, help="record name; also names the folder")
+    parser.add_argument("--author", required=True)
+    parser.add_argument("--github-id", required=True)
+    parser.add_argument("--blurb", required=True, help="one or two sentences: what and why")
+    parser.add_argument("--baseline-loss", type=float, nargs="+", help="per-seed val_loss of the record to beat")
+    parser.add_argument("--baseline-bpb", type=float, nargs="+", help="per-seed val_bpb of the record to beat")
+    args = parser.parse_args()
+
+    runs = [load_run(run, args.track) for run in args.runs]
+    runs.sort(key=lambda r: r["seed"])
+    if len({r["seed"] for r in runs}) != len(runs):
+        sys.exit("make_record: the same seed is given twice")
+    first = runs[0]
+    for r in runs[1:]:
+        if r["source"] != first["source"]:
+            sys.exit(f"make_record: {r['text_path']} and {first['text_path']} ran different train_moe.py sources")
+        differing = [k for k in set(r["config"]) | set(first["config"])
+                     if k not in PER_RUN_CONFIG and r["config"].get(k) != first["config"].get(k)]
+        if differing:
+            sys.exit(f"make_record: {r['text_path']} and {first['text_path']} differ in {', '.join(sorted(differing))}")
+
+    sub = submission(runs, args, len(first["source"]))
+    folder = Path("records") / args.track / f"{sub['date']}_{re.sub(r'[^A-Za-z0-9._-]+', '_', args.name).strip('_')}"
+    if folder.exists():
+        sys.exit(f"make_record: {folder} already exists; not overwriting a record")
+    folder.mkdir(parents=True)
+    (folder / "train_moe.py").write_bytes(first["source"])
+    for r in runs:
+        shutil.copyfile(r["text_path"], folder / r["text_path"].name)
+        shutil.copyfile(r["jsonl_path"], folder / r["jsonl_path"].name)
+    (folder / "submission.json").write_text(json.dumps(sub, indent=2) + "\n", encoding="utf-8")
+    (folder / "README.md").write_text(readme(runs, sub), encoding="utf-8")
+    print(f"wrote {folder}: val_bpb {sub['val_bpb']:.8f} over seeds {sub['seeds']}, {sub['bytes_total']:,} bytes")
+
+
+if __name__ == "__main__":
+    main()
