@@ -149,6 +149,8 @@ class Hyperparameters:
         self.moe_aux_coef = get.number("MOE_AUX_COEF", 0.01, 0.0)
         self.router_z_coef = get.number("ROUTER_Z_COEF", 0.001, 0.0)
         self.router_bias_rate = get.number("ROUTER_BIAS_RATE", 0.001, 0.0)
+        # A layer is reported collapsing when its least-used expert gets less than this share of a fair load.
+        self.router_alert_min_load = get.number("ROUTER_ALERT_MIN_LOAD", 0.1, 0.0, 1.0)
         self.tie_embeddings = get.flag("TIE_EMBEDDINGS", 1)
         self.rope_base = get.number("ROPE_BASE", 10000.0, 1.0)
         self.logit_softcap = get.number("LOGIT_SOFTCAP", 30.0, 0.0)
@@ -736,12 +738,15 @@ class MoEMLP(nn.Module):
             self.shared = FeedForward(cfg.model_dim, cfg.shared_hidden, cfg.expert_act)
             if cfg.shared_gate:  # Qwen2-MoE: y = routed + sigmoid(w_s . x) * shared(x)
                 self.shared_gate = nn.Parameter(torch.zeros(1, cfg.model_dim))
-        # Token-slots (or gate mass, for soft) per expert since the last reset: balancing and telemetry read it.
+        # This step's routing, reset before each step (balancing and telemetry read it): token-slots (gate mass for
+        # soft) and summed router probabilities per expert, then [token entropy sum, tokens, aux, z-loss, calls].
         self.register_buffer("expert_load", torch.zeros(cfg.num_experts), persistent=False)
+        self.register_buffer("importance", torch.zeros(cfg.num_experts), persistent=False)
+        self.register_buffer("router_sums", torch.zeros(5), persistent=False)
 
     def route(self, x: Tensor, ids: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """x [N, D] -> (expert ids [N, K], fp32 weights [N, K], slots per expert [E], auxiliary loss)."""
-        aux = x.new_zeros((), dtype=torch.float32)
+        switch = z_loss = probs = x.new_zeros((), dtype=torch.float32)
         if self.router_kind == "hash":
             idx = self.hash_table[ids]
             weights = torch.full(idx.shape, 1.0 / self.top_k, device=x.device)
@@ -758,23 +763,34 @@ class MoEMLP(nn.Module):
                 weights = scores.gather(-1, idx)
                 if self.norm_topk_prob:
                     weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+                probs = scores / scores.sum(dim=-1, keepdim=True)  # for telemetry only
         counts = torch.zeros(self.num_experts, device=x.device).scatter_add_(0, idx.flatten(), torch.ones(idx.numel(), device=x.device))
         if self.router_kind == "softmax":
             # Switch: E * sum_i f_i * P_i with f the slot fractions (summing to 1), so 1 at perfect balance.
-            aux = self.aux_coef * self.num_experts * (counts / idx.numel() * probs.mean(0)).sum()
-            aux = aux + self.z_coef * logits.logsumexp(dim=-1).square().mean()
-        return idx, weights, counts, aux
+            switch = self.aux_coef * self.num_experts * (counts / idx.numel() * probs.mean(0)).sum()
+            z_loss = self.z_coef * logits.logsumexp(dim=-1).square().mean()
+        self.record_routing(counts, probs, switch, z_loss, len(x))
+        return idx, weights, counts, switch + z_loss
+
+    @torch.no_grad()
+    def record_routing(self, load: Tensor, probs: Tensor, switch: Tensor, z_loss: Tensor, tokens: int) -> None:
+        self.expert_load += load
+        entropy = torch.zeros_like(switch)
+        if probs.ndim:  # hash routing has no probabilities
+            self.importance += probs.sum(0)
+            entropy = -(probs * probs.clamp_min(1e-12).log()).sum()
+        self.router_sums += torch.stack([entropy, torch.full_like(switch, tokens), switch, z_loss, torch.ones_like(switch)])
 
     def forward(self, x: Tensor, ids: Tensor) -> tuple[Tensor, Tensor]:
         flat = x.reshape(-1, x.size(-1))
         if self.mode == "soft":
             logits = flat.float() @ self.router.float().T
             gates = logits.softmax(dim=-1)
-            self.expert_load += gates.detach().sum(0)
+            z_loss = self.z_coef * logits.logsumexp(dim=-1).square().mean()
+            self.record_routing(gates.sum(0), gates, torch.zeros_like(z_loss), z_loss, len(flat))
             y = self.experts.dense(flat, gates)
-            return y.to(x.dtype).view_as(x), self.z_coef * logits.logsumexp(dim=-1).square().mean()
+            return y.to(x.dtype).view_as(x), z_loss
         idx, weights, counts, aux = self.route(flat, ids.reshape(-1))
-        self.expert_load += counts
         y = (self.experts.grouped(flat, idx, counts).float() * weights[..., None]).sum(dim=1)
         if self.mode == "shared_routed":
             shared, _ = self.shared(flat)
@@ -923,6 +939,62 @@ class EMA:
             p.copy_(s)
 
 
+def router_stats(load: list[float], importance: list[float], sums: list[float], bias: list[float] | None) -> dict:
+    """Collapse telemetry of one layer over a window of steps, from its summed buffers (see MoEMLP)."""
+    entropy_sum, tokens, switch, z_loss, calls = sums
+    total = sum(load) or 1.0
+    fractions = [x / total for x in load]
+    mean = 1 / len(fractions)
+    has_probs = any(importance)
+    return dict(
+        load=fractions, importance=[x / tokens for x in importance] if has_probs else None,
+        load_entropy=-sum(f * math.log(f) for f in fractions if f > 0),
+        token_entropy=entropy_sum / tokens if has_probs else None,
+        max_over_mean=max(fractions) / mean, min_over_mean=min(fractions) / mean,
+        maxvio=max(fractions) / mean - 1, dead=sum(x == 0 for x in load),
+        aux=switch / max(calls, 1), z=z_loss / max(calls, 1),
+        bias_min=min(bias) if bias else None, bias_max=max(bias) if bias else None)
+
+
+class RouterTelemetry:
+    """Per-layer routing statistics summed on the device after every step; read (one host sync) only when
+    logged. A `router_alert` line marks a layer whose least-used expert falls under ROUTER_ALERT_MIN_LOAD of a
+    fair share, once per episode: it re-arms when the layer recovers."""
+
+    def __init__(self, model: nn.Module, threshold: float):
+        self.layers = [(i, b.mlp) for i, b in enumerate(model.blocks) if isinstance(b.mlp, MoEMLP)]
+        self.threshold, self.alerting = threshold, set()
+        self.window = [torch.zeros(2 * m.num_experts + 5, device=m.expert_load.device) for _, m in self.layers]
+
+    def accumulate(self):
+        for window, (_, m) in zip(self.window, self.layers):
+            window += torch.cat([m.expert_load, m.importance, m.router_sums])
+
+    def report(self, log: "RunLog", step: int):
+        if not self.layers:
+            return
+        windows = torch.stack(self.window)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(windows)
+        rows = windows.tolist()
+        summary = []
+        for (layer, m), row in zip(self.layers, rows):
+            e = m.num_experts
+            bias = m.router_bias.tolist() if hasattr(m, "router_bias") else None
+            stats = router_stats(row[:e], row[e : 2 * e], row[2 * e :], bias)
+            log.record("router", step=step, layer=layer, **stats)
+            summary.append(stats)
+            if stats["min_over_mean"] < self.threshold and layer not in self.alerting:
+                self.alerting.add(layer)
+                log.metrics("router_alert", step=step, layer=layer, min_over_mean=stats["min_over_mean"],
+                            dead=stats["dead"], max_over_mean=stats["max_over_mean"])
+            elif stats["min_over_mean"] >= self.threshold:
+                self.alerting.discard(layer)
+        log.metrics("router_summary", step=step, **{k: [s[k] for s in summary] for k in ("maxvio", "min_over_mean", "dead", "load_entropy")})
+        for window in self.window:
+            window.zero_()
+
+
 # -----------------------------------------------------------------------------
 # TRAINING
 # -----------------------------------------------------------------------------
@@ -964,14 +1036,25 @@ class RunLog:
             self.text_file.flush()
 
     def metrics(self, event: str, **values):
+        """A key:value line in the text log and on stdout, and the same as a JSON line (and wandb)."""
+        if self.master:
+            self.text(f"{event} " + " ".join(f"{k}:{_show(k, v)}" for k, v in values.items()))
+            self.record(event, **values)
+
+    def record(self, event: str, **values):
+        """JSON line (and wandb) only: for per-expert vectors too long for a readable text line."""
         if not self.master:
             return
-        shown = " ".join(f"{k}:{_show(k, v)}" for k, v in values.items())
-        self.text(f"{event} {shown}")
         self.json_file.write(json.dumps({"event": event, "time": time.time(), **values}) + "\n")
         self.json_file.flush()
         if self.wandb is not None:
-            numbers = {f"{event}/{k}": v for k, v in values.items() if isinstance(v, (int, float)) and k != "step"}
+            prefix = f"{event}/layer{values['layer']}/" if "layer" in values else f"{event}/"
+            numbers = {}
+            for k, v in values.items():
+                if isinstance(v, list):  # per-expert vectors: one chart line per expert
+                    numbers.update({f"{prefix}{k}/{j}": x for j, x in enumerate(v)})
+                elif isinstance(v, (int, float)) and k not in ("step", "layer"):
+                    numbers[prefix + k] = v
             self.wandb.log(numbers, step=values.get("step"))
 
     def close(self):
@@ -1117,6 +1200,7 @@ def train(cfg: Hyperparameters, sp: spm.SentencePieceProcessor):
 
     loader = DistributedTokenLoader(cfg, device)
     ema = EMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
+    telemetry = RouterTelemetry(model, cfg.router_alert_min_load)
     train_ms, step, stop_at = 0.0, 0, None
     synchronize(device)
     t0 = time.perf_counter()
@@ -1136,6 +1220,7 @@ def train(cfg: Hyperparameters, sp: spm.SentencePieceProcessor):
         scale = lr_scale(cfg, step, elapsed_ms)
         set_schedule(step, scale)
         train_loss = train_step(loader)
+        telemetry.accumulate()
         if ema is not None:
             ema.update()
         step += 1
@@ -1145,6 +1230,7 @@ def train(cfg: Hyperparameters, sp: spm.SentencePieceProcessor):
                 dist.all_reduce(train_loss, op=dist.ReduceOp.AVG)
             log.metrics("train", step=step, train_loss=train_loss.item(), lr_scale=scale, train_time_ms=round(elapsed_ms),
                         step_avg_ms=elapsed_ms / step, tokens_per_s=round(step * cfg.train_batch_tokens / (elapsed_ms / 1000)))
+            telemetry.report(log, step)
         reached_cap = cfg.max_wallclock_seconds > 0 and elapsed_ms >= 1000 * cfg.max_wallclock_seconds
         if distributed and cfg.max_wallclock_seconds > 0:
             # Every rank must stop at the same step or the next collective deadlocks.
@@ -1162,14 +1248,8 @@ def train(cfg: Hyperparameters, sp: spm.SentencePieceProcessor):
                 data_passes=stream.tokens_read / stream.total_tokens,
                 peak_memory_mib=round(torch.cuda.max_memory_allocated(device) / 2**20) if device.type == "cuda" else 0)
 
-    # Routing balance of the last step, per MoE layer, over the global batch.
-    for layer, block in enumerate(model.blocks):
-        if isinstance(block.mlp, MoEMLP):
-            load = block.mlp.expert_load.clone()
-            if distributed:
-                dist.all_reduce(load)
-            load = (load / load.sum()).tolist()
-            log.metrics("moe_load", layer=layer, max_over_mean=max(load) * len(load), dead=sum(x == 0 for x in load), load=load)
+    if step % cfg.train_log_every and step > 10 and step != cfg.iterations:
+        telemetry.report(log, step)  # the steps since the last report, so the final balance is always logged
 
     def final_eval(event: str, losses_fn):
         t = time.perf_counter()

@@ -49,14 +49,16 @@ def split_log(text_log: bytes) -> tuple[bytes, str, dict]:
 
 
 def read_events(jsonl_path: Path) -> dict:
-    """Events of a logs/<RUN_ID>.jsonl by name; the last one wins, except moe_load, kept as a list (one per layer)."""
-    events = {"moe_load": []}
+    """Events of a logs/<RUN_ID>.jsonl by name; the last one wins, except `router`, whose last report per MoE layer
+    is kept under "router_final" as a list ordered by layer."""
+    events, last_router = {}, {}
     for line in jsonl_path.read_text(encoding="utf-8").splitlines():
         record = json.loads(line)
-        if record["event"] == "moe_load":
-            events["moe_load"].append(record)
+        if record["event"] == "router":
+            last_router[record["layer"]] = record
         else:
             events[record["event"]] = record
+    events["router_final"] = [last_router[layer] for layer in sorted(last_router)]
     return events
 
 
@@ -209,10 +211,10 @@ def readme(runs: list[dict], sub: dict) -> str:
                   f"Mode `{sub['mlp_mode']}`, router `{sub['router']}`, {sub['num_experts']} experts, top-{sub['top_k']}, "
                   f"MoE layers {config['moe_layers']}; {sub['active_params']:,} parameters active per token of "
                   f"{sub['total_params']:,}.", "",
-                  "Expert load at the last training step (share of routed tokens per expert):", "",
+                  "Expert load over the last logged window of training (share of routed tokens per expert):", "",
                   "| seed | layer | max / mean | dead experts | load |", "|---|---|---|---|---|"]
         for r in runs:
-            for layer in r["events"]["moe_load"]:
+            for layer in r["events"]["router_final"]:
                 lines.append(f"| {r['seed']} | {layer['layer']} | {layer['max_over_mean']:.3f} | {layer['dead']} | "
                              + " ".join(f"{x:.3f}" for x in layer["load"]) + " |")
     lines += ["", "## Configuration", "", "```"]

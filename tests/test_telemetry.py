@@ -1,0 +1,111 @@
+"""Router-collapse telemetry of train_moe.py: the statistics, their accumulation, the alert, and whole runs."""
+import json
+import math
+
+import pytest
+import torch
+
+import train_moe as tm
+from conftest import run_trainer, tiny_env
+from test_moe import SMALL
+
+
+def test_stats_of_a_uniform_routing():
+    s = tm.router_stats([25.0] * 4, [10.0] * 4, [4 * math.log(4) * 10, 40.0, 0.3, 0.1, 2.0], None)
+    assert s["load"] == [0.25] * 4 and s["importance"] == [0.25] * 4
+    assert s["load_entropy"] == pytest.approx(math.log(4)) and s["token_entropy"] == pytest.approx(math.log(4))
+    assert (s["max_over_mean"], s["min_over_mean"], s["maxvio"], s["dead"]) == (1.0, 1.0, 0.0, 0)
+    assert s["aux"] == pytest.approx(0.15) and s["z"] == pytest.approx(0.05)  # per forward call
+    assert s["bias_min"] is None
+
+
+def test_stats_of_a_collapsed_routing():
+    s = tm.router_stats([100.0, 0.0, 0.0, 0.0], [97.0, 1.0, 1.0, 1.0], [0.5, 100.0, 0.0, 0.0, 1.0], [0.5, -0.1, 0.0, 0.2])
+    assert s["load"] == [1.0, 0.0, 0.0, 0.0] and s["importance"] == [0.97, 0.01, 0.01, 0.01]
+    assert s["load_entropy"] == 0.0 and s["token_entropy"] == pytest.approx(0.005)
+    assert (s["max_over_mean"], s["min_over_mean"], s["maxvio"], s["dead"]) == (4.0, 0.0, 3.0, 3)
+    assert (s["bias_min"], s["bias_max"]) == (-0.1, 0.5)
+
+
+def test_stats_with_one_dead_expert_and_hash_routing():
+    s = tm.router_stats([30.0, 30.0, 40.0, 0.0], [0.0] * 4, [0.0, 50.0, 0.0, 0.0, 1.0], None)
+    want_entropy = -(2 * 0.3 * math.log(0.3) + 0.4 * math.log(0.4))
+    assert s["load_entropy"] == pytest.approx(want_entropy)
+    assert s["dead"] == 1 and s["min_over_mean"] == 0.0 and s["max_over_mean"] == pytest.approx(1.6)
+    assert s["importance"] is None and s["token_entropy"] is None  # hash routing has no probabilities
+
+
+class FakeLog:
+    def __init__(self):
+        self.events = []
+
+    def record(self, event, **values):
+        self.events.append((event, values))
+
+    metrics = record
+
+
+def test_telemetry_sums_steps_on_device_and_reports_each_layer():
+    cfg = tm.Hyperparameters({**SMALL, "MLP_MODE": "sparse", "MOE_LAYERS": "1"})
+    model = tm.GPT(cfg)
+    telemetry = tm.RouterTelemetry(model, threshold=0.1)
+    mlp = model.blocks[1].mlp
+    loads = []
+    for seed in range(2):
+        mlp.expert_load.zero_(), mlp.importance.zero_(), mlp.router_sums.zero_()
+        ids = torch.randint(0, 64, (2, 17), generator=torch.Generator().manual_seed(seed))
+        model(ids[:, :-1], ids[:, 1:])
+        loads.append(mlp.expert_load.clone())
+        telemetry.accumulate()
+    log = FakeLog()
+    telemetry.report(log, step=2)
+    (router,) = [v for e, v in log.events if e == "router"]
+    total = loads[0] + loads[1]
+    assert router["layer"] == 1 and router["step"] == 2
+    assert router["load"] == pytest.approx((total / total.sum()).tolist())
+    assert sum(router["importance"]) == pytest.approx(1.0)
+    assert 0 < router["token_entropy"] <= math.log(4) + 1e-6
+    assert all(w.abs().sum() == 0 for w in telemetry.window)  # the window restarts after a report
+
+
+def test_alert_once_per_episode():
+    cfg = tm.Hyperparameters({**SMALL, "MLP_MODE": "sparse"})
+    telemetry = tm.RouterTelemetry(tm.GPT(cfg), threshold=0.1)
+    collapsed = torch.tensor([64.0, 0.0, 0.0, 64.0] + [0.0] * 9)
+    balanced = torch.tensor([32.0] * 4 + [0.0] * 9)
+    log = FakeLog()
+    for step, window in enumerate([collapsed, collapsed, balanced, collapsed], start=1):
+        for w in telemetry.window:
+            w.copy_(window)
+        telemetry.report(log, step)
+    alerts = [(v["step"], v["layer"]) for e, v in log.events if e == "router_alert"]
+    assert alerts == [(1, 0), (1, 1), (4, 0), (4, 1)]
+
+
+@pytest.fixture(scope="module")
+def balancing_runs(tiny_data, tmp_path_factory):
+    """The same sigmoid-routed model with a router LR high enough to collapse: balancing off, then hash routing."""
+    cwd = tmp_path_factory.mktemp("balancing")
+    common = dict(MLP_MODE="sparse", NUM_EXPERTS=8, ITERATIONS=40, TRAIN_LOG_EVERY=10, ROUTER_LR=0.3, EMA_DECAY=0)
+    runs = {"off": dict(ROUTER="sigmoid", ROUTER_BIAS_RATE=0), "hash": dict(ROUTER="hash")}
+    events = {}
+    for name, overrides in runs.items():
+        result = run_trainer(cwd, tiny_env(tiny_data, RUN_ID=name, **common, **overrides))
+        assert result.returncode == 0, result.stderr[-3000:]
+        events[name] = [json.loads(line) for line in (cwd / "logs" / f"{name}.jsonl").read_text().splitlines()]
+    return events
+
+
+def test_alert_fires_in_a_collapsing_run_and_not_in_a_balanced_one(balancing_runs):
+    alerts = [(e["step"], e["layer"]) for e in balancing_runs["off"] if e["event"] == "router_alert"]
+    # Exactly one alert per episode: at each report that enters collapse, none while it lasts.
+    collapsed, entries = set(), []
+    for e in balancing_runs["off"]:
+        if e["event"] == "router":
+            if e["min_over_mean"] < 0.1 and e["layer"] not in collapsed:
+                entries.append((e["step"], e["layer"]))
+            (collapsed.add if e["min_over_mean"] < 0.1 else collapsed.discard)(e["layer"])
+    assert alerts == entries and collapsed  # and the run ends collapsed
+    assert not [e for e in balancing_runs["hash"] if e["event"] == "router_alert"]
+    last = {e["layer"]: e for e in balancing_runs["hash"] if e["event"] == "router"}
+    assert all(e["min_over_mean"] > 0.5 and e["step"] == 40 for e in last.values())
