@@ -772,6 +772,10 @@ class MoEMLP(nn.Module):
         self.record_routing(counts, probs, switch, z_loss, len(x))
         return idx, weights, counts, switch + z_loss
 
+    def reset_routing(self) -> None:
+        for buffer in (self.expert_load, self.importance, self.router_sums):
+            buffer.zero_()
+
     @torch.no_grad()
     def record_routing(self, load: Tensor, probs: Tensor, switch: Tensor, z_loss: Tensor, tokens: int) -> None:
         self.expert_load += load
@@ -1156,7 +1160,7 @@ def train(cfg: Hyperparameters, sp: spm.SentencePieceProcessor):
 
     def train_step(loader) -> Tensor:
         for m in moe_mlps:
-            m.expert_load.zero_()
+            m.reset_routing()
         total = torch.zeros((), device=device)
         for micro in range(cfg.grad_accum_steps):
             if distributed:

@@ -52,7 +52,7 @@ def test_telemetry_sums_steps_on_device_and_reports_each_layer():
     mlp = model.blocks[1].mlp
     loads = []
     for seed in range(2):
-        mlp.expert_load.zero_(), mlp.importance.zero_(), mlp.router_sums.zero_()
+        mlp.reset_routing()
         ids = torch.randint(0, 64, (2, 17), generator=torch.Generator().manual_seed(seed))
         model(ids[:, :-1], ids[:, 1:])
         loads.append(mlp.expert_load.clone())
