@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import sentencepiece as spm
 import torch
+import torch._inductor.config
 import torch.distributed as dist
 import torch.nn.functional as F
 import zstandard
@@ -151,6 +152,7 @@ class Hyperparameters:
         self.router_bias_rate = get.number("ROUTER_BIAS_RATE", 0.001, 0.0)
         # A layer is reported collapsing when its least-used expert gets less than this share of a fair load.
         self.router_alert_min_load = get.number("ROUTER_ALERT_MIN_LOAD", 0.1, 0.0, 1.0)
+        self.router_alert_patience = get.integer("ROUTER_ALERT_PATIENCE", 50, 0)  # steps under it before alerting
         self.tie_embeddings = get.flag("TIE_EMBEDDINGS", 1)
         self.rope_base = get.number("ROPE_BASE", 10000.0, 1.0)
         self.logit_softcap = get.number("LOGIT_SOFTCAP", 30.0, 0.0)
@@ -671,6 +673,39 @@ class Permute(torch.autograd.Function):
         return grad[inverse], None, None
 
 
+class GroupedMatmul(torch.autograd.Function):
+    """Rows sorted by expert times their expert's weight: x [S, in], w [E, out, in] -> [S, out]. A weight gradient
+    computed per expert parallelises only over that expert's output tiles, so one overloaded expert serialises it:
+    in the step profile it ran 2-3.5x slower at early training's imbalance than at a balanced load. It is computed
+    instead over groups cut at every expert boundary and at fixed row chunks, then summed per expert."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, w: Tensor, offsets: Tensor, cuts: Tensor, cut_expert: Tensor) -> Tensor:
+        ctx.save_for_backward(x, w, offsets, cuts, cut_expert)
+        return torch._grouped_mm(x, w.mT, offs=offsets)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x, w, offsets, cuts, cut_expert = ctx.saved_tensors
+        grad = grad.contiguous()
+        grad_x = torch._grouped_mm(grad, w, offs=offsets)
+        per_group = torch._grouped_mm(x.mT, grad, offs=cuts).mT  # [groups, out, in]; an empty group gives zeros
+        grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device).index_add_(0, cut_expert, per_group.float())
+        return grad_x, grad_w.to(w.dtype), None, None, None
+
+
+def expert_groups(counts: Tensor, chunks: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Group ends of the expert-sorted rows (int32 [E]), and the finer cuts for the weight gradient (every expert
+    end and every rows/chunks-th row, [E + chunks]) with each cut group's expert."""
+    offsets = counts.cumsum(0).to(torch.int32)
+    rows = offsets[-1:]
+    chunk_ends = torch.arange(1, chunks + 1, device=counts.device, dtype=torch.int32) * rows // chunks
+    cuts = torch.cat([offsets, chunk_ends]).sort().values
+    starts = torch.cat([cuts.new_zeros(1), cuts[:-1]])
+    cut_expert = torch.searchsorted(offsets, starts, right=True).clamp_max(len(counts) - 1)
+    return offsets, cuts, cut_expert
+
+
 class ExpertBank(nn.Module):
     """E experts as two stacked fp32 weights stored [E, out, in]: Muon orthogonalises each expert's matrix on
     its own, export quantizes each expert's rows."""
@@ -689,12 +724,14 @@ class ExpertBank(nn.Module):
         n, k = expert_idx.shape
         order = torch.argsort(expert_idx.flatten(), stable=True)
         inverse = torch.empty_like(order).scatter_(0, order, torch.arange(n * k, device=x.device))
-        offsets = counts.cumsum(0).to(torch.int32)
+        # 2E chunks: even one expert taking every slot spreads its weight gradient over as many groups as a
+        # balanced load gives.
+        groups = expert_groups(counts, 2 * len(counts))
         dtype = matmul_dtype(x)
         slots = x.to(dtype)[:, None, :].expand(n, k, x.size(-1)).reshape(n * k, -1)
-        h = torch._grouped_mm(Permute.apply(slots, order, inverse), self.w_in.to(dtype).mT, offs=offsets)
+        h = GroupedMatmul.apply(Permute.apply(slots, order, inverse), self.w_in.to(dtype), *groups)
         # .to(dtype): autocast runs the square of relu^2 in fp32, and grouped matmuls take one dtype.
-        out = torch._grouped_mm(activate(h, self.act).to(dtype), self.w_out.to(dtype).mT, offs=offsets)
+        out = GroupedMatmul.apply(activate(h, self.act).to(dtype), self.w_out.to(dtype), *groups)
         return Permute.apply(out, inverse, order).view(n, k, -1)
 
     def dense(self, x: Tensor, gates: Tensor) -> Tensor:
@@ -705,6 +742,17 @@ class ExpertBank(nn.Module):
         h = x.to(dtype) @ self.w_in.to(dtype).reshape(e * rows, d).T
         h = activate(h.view(-1, e, rows), self.act) * gates[..., None]
         return h.to(dtype).flatten(1) @ self.w_out.to(dtype).permute(1, 0, 2).reshape(d, -1).T
+
+
+def top_k(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """torch.topk over the last dim as k masked argmax passes: for a few experts these compile to fused
+    reductions, where topk's sort-based kernel took 210 us per call (N=65536, E=8) in the step profile."""
+    picks, masked = [], scores
+    for _ in range(k):
+        picks.append(masked.argmax(dim=-1, keepdim=True))
+        masked = masked.scatter(-1, picks[-1], float("-inf"))
+    idx = torch.cat(picks, dim=-1)
+    return scores.gather(-1, idx), idx
 
 
 def balanced_hash_table(vocab_size: int, num_experts: int, top_k: int, seed: int, layer: int) -> Tensor:
@@ -754,17 +802,18 @@ class MoEMLP(nn.Module):
             logits = x.float() @ self.router.float().T
             if self.router_kind == "softmax":
                 probs = logits.softmax(dim=-1)
-                weights, idx = probs.topk(self.top_k, dim=-1)
+                weights, idx = top_k(probs, self.top_k)
                 if self.norm_topk_prob:
                     weights = weights / weights.sum(dim=-1, keepdim=True)
             else:  # DeepSeek-V3: choose by score + bias, weigh by the unbiased score
                 scores = logits.sigmoid()
-                idx = (scores + self.router_bias).topk(self.top_k, dim=-1).indices
+                _, idx = top_k(scores + self.router_bias, self.top_k)
                 weights = scores.gather(-1, idx)
                 if self.norm_topk_prob:
                     weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
                 probs = scores / scores.sum(dim=-1, keepdim=True)  # for telemetry only
-        counts = torch.zeros(self.num_experts, device=x.device).scatter_add_(0, idx.flatten(), torch.ones(idx.numel(), device=x.device))
+        # A compare-and-sum reduction: scatter_add onto E counters serialises on atomics.
+        counts = (idx.flatten()[:, None] == torch.arange(self.num_experts, device=x.device)).sum(0, dtype=torch.float32)
         if self.router_kind == "softmax":
             # Switch: E * sum_i f_i * P_i with f the slot fractions (summing to 1), so 1 at perfect balance.
             switch = self.aux_coef * self.num_experts * (counts / idx.numel() * probs.mean(0)).sum()
@@ -962,12 +1011,14 @@ def router_stats(load: list[float], importance: list[float], sums: list[float], 
 
 class RouterTelemetry:
     """Per-layer routing statistics summed on the device after every step; read (one host sync) only when
-    logged. A `router_alert` line marks a layer whose least-used expert falls under ROUTER_ALERT_MIN_LOAD of a
-    fair share, once per episode: it re-arms when the layer recovers."""
+    logged. A `router_alert` line marks a layer whose least-used expert has stayed under ROUTER_ALERT_MIN_LOAD of
+    a fair share for ROUTER_ALERT_PATIENCE steps (a random router's first steps are routinely that skewed until
+    balancing catches up), once per episode: it re-arms when the layer recovers."""
 
-    def __init__(self, model: nn.Module, threshold: float):
+    def __init__(self, model: nn.Module, threshold: float, patience: int):
         self.layers = [(i, b.mlp) for i, b in enumerate(model.blocks) if isinstance(b.mlp, MoEMLP)]
-        self.threshold, self.alerting = threshold, set()
+        self.threshold, self.patience = threshold, patience
+        self.below_since, self.alerted, self.last_report = {}, set(), 0
         self.window = [torch.zeros(2 * m.num_experts + 5, device=m.expert_load.device) for _, m in self.layers]
 
     def accumulate(self):
@@ -988,12 +1039,16 @@ class RouterTelemetry:
             stats = router_stats(row[:e], row[e : 2 * e], row[2 * e :], bias)
             log.record("router", step=step, layer=layer, **stats)
             summary.append(stats)
-            if stats["min_over_mean"] < self.threshold and layer not in self.alerting:
-                self.alerting.add(layer)
-                log.metrics("router_alert", step=step, layer=layer, min_over_mean=stats["min_over_mean"],
+            if stats["min_over_mean"] >= self.threshold:
+                self.below_since.pop(layer, None)
+                self.alerted.discard(layer)
+                continue
+            since = self.below_since.setdefault(layer, self.last_report)  # the window is judged as a whole
+            if step - since >= self.patience and layer not in self.alerted:
+                self.alerted.add(layer)
+                log.metrics("router_alert", step=step, layer=layer, below_since=since, min_over_mean=stats["min_over_mean"],
                             dead=stats["dead"], max_over_mean=stats["max_over_mean"])
-            elif stats["min_over_mean"] >= self.threshold:
-                self.alerting.discard(layer)
+        self.last_report = step
         log.metrics("router_summary", step=step, **{k: [s[k] for s in summary] for k in ("maxvio", "min_over_mean", "dead", "load_entropy")})
         for window in self.window:
             window.zero_()
@@ -1012,8 +1067,38 @@ def synchronize(device):
         torch.cuda.synchronize(device)
 
 
+# Inductor's mix-order reduction fuses a norm's backward with the token sums of every gain's gradient; in torch
+# 2.11 the fused kernel ran at ~15% of memory bandwidth, 8 ms per micro-step (16% of the dense step) in the profile.
+torch._inductor.config.triton.mix_order_reduction = False
+
+
 def compiled(fn, cfg: Hyperparameters):
     return torch.compile(fn, dynamic=False, fullgraph=True) if cfg.compile else fn
+
+
+def train_step(cfg: Hyperparameters, model: GPT, train_model: nn.Module, optimizers: list, loader) -> Tensor:
+    """One optimizer step over GRAD_ACCUM micro-batches (train_model: the compiled and/or DDP-wrapped model).
+    Returns the mean loss on the device: nothing here waits for the GPU."""
+    distributed = isinstance(train_model, DDP)
+    for m in model.modules():
+        if isinstance(m, MoEMLP):
+            m.reset_routing()
+    total = torch.zeros((), device=model.tok_emb.weight.device)
+    for micro in range(cfg.grad_accum_steps):
+        if distributed:
+            train_model.require_backward_grad_sync = micro == cfg.grad_accum_steps - 1
+        x, y = loader.next_batch()
+        with autocast(x.device):
+            loss = train_model(x, y)
+        (loss / cfg.grad_accum_steps).backward()
+        total += loss.detach()
+    if cfg.grad_clip_norm > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip_norm)
+    for opt in optimizers:
+        opt.step()
+    model.zero_grad(set_to_none=True)
+    balance_router_biases(model, cfg.router_bias_rate)
+    return total / cfg.grad_accum_steps
 
 
 class RunLog:
@@ -1156,28 +1241,6 @@ def train(cfg: Hyperparameters, sp: spm.SentencePieceProcessor):
                 muon_matrices=len(muon_params(model)), val_tokens=val_tokens.numel() - 1, world_size=cfg.world_size,
                 grad_accum_steps=cfg.grad_accum_steps)
 
-    moe_mlps = [m for m in model.modules() if isinstance(m, MoEMLP)]
-
-    def train_step(loader) -> Tensor:
-        for m in moe_mlps:
-            m.reset_routing()
-        total = torch.zeros((), device=device)
-        for micro in range(cfg.grad_accum_steps):
-            if distributed:
-                train_model.require_backward_grad_sync = micro == cfg.grad_accum_steps - 1
-            x, y = loader.next_batch()
-            with autocast(device):
-                loss = train_model(x, y)
-            (loss / cfg.grad_accum_steps).backward()
-            total += loss.detach()
-        if cfg.grad_clip_norm > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip_norm)
-        for opt in optimizers:
-            opt.step()
-        model.zero_grad(set_to_none=True)
-        balance_router_biases(model, cfg.router_bias_rate)
-        return total / cfg.grad_accum_steps
-
     def set_schedule(step: int, scale: float):
         frac = min(step / cfg.muon_momentum_warmup_steps, 1.0) if cfg.muon_momentum_warmup_steps else 1.0
         for group in optimizers[1].param_groups:
@@ -1195,7 +1258,7 @@ def train(cfg: Hyperparameters, sp: spm.SentencePieceProcessor):
         warmup_loader = DistributedTokenLoader(cfg, device)
         for _ in range(cfg.warmup_steps):
             set_schedule(0, 1.0)
-            train_step(warmup_loader)
+            train_step(cfg, model, train_model, optimizers, warmup_loader)
         model.load_state_dict(initial_model)
         for opt, state in zip(optimizers, initial_opts):
             opt.load_state_dict(state)
@@ -1204,7 +1267,7 @@ def train(cfg: Hyperparameters, sp: spm.SentencePieceProcessor):
 
     loader = DistributedTokenLoader(cfg, device)
     ema = EMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
-    telemetry = RouterTelemetry(model, cfg.router_alert_min_load)
+    telemetry = RouterTelemetry(model, cfg.router_alert_min_load, cfg.router_alert_patience)
     train_ms, step, stop_at = 0.0, 0, None
     synchronize(device)
     t0 = time.perf_counter()
@@ -1223,7 +1286,7 @@ def train(cfg: Hyperparameters, sp: spm.SentencePieceProcessor):
         elapsed_ms = train_ms + 1000 * (time.perf_counter() - t0)
         scale = lr_scale(cfg, step, elapsed_ms)
         set_schedule(step, scale)
-        train_loss = train_step(loader)
+        train_loss = train_step(cfg, model, train_model, optimizers, loader)
         telemetry.accumulate()
         if ema is not None:
             ema.update()

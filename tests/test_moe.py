@@ -59,6 +59,37 @@ def test_grouped_dispatch_matches_per_expert_loop_with_an_empty_expert(act):
     assert torch.equal(grads[1][4], torch.zeros_like(grads[1][4])) and torch.equal(grads[2][4], torch.zeros_like(grads[2][4]))
 
 
+def test_weight_gradient_groups_cut_experts_at_chunk_boundaries():
+    # Rows 0-9 go to expert 1 and rows 10-11 to expert 2; 3 chunks end at rows 4, 8 and 12.
+    offsets, cuts, cut_expert = tm.expert_groups(torch.tensor([0.0, 10.0, 2.0, 0.0]), chunks=3)
+    assert offsets.tolist() == [0, 10, 12, 12] and offsets.dtype == torch.int32
+    assert cuts.tolist() == [0, 4, 8, 10, 12, 12, 12]
+    assert cut_expert.tolist() == [1, 1, 1, 1, 2, 3, 3]  # empty groups may name any expert: they add zeros
+
+
+def test_grouped_gradients_when_one_expert_takes_every_slot():
+    torch.manual_seed(1)
+    bank = tm.ExpertBank(num_experts=4, dim=16, hidden=8, act="relu2")
+    randomize(bank)
+    x = torch.randn(20, 16)
+    idx = torch.stack([torch.full((20,), 2), torch.full((20,), 0)], dim=1)  # expert 2 first, expert 0 second
+    counts = torch.tensor([20.0, 0.0, 20.0, 0.0])
+    got = bank.grouped(x, idx, counts)
+    grads = torch.autograd.grad(got.square().sum(), [bank.w_in, bank.w_out])
+    ref_grads = torch.autograd.grad(naive_experts(bank, x, idx).square().sum(), [bank.w_in, bank.w_out])
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r)
+        assert g[1].abs().sum() == 0 and g[3].abs().sum() == 0 and g[2].abs().sum() > 0
+
+
+def test_top_k_matches_torch_topk():
+    scores = torch.randn(300, 8)
+    for k in (1, 2, 3, 8):
+        values, idx = tm.top_k(scores, k)
+        want = scores.topk(k, dim=-1)
+        assert torch.equal(idx, want.indices) and torch.equal(values, want.values)
+
+
 def test_soft_mode_is_the_gate_weighted_sum_of_all_experts():
     torch.manual_seed(0)
     layer = tm.MoEMLP(config(MLP_MODE="soft"), 0)

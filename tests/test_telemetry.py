@@ -48,7 +48,7 @@ class FakeLog:
 def test_telemetry_sums_steps_on_device_and_reports_each_layer():
     cfg = tm.Hyperparameters({**SMALL, "MLP_MODE": "sparse", "MOE_LAYERS": "1"})
     model = tm.GPT(cfg)
-    telemetry = tm.RouterTelemetry(model, threshold=0.1)
+    telemetry = tm.RouterTelemetry(model, threshold=0.1, patience=0)
     mlp = model.blocks[1].mlp
     loads = []
     for seed in range(2):
@@ -68,25 +68,44 @@ def test_telemetry_sums_steps_on_device_and_reports_each_layer():
     assert all(w.abs().sum() == 0 for w in telemetry.window)  # the window restarts after a report
 
 
-def test_alert_once_per_episode():
+def alerts_for(windows: list, patience: int, steps: list) -> list:
     cfg = tm.Hyperparameters({**SMALL, "MLP_MODE": "sparse"})
-    telemetry = tm.RouterTelemetry(tm.GPT(cfg), threshold=0.1)
-    collapsed = torch.tensor([64.0, 0.0, 0.0, 64.0] + [0.0] * 9)
-    balanced = torch.tensor([32.0] * 4 + [0.0] * 9)
+    telemetry = tm.RouterTelemetry(tm.GPT(cfg), threshold=0.1, patience=patience)
     log = FakeLog()
-    for step, window in enumerate([collapsed, collapsed, balanced, collapsed], start=1):
+    for step, window in zip(steps, windows):
         for w in telemetry.window:
             w.copy_(window)
         telemetry.report(log, step)
-    alerts = [(v["step"], v["layer"]) for e, v in log.events if e == "router_alert"]
-    assert alerts == [(1, 0), (1, 1), (4, 0), (4, 1)]
+    return [(v["step"], v["layer"], v["below_since"]) for e, v in log.events if e == "router_alert"]
+
+
+COLLAPSED = torch.tensor([64.0, 0.0, 0.0, 64.0] + [0.0] * 9)
+BALANCED = torch.tensor([32.0] * 4 + [0.0] * 9)
+
+
+def test_alert_once_per_episode():
+    windows = [COLLAPSED, COLLAPSED, BALANCED, COLLAPSED]
+    assert alerts_for(windows, 0, [1, 2, 3, 4]) == [(1, 0, 0), (1, 1, 0), (4, 0, 3), (4, 1, 3)]
+
+
+def test_alert_waits_for_the_collapse_to_persist():
+    # Reports every 10 steps: an episode counts from the start of its first collapsed window.
+    windows = [COLLAPSED, COLLAPSED, BALANCED, COLLAPSED, COLLAPSED, COLLAPSED]
+    steps = [10, 20, 30, 40, 50, 60]
+    assert alerts_for(windows, 20, steps) == [(20, 0, 0), (20, 1, 0), (50, 0, 30), (50, 1, 30)]
+    assert alerts_for(windows, 30, steps) == [(60, 0, 30), (60, 1, 30)]
+    assert alerts_for(windows, 30, steps[:5]) == []  # neither episode lasted 30 steps
+
+
+PATIENCE = 5
 
 
 @pytest.fixture(scope="module")
 def balancing_runs(tiny_data, tmp_path_factory):
     """The same sigmoid-routed model with a router LR high enough to collapse: balancing off, then hash routing."""
     cwd = tmp_path_factory.mktemp("balancing")
-    common = dict(MLP_MODE="sparse", NUM_EXPERTS=8, ITERATIONS=40, TRAIN_LOG_EVERY=10, ROUTER_LR=0.3, EMA_DECAY=0)
+    common = dict(MLP_MODE="sparse", NUM_EXPERTS=8, ITERATIONS=40, TRAIN_LOG_EVERY=10, ROUTER_LR=0.3, EMA_DECAY=0,
+                  ROUTER_ALERT_PATIENCE=PATIENCE)
     runs = {"off": dict(ROUTER="sigmoid", ROUTER_BIAS_RATE=0), "hash": dict(ROUTER="hash")}
     events = {}
     for name, overrides in runs.items():
@@ -98,14 +117,19 @@ def balancing_runs(tiny_data, tmp_path_factory):
 
 def test_alert_fires_in_a_collapsing_run_and_not_in_a_balanced_one(balancing_runs):
     alerts = [(e["step"], e["layer"]) for e in balancing_runs["off"] if e["event"] == "router_alert"]
-    # Exactly one alert per episode: at each report that enters collapse, none while it lasts.
-    collapsed, entries = set(), []
+    # One alert per episode, at the first report once a layer has been under the threshold for PATIENCE steps.
+    since, alerted, expected, last_step, this_step = {}, set(), [], 0, 0
     for e in balancing_runs["off"]:
-        if e["event"] == "router":
-            if e["min_over_mean"] < 0.1 and e["layer"] not in collapsed:
-                entries.append((e["step"], e["layer"]))
-            (collapsed.add if e["min_over_mean"] < 0.1 else collapsed.discard)(e["layer"])
-    assert alerts == entries and collapsed  # and the run ends collapsed
+        if e["event"] != "router":
+            continue
+        layer, step = e["layer"], e["step"]
+        if step != this_step:
+            last_step, this_step = this_step, step
+        if e["min_over_mean"] >= 0.1:
+            since.pop(layer, None), alerted.discard(layer)
+        elif step - since.setdefault(layer, last_step) >= PATIENCE and layer not in alerted:
+            alerted.add(layer), expected.append((step, layer))
+    assert alerts == expected and alerted  # and the run ends collapsed
     assert not [e for e in balancing_runs["hash"] if e["event"] == "router_alert"]
     last = {e["layer"]: e for e in balancing_runs["hash"] if e["event"] == "router"}
     assert all(e["min_over_mean"] > 0.5 and e["step"] == 40 for e in last.values())

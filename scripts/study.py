@@ -1,0 +1,156 @@
+"""The MoE-against-dense study on one GPU: shards, equal-wallclock runs per configuration and seed, results table.
+
+    python scripts/study.py prepare                       # shards + vocab-1024 tokenizer from ../shared/data, once
+    python scripts/study.py run [--only dense_base sparse_softmax] [--seeds 1337 42] [--wallclock 140]
+    python scripts/study.py commands                      # every run's command line, nothing run
+    python scripts/study.py table [--out docs/study_results.md]
+
+Protocol: validation is the FineWeb sample's first 400 documents, training the rest of it plus the extra corpora;
+every run gets the same MAX_WALLCLOCK_SECONDS (compile warm-up excluded, as in the trainer) and the same global
+batch, scaled from the challenge's 8-GPU 524,288 tokens for one GPU. Runs are sequential, so each has the GPU to
+itself; `run` skips a run whose log already holds a final_roundtrip line, so an interrupted study resumes. The
+table reads logs/study_<config>_s<seed>.jsonl: roundtrip val_bpb (mean and spread over seeds), pre-export (EMA)
+val_bpb, the quantization gap, artifact bytes and status, steps, ms/step, passes over the training tokens, and the
+worst layer's MaxVio and dead experts at the last router report.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED = REPO.parent / "shared" / "data"
+DATA_PATH = "data/datasets/study_sp1024"
+TOKENIZER_PATH = "data/tokenizers/study_1024_bpe.model"
+PREPARE = [sys.executable, "-m", "data.prepare", "--input", str(SHARED / "fineweb_legal_sample.jsonl.zst"),
+           *sorted(str(p) for p in (SHARED / "extra").glob("*.jsonl.zst")), "--val-docs", "400",
+           "--output", DATA_PATH, "--tokenizer-out", TOKENIZER_PATH, "--vocab-size", "1024"]
+
+# Settings every run shares. A quarter of the challenge's global batch: 4 sequences per micro-batch on one GPU.
+COMMON = dict(DATA_PATH=DATA_PATH, TOKENIZER_PATH=TOKENIZER_PATH, TRAIN_BATCH_TOKENS="131072", WARMDOWN_ITERS="250",
+              WARMUP_STEPS="10", VAL_LOSS_EVERY="0", TRAIN_LOG_EVERY="50", MUON_MOMENTUM_WARMUP_STEPS="100")
+# Each configuration: the trainer's env vars on top of COMMON. Every one must end OK on the artifact line: under the
+# cap, bytes spent on experts a token does not use come out of attention's bits and the experts' width.
+MOE_FIT = dict(QUANT_ATTN_BITS="6", QUANT_MLP_BITS="5", QUANT_EXPERT_BITS="5")
+CONFIGS = {
+    "dense_base": {},
+    "dense_wide": dict(MLP_MULT="3", QUANT_ATTN_BITS="6", QUANT_MLP_BITS="5"),
+    "sparse_softmax": dict(MLP_MODE="sparse", ROUTER="softmax", EXPERT_HIDDEN="192", **MOE_FIT),
+    "sparse_sigmoid": dict(MLP_MODE="sparse", ROUTER="sigmoid", EXPERT_HIDDEN="192", **MOE_FIT),
+    "sparse_hash": dict(MLP_MODE="sparse", ROUTER="hash", EXPERT_HIDDEN="192", **MOE_FIT),
+    "shared_routed": dict(MLP_MODE="shared_routed", SHARED_HIDDEN="512", EXPERT_HIDDEN="128", **MOE_FIT),
+    "soft": dict(MLP_MODE="soft"),
+}
+SEEDS = (1337, 42)
+
+
+def run_id(config: str, seed: int) -> str:
+    return f"study_{config}_s{seed}"
+
+
+def run_env(config: str, seed: int, wallclock: float) -> dict:
+    return {**COMMON, **CONFIGS[config], "SEED": str(seed), "RUN_ID": run_id(config, seed),
+            "MAX_WALLCLOCK_SECONDS": str(wallclock)}
+
+
+def command_line(env: dict) -> str:
+    return " ".join(f"{k}={v}" for k, v in env.items()) + " python train_moe.py"
+
+
+def read_events(path: Path) -> dict:
+    """The study's numbers from one run's JSON log: the last value of each event, and the last router reports."""
+    last, routers = {}, {}
+    for line in path.read_text().splitlines():
+        record = json.loads(line)
+        last[record["event"]] = record
+        if record["event"] == "router":
+            routers[record["layer"]] = record
+    return dict(last=last, routers=routers)
+
+
+def run_row(path: Path) -> dict | None:
+    """One finished run's figures, or None if it never reached its roundtrip score."""
+    events = read_events(path)
+    last = events["last"]
+    if "final_roundtrip" not in last:
+        return None
+    pre = last.get("final_ema", last["final_raw"])
+    routers = events["routers"].values()
+    return dict(roundtrip=last["final_roundtrip"]["val_bpb"], pre_export=pre["val_bpb"],
+                gap=last["final_roundtrip"]["val_bpb"] - pre["val_bpb"], bytes=last["artifact"]["artifact_bytes"],
+                status=last["artifact"]["status"], steps=last["train_done"]["steps"],
+                ms_per_step=last["train_done"]["step_avg_ms"], passes=last["train_done"]["data_passes"],
+                maxvio=max((r["maxvio"] for r in routers), default=None),
+                dead=max((r["dead"] for r in routers), default=None))
+
+
+def summarize(rows: list[dict]) -> dict:
+    """Mean over seeds of every figure; spread = max - min of the roundtrip val_bpb."""
+    scores = [r["roundtrip"] for r in rows]
+    mean = {k: statistics.fmean(r[k] for r in rows) for k in ("roundtrip", "pre_export", "gap", "bytes", "steps",
+                                                             "ms_per_step", "passes")}
+    worst = [r for r in rows if r["maxvio"] is not None]
+    return dict(mean, seeds=len(rows), spread=max(scores) - min(scores), status="OK" if all(r["status"] == "OK" for r in rows) else "OVER",
+                maxvio=max((r["maxvio"] for r in worst), default=None), dead=max((r["dead"] for r in worst), default=None))
+
+
+def results_table(logs: Path, configs=CONFIGS) -> str:
+    header = ("| config | seeds | roundtrip val_bpb | spread | pre-export | quant gap | artifact bytes | steps | ms/step "
+              "| passes | worst MaxVio | worst dead |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
+    lines = [header]
+    summaries = {}
+    for config in configs:
+        rows = [r for r in (run_row(p) for p in sorted(logs.glob(f"study_{config}_s*.jsonl"))) if r]
+        if rows:
+            summaries[config] = summarize(rows)
+    for config, s in sorted(summaries.items(), key=lambda kv: kv[1]["roundtrip"]):
+        router = f"{s['maxvio']:.2f} | {s['dead']}" if s["maxvio"] is not None else "- | -"
+        lines.append(f"| {config} | {s['seeds']} | {s['roundtrip']:.4f} | {s['spread']:.4f} | {s['pre_export']:.4f} | "
+                     f"{s['gap']:+.4f} | {s['bytes']:,.0f} {s['status']} | {s['steps']:.0f} | {s['ms_per_step']:.1f} | "
+                     f"{s['passes']:.2f} | {router} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("action", choices=("prepare", "run", "commands", "table"))
+    parser.add_argument("--only", nargs="+", choices=sorted(CONFIGS), default=list(CONFIGS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS))
+    # On one H100, dense_base made 1.08 passes over the 52.9M training tokens in 80 s: 140 s keeps every run under 2.
+    parser.add_argument("--wallclock", type=float, default=140.0, help="MAX_WALLCLOCK_SECONDS of every run")
+    parser.add_argument("--out", default="", help="table: also write it to this markdown file")
+    args = parser.parse_args(argv)
+    os.chdir(REPO)
+    if args.action == "prepare":
+        return subprocess.run(PREPARE).returncode
+    if args.action == "table":
+        table = results_table(Path("logs"), {c: CONFIGS[c] for c in args.only})
+        print(table)
+        if args.out:
+            Path(args.out).write_text(table + "\n")
+        return 0
+    if args.action == "run" and not Path(DATA_PATH).is_dir():
+        parser.error(f"{DATA_PATH}: no shards; run `python scripts/study.py prepare` first")
+    for config in args.only:
+        for seed in args.seeds:
+            env = run_env(config, seed, args.wallclock)
+            log = Path("logs") / f"{env['RUN_ID']}.jsonl"
+            if args.action == "commands":
+                print(command_line(env))
+            elif log.is_file() and run_row(log):
+                print(f"study skip:{env['RUN_ID']} (finished)", flush=True)
+            else:
+                print(f"study run:{env['RUN_ID']}", flush=True)
+                result = subprocess.run([sys.executable, "train_moe.py"], env={**os.environ, **env})
+                if result.returncode:
+                    print(f"study failed:{env['RUN_ID']} exit:{result.returncode}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
