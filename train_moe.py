@@ -1072,6 +1072,22 @@ def synchronize(device):
 torch._inductor.config.triton.mix_order_reduction = False
 
 
+def init_device(cfg: Hyperparameters) -> tuple[torch.device, bool]:
+    """This rank's device (TF32 matmuls on GPUs, a share of the cores on CPUs), and the process group when
+    launched by torchrun. Returns (device, distributed)."""
+    distributed = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    device = torch.device("cuda", cfg.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    else:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // cfg.world_size))
+    if distributed:
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
+    return device, distributed
+
+
 def compiled(fn, cfg: Hyperparameters):
     return torch.compile(fn, dynamic=False, fullgraph=True) if cfg.compile else fn
 
@@ -1199,16 +1215,7 @@ def main():
 
 
 def train(cfg: Hyperparameters, sp: spm.SentencePieceProcessor):
-    distributed = "RANK" in os.environ and "WORLD_SIZE" in os.environ
-    device = torch.device("cuda", cfg.local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    else:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // cfg.world_size))
-    if distributed:
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
+    device, distributed = init_device(cfg)
     master = cfg.rank == 0
     # Every rank must agree on the run id: it names the artifact that all ranks read back.
     run_id = [cfg.run_id or f"{time.strftime('%Y%m%d_%H%M%S')}_{uuid.uuid4().hex[:6]}"]

@@ -77,11 +77,6 @@ def mode_env(base: dict, mode: str) -> dict:
     return env
 
 
-def synchronize(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def bench_mode(mode: str, base_env: dict, args, device, recompiles: RecompileCounter) -> dict:
     cfg = train_moe.Hyperparameters(mode_env(base_env, mode))
     torch._dynamo.reset()  # a fresh model must compile afresh, not count as a recompile of the previous mode
@@ -103,10 +98,10 @@ def bench_mode(mode: str, base_env: dict, args, device, recompiles: RecompileCou
 
     times = []
     for i in range(args.warmup + args.steps):
-        synchronize(device)
+        train_moe.synchronize(device)
         t = time.perf_counter()
         step()
-        synchronize(device)
+        train_moe.synchronize(device)
         times.append(time.perf_counter() - t)
     median = statistics.median(times[args.warmup:])
     host_sync = "n/a"
@@ -119,7 +114,7 @@ def bench_mode(mode: str, base_env: dict, args, device, recompiles: RecompileCou
             host_sync = str(e).splitlines()[0]
         finally:
             torch.cuda.set_sync_debug_mode("default")
-        synchronize(device)
+        train_moe.synchronize(device)
     if args.profile:
         profile(mode, step, device, Path(args.profile))
     params = train_moe.parameter_report(model)
@@ -145,7 +140,7 @@ def profile(mode: str, step, device, out_dir: Path):
     with torch.profiler.profile(activities=activities) as prof:
         for _ in range(2):
             step()
-        synchronize(device)
+        train_moe.synchronize(device)
     sort = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     out_dir.mkdir(parents=True, exist_ok=True)
     if not dist.is_initialized() or dist.get_rank() == 0:
@@ -182,15 +177,8 @@ def main(argv=None):
     except train_moe.ConfigError as e:
         parser.error(f"mode {mode}: {e}")
 
-    distributed = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     cfg = train_moe.Hyperparameters(base_env)
-    device = torch.device("cuda", cfg.local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = True
-    if distributed:
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
-                                device_id=device if device.type == "cuda" else None)
+    device, distributed = train_moe.init_device(cfg)  # as the trainer sets it up: TF32, threads, process group
     master = cfg.rank == 0
     recompiles = watch_recompiles()
 

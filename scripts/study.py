@@ -16,12 +16,13 @@ worst layer's MaxVio and dead experts at the last router report.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
 import sys
 from pathlib import Path
+
+from make_record import pre_export_bpb, read_events
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED = REPO.parent / "shared" / "data"
@@ -62,27 +63,15 @@ def command_line(env: dict) -> str:
     return " ".join(f"{k}={v}" for k, v in env.items()) + " python train_moe.py"
 
 
-def read_events(path: Path) -> dict:
-    """The study's numbers from one run's JSON log: the last value of each event, and the last router reports."""
-    last, routers = {}, {}
-    for line in path.read_text().splitlines():
-        record = json.loads(line)
-        last[record["event"]] = record
-        if record["event"] == "router":
-            routers[record["layer"]] = record
-    return dict(last=last, routers=routers)
-
-
 def run_row(path: Path) -> dict | None:
     """One finished run's figures, or None if it never reached its roundtrip score."""
-    events = read_events(path)
-    last = events["last"]
+    last = read_events(path)
     if "final_roundtrip" not in last:
         return None
-    pre = last.get("final_ema", last["final_raw"])
-    routers = events["routers"].values()
-    return dict(roundtrip=last["final_roundtrip"]["val_bpb"], pre_export=pre["val_bpb"],
-                gap=last["final_roundtrip"]["val_bpb"] - pre["val_bpb"], bytes=last["artifact"]["artifact_bytes"],
+    pre = pre_export_bpb(last)
+    routers = last["router_final"]
+    return dict(roundtrip=last["final_roundtrip"]["val_bpb"], pre_export=pre,
+                gap=last["final_roundtrip"]["val_bpb"] - pre, bytes=last["artifact"]["artifact_bytes"],
                 status=last["artifact"]["status"], steps=last["train_done"]["steps"],
                 ms_per_step=last["train_done"]["step_avg_ms"], passes=last["train_done"]["data_passes"],
                 maxvio=max((r["maxvio"] for r in routers), default=None),
