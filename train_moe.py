@@ -181,11 +181,12 @@ class Hyperparameters:
         self.quant_expert_bits = get.choice("QUANT_EXPERT_BITS", 6, QUANT_BITS)
         self.artifact_limit_bytes = get.integer("ARTIFACT_LIMIT_BYTES", 16_000_000, 1)
         # Set by torchrun; the global batch is split over WORLD_SIZE x GRAD_ACCUM micro-batches, as in the
-        # baseline, so 1, 2, 4 or 8 GPUs see the same batches in the same order.
+        # baseline, so 1, 2, 4 or 8 GPUs see the same batches in the same order. A smaller global batch on
+        # one GPU wants fewer, fuller micro-batches: 16K-token ones leave an H100 half idle.
         self.world_size = get.integer("WORLD_SIZE", 1, 1, 8)
         self.rank = get.integer("RANK", 0, 0, self.world_size - 1)
         self.local_rank = get.integer("LOCAL_RANK", 0, 0, self.world_size - 1)
-        self.grad_accum_steps = 8 // self.world_size
+        self.grad_accum_steps = get.integer("GRAD_ACCUM_STEPS", 8 // self.world_size, 1)
         # The command that reproduces this run: every knob that was set, then the launcher.
         knobs = " ".join(f"{k}={shlex.quote(v)}" for k, v in get.given.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK"))
         self.launch = f"{knobs} torchrun --standalone --nproc_per_node={self.world_size} train_moe.py".strip()
@@ -202,7 +203,7 @@ class Hyperparameters:
         micro = self.world_size * self.grad_accum_steps * self.train_seq_len
         if self.train_batch_tokens % micro:
             raise ConfigError(
-                f"TRAIN_BATCH_TOKENS={self.train_batch_tokens}: must be a multiple of WORLD_SIZE x grad_accum x "
+                f"TRAIN_BATCH_TOKENS={self.train_batch_tokens}: must be a multiple of WORLD_SIZE x GRAD_ACCUM_STEPS x "
                 f"TRAIN_SEQ_LEN = {self.world_size} x {self.grad_accum_steps} x {self.train_seq_len} = {micro}"
             )
         if self.val_batch_size < self.world_size * self.train_seq_len:

@@ -1,7 +1,7 @@
 """The MoE-against-dense study on one GPU: shards, equal-wallclock runs per configuration and seed, results table.
 
     python scripts/study.py prepare                       # shards + vocab-1024 tokenizer from ../shared/data, once
-    python scripts/study.py run [--only dense_base sparse_softmax] [--seeds 1337 42] [--wallclock 140]
+    python scripts/study.py run [--only dense_base sparse_softmax] [--seeds 1337 42] [--wallclock 65]
     python scripts/study.py commands                      # every run's command line, nothing run
     python scripts/study.py table [--out docs/study_results.md]
 
@@ -32,9 +32,11 @@ PREPARE = [sys.executable, "-m", "data.prepare", "--input", str(SHARED / "finewe
            *sorted(str(p) for p in (SHARED / "extra").glob("*.jsonl.zst")), "--val-docs", "400",
            "--output", DATA_PATH, "--tokenizer-out", TOKENIZER_PATH, "--vocab-size", "1024"]
 
-# Settings every run shares. A quarter of the challenge's global batch: 4 sequences per micro-batch on one GPU.
-COMMON = dict(DATA_PATH=DATA_PATH, TOKENIZER_PATH=TOKENIZER_PATH, TRAIN_BATCH_TOKENS="131072", WARMDOWN_ITERS="250",
-              WARMUP_STEPS="10", VAL_LOSS_EVERY="0", TRAIN_LOG_EVERY="50", MUON_MOMENTUM_WARMUP_STEPS="100")
+# Settings every run shares. A quarter of the challenge's global batch, in 2 micro-batches of 64 sequences: the
+# challenge's per-GPU micro-batch. 8 micro-batches of 16 sequences ran dense at half the tokens/s and MoE at 1.55x dense.
+COMMON = dict(DATA_PATH=DATA_PATH, TOKENIZER_PATH=TOKENIZER_PATH, TRAIN_BATCH_TOKENS="131072", GRAD_ACCUM_STEPS="2",
+              WARMDOWN_ITERS="250", WARMUP_STEPS="10", VAL_LOSS_EVERY="0", TRAIN_LOG_EVERY="50",
+              MUON_MOMENTUM_WARMUP_STEPS="100")
 # Each configuration: the trainer's env vars on top of COMMON. Every one must end OK on the artifact line: under the
 # cap, bytes spent on experts a token does not use come out of attention's bits and the experts' width.
 MOE_FIT = dict(QUANT_ATTN_BITS="6", QUANT_MLP_BITS="5", QUANT_EXPERT_BITS="5")
@@ -46,6 +48,12 @@ CONFIGS = {
     "sparse_hash": dict(MLP_MODE="sparse", ROUTER="hash", EXPERT_HIDDEN="192", **MOE_FIT),
     "shared_routed": dict(MLP_MODE="shared_routed", SHARED_HIDDEN="512", EXPERT_HIDDEN="128", **MOE_FIT),
     "soft": dict(MLP_MODE="soft"),
+    # Variants, chosen from the pipeline check (MoE saw fewer tokens with a third fewer active parameters): another
+    # dense shape at the MoE's byte budget; the same expert bytes in 4 coarser experts (more active, larger matmuls);
+    # experts in every other layer only, dense MLPs between.
+    "dense_deep": dict(NUM_LAYERS="11", QUANT_ATTN_BITS="6", QUANT_MLP_BITS="5"),
+    "sparse_e4": dict(MLP_MODE="sparse", ROUTER="softmax", NUM_EXPERTS="4", EXPERT_HIDDEN="384", **MOE_FIT),
+    "moe_alternate": dict(MLP_MODE="sparse", ROUTER="softmax", MOE_LAYERS="1,3,5,7", EXPERT_HIDDEN="256", **MOE_FIT),
 }
 SEEDS = (1337, 42)
 
@@ -110,8 +118,9 @@ def main(argv=None) -> int:
     parser.add_argument("action", choices=("prepare", "run", "commands", "table"))
     parser.add_argument("--only", nargs="+", choices=sorted(CONFIGS), default=list(CONFIGS))
     parser.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS))
-    # On one H100, dense_base made 1.08 passes over the 52.9M training tokens in 80 s: 140 s keeps every run under 2.
-    parser.add_argument("--wallclock", type=float, default=140.0, help="MAX_WALLCLOCK_SECONDS of every run")
+    # About 95 ms per dense step on one H100 (bench_step.py's 46 ms per 64-sequence micro-batch): 65 s is about
+    # 1.7 passes over the 52.9M training tokens, leaving room under 2 for a faster step.
+    parser.add_argument("--wallclock", type=float, default=65.0, help="MAX_WALLCLOCK_SECONDS of every run")
     parser.add_argument("--out", default="", help="table: also write it to this markdown file")
     args = parser.parse_args(argv)
     os.chdir(REPO)
@@ -125,8 +134,8 @@ def main(argv=None) -> int:
         return 0
     if args.action == "run" and not Path(DATA_PATH).is_dir():
         parser.error(f"{DATA_PATH}: no shards; run `python scripts/study.py prepare` first")
-    for config in args.only:
-        for seed in args.seeds:
+    for seed in args.seeds:  # seed by seed, so a study cut short still has one run of every configuration
+        for config in args.only:
             env = run_env(config, seed, args.wallclock)
             log = Path("logs") / f"{env['RUN_ID']}.jsonl"
             if args.action == "commands":

@@ -19,6 +19,7 @@ def test_every_configuration_is_a_valid_trainer_config():
             env = study.run_env(config, seed, 90)
             cfg = train_moe.Hyperparameters(env)  # raises ConfigError on a bad knob
             assert cfg.max_wallclock_seconds == 90 and cfg.seed == seed and cfg.train_batch_tokens == 131072
+            assert cfg.grad_accum_steps == 2
             assert cfg.data_path == study.DATA_PATH and cfg.vocab_size == 1024
             ids.add(cfg.run_id)
     assert len(ids) == len(study.CONFIGS) * len(study.SEEDS)

@@ -204,6 +204,8 @@ def test_artifact_roundtrip_and_byte_accounting(tmp_path):
     ({"MODEL_DIM": "65"}, "MODEL_DIM"),
     ({"NUM_KV_HEADS": "3"}, "NUM_HEADS"),
     ({"TRAIN_BATCH_TOKENS": "4000"}, "TRAIN_BATCH_TOKENS"),
+    ({"GRAD_ACCUM_STEPS": "0"}, "GRAD_ACCUM_STEPS"),
+    ({"GRAD_ACCUM_STEPS": "3"}, "TRAIN_BATCH_TOKENS"),  # 64 sequences do not split into 3 micro-batches
     ({"EVAL_STRIDE": "65"}, "EVAL_STRIDE"),
     ({"DATA_PATH": "/nonexistent/shards"}, "DATA_PATH"),
     ({"TOKENIZER_PATH": "/nonexistent/tok.model"}, "TOKENIZER_PATH"),
@@ -212,6 +214,15 @@ def test_artifact_roundtrip_and_byte_accounting(tmp_path):
 def test_config_errors_name_the_variable(tiny_data, overrides, variable):
     with pytest.raises(tm.ConfigError, match=rf"^{variable}="):
         tm.Hyperparameters(tiny_env(tiny_data, **overrides)).check_inputs()
+
+
+def test_grad_accum_steps_sets_the_micro_batch(tiny_data):
+    cfg = tm.Hyperparameters(tiny_env(tiny_data, GRAD_ACCUM_STEPS=2))
+    loader = tm.DistributedTokenLoader(cfg, torch.device("cpu"))
+    x, y = loader.next_batch()
+    assert cfg.grad_accum_steps == 2 and x.shape == y.shape == (32, 64)  # 4096 tokens / 2 micro-batches / 64
+    assert torch.equal(x.flatten()[1:], y.flatten()[:-1])
+    assert tm.Hyperparameters(tiny_env(tiny_data)).grad_accum_steps == 8
 
 
 def test_corrupt_shard_is_a_config_error(tiny_data, tmp_path):
