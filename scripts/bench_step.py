@@ -71,7 +71,9 @@ def watch_recompiles() -> RecompileCounter:
 
 def mode_env(base: dict, mode: str) -> dict:
     mlp_mode, _, router = mode.partition(":")
-    env = dict(base, MLP_MODE=mlp_mode)
+    # Every mode in every block at the dense MLP's active FLOPs, unless the env says otherwise (the trainer's own
+    # default has half-size experts in every other block).
+    env = {"MOE_LAYERS": "all", "EXPERT_HIDDEN": "0", **base, "MLP_MODE": mlp_mode}
     if router:
         env["ROUTER"] = router
     return env

@@ -10,8 +10,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
 
 import bench_step  # noqa: E402
+from conftest import DENSE  # noqa: E402
 
-SHAPE = dict(NUM_LAYERS="2", MODEL_DIM="64", NUM_HEADS="4", NUM_KV_HEADS="2", TRAIN_SEQ_LEN="32",
+SHAPE = dict(**DENSE, NUM_LAYERS="2", MODEL_DIM="64", NUM_HEADS="4", NUM_KV_HEADS="2", TRAIN_SEQ_LEN="32",
              TRAIN_BATCH_TOKENS="2048", COMPILE="0", NUM_EXPERTS="4", TOP_K="2")
 
 

@@ -8,9 +8,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import train_moe as tm
-from conftest import run_trainer, tiny_env
+from conftest import DENSE, run_trainer, tiny_env
 
-SMALL = {"MODEL_DIM": "32", "NUM_HEADS": "4", "NUM_KV_HEADS": "2", "TRAIN_SEQ_LEN": "16", "TRAIN_BATCH_TOKENS": "128",
+SMALL = {**DENSE, "MODEL_DIM": "32", "NUM_HEADS": "4", "NUM_KV_HEADS": "2", "TRAIN_SEQ_LEN": "16", "TRAIN_BATCH_TOKENS": "128",
          "VOCAB_SIZE": "64", "NUM_LAYERS": "2", "NUM_EXPERTS": "4", "TOP_K": "2", "EXPERT_HIDDEN": "16"}
 
 
@@ -240,6 +240,7 @@ def test_hash_routing_is_balanced_per_layer_and_rebuilt_identically():
     ({"EXPERT_HIDDEN": "20"}, "EXPERT_HIDDEN"),
     ({"MOE_LAYERS": "0-5"}, "MOE_LAYERS"),
     ({"MOE_LAYERS": "one"}, "MOE_LAYERS"),
+    ({"MOE_LAYERS": "odd", "NUM_LAYERS": "1"}, "MOE_LAYERS"),  # a single block has no odd layer
     ({"ROUTER": "topk"}, "ROUTER"),
     ({"EXPERT_ACT": "gelu"}, "EXPERT_ACT"),
     ({"NUM_EXPERTS": "1"}, "NUM_EXPERTS"),
@@ -247,6 +248,12 @@ def test_hash_routing_is_balanced_per_layer_and_rebuilt_identically():
 def test_moe_config_errors(overrides, variable):
     with pytest.raises(tm.ConfigError, match=rf"^{variable}="):
         config(**overrides)
+
+
+@pytest.mark.parametrize("spec,layers", [("all", (0, 1, 2, 3, 4)), ("odd", (1, 3)), ("0,2-3", (0, 2, 3))])
+def test_moe_layer_specs(spec, layers):
+    assert tm.parse_layers(spec, 5) == layers
+    assert tm.parse_layers("odd", 9) == (1, 3, 5, 7)
 
 
 def test_auto_expert_sizes_match_dense_active_flops():

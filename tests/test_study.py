@@ -27,6 +27,19 @@ def test_every_configuration_is_a_valid_trainer_config():
     assert (sparse.mlp_mode, sparse.router, sparse.quant_expert_bits) == ("sparse", "hash", 5)
 
 
+def test_the_trainer_default_is_the_studys_winner():
+    """docs/study.md's rule made moe_alternate the default: a bare run must be that configuration's model and export."""
+    keys = ("mlp_mode", "moe_layers", "num_experts", "top_k", "expert_hidden", "router", "mlp_mult",
+            "quant_embed_bits", "quant_attn_bits", "quant_mlp_bits", "quant_expert_bits", "num_layers", "model_dim")
+    winner = train_moe.Hyperparameters(study.run_env("moe_alternate", 1337, 65))
+    default = train_moe.Hyperparameters({})
+    assert {k: getattr(default, k) for k in keys} == {k: getattr(winner, k) for k in keys}
+    assert default.moe_layers == (1, 3, 5, 7) and default.mlp_mode == "sparse"
+    # and the pinned baseline is still the challenge's dense model
+    base = train_moe.Hyperparameters(study.run_env("dense_base", 1337, 65))
+    assert (base.mlp_mode, base.quant_attn_bits, base.quant_mlp_bits) == ("dense", 8, 6)
+
+
 def write_log(folder: Path, run_id: str, bpb: float, ema: float, maxvio=None, finished=True):
     events = [dict(event="train_done", steps=500, step_avg_ms=200.0, data_passes=1.25),
               dict(event="final_raw", val_bpb=ema + 0.01), dict(event="final_ema", val_bpb=ema),
@@ -52,6 +65,8 @@ def test_table_means_spreads_and_order(tmp_path):
     assert cells[1:6] == ["2", "1.4600", "0.0200", "1.4450", "+0.0150"]
     assert cells[6] == "15,000,000 OK" and cells[7:10] == ["500", "200.0", "1.25"]
     assert cells[10:] == ["0.60", "1"]  # worst layer over both seeds' last reports
+    runs = study.runs_table(tmp_path).splitlines()
+    assert len(runs) == 6 and runs[2].startswith("| study_dense_base_s1 | 500 | 200.0 | 1.25 | 1.4900 | 1.5000 |")
     dense = [c.strip() for c in lines[3].split("|")[1:-1]]
     assert dense[2:4] == ["1.5200", "0.0400"] and dense[10:] == ["-", "-"]
 
