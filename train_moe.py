@@ -89,11 +89,12 @@ def _round8(x: float) -> int:
 
 def parse_layers(spec: str, num_layers: int) -> tuple[int, ...]:
     """MOE_LAYERS: "all", "odd" (1, 3, 5, ...), or indices and ranges such as "1,3,5-8" (0-based, inclusive)."""
-    if spec in ("all", "odd"):
-        layers = tuple(range(spec == "odd", num_layers, 1 + (spec == "odd")))
-        if not layers:
-            raise ConfigError(f"MOE_LAYERS={spec}: NUM_LAYERS={num_layers} has no odd layer; use all or 0")
-        return layers
+    if spec == "all":
+        return tuple(range(num_layers))
+    if spec == "odd":
+        if num_layers < 2:
+            raise ConfigError(f"MOE_LAYERS=odd: NUM_LAYERS={num_layers} has no odd layer; use all or 0")
+        return tuple(range(1, num_layers, 2))
     layers = set()
     try:
         for part in spec.split(","):
@@ -187,7 +188,7 @@ class Hyperparameters:
         self.artifact_limit_bytes = get.integer("ARTIFACT_LIMIT_BYTES", 16_000_000, 1)
         # Set by torchrun; the global batch is split over WORLD_SIZE x GRAD_ACCUM micro-batches, as in the
         # baseline, so 1, 2, 4 or 8 GPUs see the same batches in the same order. A smaller global batch on
-        # one GPU wants fewer, fuller micro-batches: 16K-token ones leave an H100 half idle.
+        # one GPU wants fewer, fuller micro-batches: 16K-token ones leave an H100 a third idle.
         self.world_size = get.integer("WORLD_SIZE", 1, 1, 8)
         self.rank = get.integer("RANK", 0, 0, self.world_size - 1)
         self.local_rank = get.integer("LOCAL_RANK", 0, 0, self.world_size - 1)
