@@ -100,16 +100,24 @@ def summarize(rows: list[dict]) -> dict:
                 maxvio=max((r["maxvio"] for r in worst), default=None), dead=max((r["dead"] for r in worst), default=None))
 
 
-def runs_table(logs: Path, configs=CONFIGS) -> str:
-    """One line per finished run, in configuration and seed order: the step time varies from run to run on a
-    shared GPU, and at equal wallclock the steps it leaves decide much of the score."""
-    lines = ["| run | steps | ms/step | passes | pre-export | roundtrip val_bpb |", "|---|---|---|---|---|---|"]
+def finished_runs(logs: Path, configs=CONFIGS) -> dict[str, dict[str, dict]]:
+    """{config: {run id: figures}} of the finished runs, in configuration and seed-file order."""
+    found = {}
     for config in configs:
-        for path in sorted(logs.glob(f"study_{config}_s*.jsonl")):
-            r = run_row(path)
-            if r:
-                lines.append(f"| {path.stem} | {r['steps']} | {r['ms_per_step']:.1f} | {r['passes']:.2f} | "
-                             f"{r['pre_export']:.4f} | {r['roundtrip']:.4f} |")
+        runs = {p.stem: run_row(p) for p in sorted(logs.glob(f"study_{config}_s*.jsonl"))}
+        if runs := {run: row for run, row in runs.items() if row}:
+            found[config] = runs
+    return found
+
+
+def runs_table(logs: Path, configs=CONFIGS) -> str:
+    """One line per finished run: the step time varies from run to run on a shared GPU, and at equal wallclock the
+    steps it leaves decide much of the score."""
+    lines = ["| run | steps | ms/step | passes | pre-export | roundtrip val_bpb |", "|---|---|---|---|---|---|"]
+    for runs in finished_runs(logs, configs).values():
+        for run, r in runs.items():
+            lines.append(f"| {run} | {r['steps']} | {r['ms_per_step']:.1f} | {r['passes']:.2f} | "
+                         f"{r['pre_export']:.4f} | {r['roundtrip']:.4f} |")
     return "\n".join(lines)
 
 
@@ -117,11 +125,7 @@ def results_table(logs: Path, configs=CONFIGS) -> str:
     header = ("| config | seeds | roundtrip val_bpb | spread | pre-export | quant gap | artifact bytes | steps | ms/step "
               "| passes | worst MaxVio | worst dead |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
     lines = [header]
-    summaries = {}
-    for config in configs:
-        rows = [r for r in (run_row(p) for p in sorted(logs.glob(f"study_{config}_s*.jsonl"))) if r]
-        if rows:
-            summaries[config] = summarize(rows)
+    summaries = {config: summarize(list(runs.values())) for config, runs in finished_runs(logs, configs).items()}
     for config, s in sorted(summaries.items(), key=lambda kv: kv[1]["roundtrip"]):
         router = f"{s['maxvio']:.2f} | {s['dead']}" if s["maxvio"] is not None else "- | -"
         lines.append(f"| {config} | {s['seeds']} | {s['roundtrip']:.4f} | {s['spread']:.4f} | {s['pre_export']:.4f} | "
@@ -135,8 +139,8 @@ def main(argv=None) -> int:
     parser.add_argument("action", choices=("prepare", "run", "commands", "table"))
     parser.add_argument("--only", nargs="+", choices=sorted(CONFIGS), default=list(CONFIGS))
     parser.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS))
-    # About 95 ms per dense step on one H100 (bench_step.py's 46 ms per 64-sequence micro-batch): 65 s is about
-    # 1.7 passes over the 52.9M training tokens, leaving room under 2 for a faster step.
+    # Dense stepped at 121-122 ms on one H100 (docs/study.md): 65 s is 1.33 passes over the 52.9M training tokens,
+    # leaving room under 2 for a step up to a third faster.
     parser.add_argument("--wallclock", type=float, default=65.0, help="MAX_WALLCLOCK_SECONDS of every run")
     parser.add_argument("--out", default="", help="table: also write it to this markdown file")
     args = parser.parse_args(argv)
