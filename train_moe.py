@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import glob
+import itertools
 import json
 import math
 import os
@@ -288,8 +289,8 @@ def newton_schulz(grad: Tensor, steps: int, eps: float = 1e-7) -> Tensor:
 
 
 class Muon(torch.optim.Optimizer):
-    """Nesterov momentum, then orthogonalised updates. Matrix i is orthogonalised on rank i % world_size and
-    one all-reduce of a flat buffer shares the results, so the Newton-Schulz work is split across GPUs."""
+    """Nesterov momentum, then orthogonalised updates. Matrices of one shape are orthogonalised as one batch, split
+    across GPUs (rank r takes every world_size-th of them); one all-reduce of a flat buffer shares the results."""
 
     def __init__(self, params, lr: float, momentum: float, backend_steps: int):
         super().__init__(params, dict(lr=lr, momentum=momentum, backend_steps=backend_steps))
@@ -299,24 +300,30 @@ class Muon(torch.optim.Optimizer):
         distributed = dist.is_available() and dist.is_initialized()
         world, rank = (dist.get_world_size(), dist.get_rank()) if distributed else (1, 0)
         for group in self.param_groups:
-            params = group["params"]
-            updates = torch.zeros(sum(p.numel() for p in params), device=params[0].device, dtype=torch.float32)
-            offset = 0
+            params, momentum = group["params"], group["momentum"]
+            starts = [0, *itertools.accumulate(p.numel() for p in params)]
+            updates = torch.zeros(starts[-1], device=params[0].device, dtype=torch.float32)
+            # One batch per shape: matrix by matrix, the step waited ~50 ms on kernel launches with the GPU idle.
+            by_shape = {}
             for i, p in enumerate(params):
-                if i % world == rank and p.grad is not None:
-                    buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p.grad))
-                    buf.mul_(group["momentum"]).add_(p.grad)
-                    update = newton_schulz(p.grad.add(buf, alpha=group["momentum"]), group["backend_steps"])
-                    # Orthogonal updates of tall matrices have small entries; rescale so all layers move alike.
-                    update = update * max(1.0, p.size(-2) / p.size(-1)) ** 0.5
-                    updates[offset : offset + p.numel()] = update.flatten()
-                offset += p.numel()
+                if p.grad is not None:
+                    by_shape.setdefault(p.shape, []).append(i)
+            for shape, indices in by_shape.items():
+                mine = indices[rank::world]
+                if not mine:
+                    continue
+                grads = [params[i].grad for i in mine]
+                buffers = [self.state[params[i]].setdefault("momentum_buffer", torch.zeros_like(params[i])) for i in mine]
+                torch._foreach_mul_(buffers, momentum)
+                torch._foreach_add_(buffers, grads)
+                batch = newton_schulz(torch.stack(torch._foreach_add(grads, buffers, alpha=momentum)), group["backend_steps"])
+                # Orthogonal updates of tall matrices have small entries; rescale so all layers move alike.
+                batch = batch * max(1.0, shape[-2] / shape[-1]) ** 0.5
+                for i, update in zip(mine, batch):
+                    updates[starts[i] : starts[i + 1]] = update.flatten()
             if distributed:
                 dist.all_reduce(updates)
-            offset = 0
-            for p in params:
-                p.add_(updates[offset : offset + p.numel()].view_as(p), alpha=-group["lr"])
-                offset += p.numel()
+            torch._foreach_add_(params, [updates[starts[i] : starts[i + 1]].view_as(p) for i, p in enumerate(params)], alpha=-group["lr"])
 
 
 # -----------------------------------------------------------------------------
@@ -701,6 +708,22 @@ class GroupedMatmul(torch.autograd.Function):
         return grad_x, grad_w.to(w.dtype), None, None, None
 
 
+class Fp32Logits(torch.autograd.Function):
+    """x @ w.T in fp32 (TF32 on GPUs), also under autocast, which would run it in bf16 and round near-tied experts'
+    logits together. The backward runs in x's dtype, that of the activation gradient it joins."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, w: Tensor) -> Tensor:
+        ctx.save_for_backward(x, w)
+        with torch.autocast(x.device.type, enabled=False):
+            return x.float() @ w.float().T
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x, w = ctx.saved_tensors
+        return grad.to(x.dtype) @ w.to(x.dtype), (grad.T.to(x.dtype) @ x).to(w.dtype)
+
+
 def expert_groups(counts: Tensor, chunks: int) -> tuple[Tensor, Tensor, Tensor]:
     """Group ends of the expert-sorted rows (int32 [E]), and the finer cuts for the weight gradient (every expert
     end and every rows/chunks-th row, [E + chunks]) with each cut group's expert."""
@@ -725,11 +748,13 @@ class ExpertBank(nn.Module):
         self.w_in = nn.Parameter(torch.empty(num_experts, rows, dim).uniform_(-bound, bound))
         self.w_out = nn.Parameter(torch.zeros(num_experts, dim, hidden))
 
-    def grouped(self, x: Tensor, expert_idx: Tensor, counts: Tensor) -> Tensor:
-        """Dropless top-k: x [N, D], expert_idx [N, K] -> each slot's expert output [N, K, D]. Slots are sorted by
-        expert and run through two grouped matmuls; static shapes and no host sync, so it compiles whole."""
+    def grouped(self, x: Tensor, expert_idx: Tensor, weights: Tensor, counts: Tensor) -> Tensor:
+        """Dropless top-k: x [N, D], expert_idx and weights [N, K] -> the weighted sum of each token's experts, fp32
+        [N, D]. Slots are sorted by expert and run through two grouped matmuls; static shapes and no host sync, so
+        it compiles whole."""
         n, k = expert_idx.shape
-        order = torch.argsort(expert_idx.flatten(), stable=True)
+        # uint8 keys (NUM_EXPERTS <= 256) sort in one radix pass where int64 keys take eight.
+        order = torch.argsort(expert_idx.flatten().to(torch.uint8), stable=True)
         inverse = torch.empty_like(order).scatter_(0, order, torch.arange(n * k, device=x.device))
         # 2E chunks: even one expert taking every slot spreads its weight gradient over as many groups as a
         # balanced load gives.
@@ -737,9 +762,12 @@ class ExpertBank(nn.Module):
         dtype = matmul_dtype(x)
         slots = x.to(dtype)[:, None, :].expand(n, k, x.size(-1)).reshape(n * k, -1)
         h = GroupedMatmul.apply(Permute.apply(slots, order, inverse), self.w_in.to(dtype), *groups)
+        # Each slot's routing weight scales its hidden units, ahead of the linear second matmul: the same sum, and
+        # the weight's gradient comes out of the activation's backward instead of another pass over [N*K, D].
+        slot_weights = Permute.apply(weights.reshape(-1, 1), order, inverse)
         # .to(dtype): autocast runs the square of relu^2 in fp32, and grouped matmuls take one dtype.
-        out = GroupedMatmul.apply(activate(h, self.act).to(dtype), self.w_out.to(dtype), *groups)
-        return Permute.apply(out, inverse, order).view(n, k, -1)
+        out = GroupedMatmul.apply((activate(h, self.act) * slot_weights).to(dtype), self.w_out.to(dtype), *groups)
+        return Permute.apply(out, inverse, order).view(n, k, -1).float().sum(dim=1)
 
     def dense(self, x: Tensor, gates: Tensor) -> Tensor:
         """Every expert on every token, weighted: x [N, D], gates [N, E] -> [N, D]. As one wide MLP whose hidden
@@ -806,7 +834,7 @@ class MoEMLP(nn.Module):
             idx = self.hash_table[ids]
             weights = torch.full(idx.shape, 1.0 / self.top_k, device=x.device)
         else:
-            logits = x.float() @ self.router.float().T
+            logits = Fp32Logits.apply(x, self.router)
             if self.router_kind == "softmax":
                 probs = logits.softmax(dim=-1)
                 weights, idx = top_k(probs, self.top_k)
@@ -844,18 +872,18 @@ class MoEMLP(nn.Module):
     def forward(self, x: Tensor, ids: Tensor) -> tuple[Tensor, Tensor]:
         flat = x.reshape(-1, x.size(-1))
         if self.mode == "soft":
-            logits = flat.float() @ self.router.float().T
+            logits = Fp32Logits.apply(flat, self.router)
             gates = logits.softmax(dim=-1)
             z_loss = self.z_coef * logits.logsumexp(dim=-1).square().mean()
             self.record_routing(gates.sum(0), gates, torch.zeros_like(z_loss), z_loss, len(flat))
             y = self.experts.dense(flat, gates)
             return y.to(x.dtype).view_as(x), z_loss
         idx, weights, counts, aux = self.route(flat, ids.reshape(-1))
-        y = (self.experts.grouped(flat, idx, counts).float() * weights[..., None]).sum(dim=1)
+        y = self.experts.grouped(flat, idx, weights, counts)
         if self.mode == "shared_routed":
             shared, _ = self.shared(flat)
             if hasattr(self, "shared_gate"):
-                shared = shared.float() * torch.sigmoid(flat.float() @ self.shared_gate.float().T)
+                shared = shared.float() * torch.sigmoid(Fp32Logits.apply(flat, self.shared_gate))
             y = y + shared
         return y.to(x.dtype).view_as(x), aux
 

@@ -28,14 +28,14 @@ def randomize(module: torch.nn.Module, seed: int = 0) -> None:
 
 # ---------------------------------------------------------------- dispatch
 
-def naive_experts(bank: tm.ExpertBank, x, idx):
+def naive_experts(bank: tm.ExpertBank, x, idx, weights):
     """Per-expert Python loop: the obviously correct reference for ExpertBank.grouped."""
     out = torch.zeros(*idx.shape, x.size(-1))
     for e in range(bank.w_in.size(0)):
         tok, slot = (idx == e).nonzero(as_tuple=True)
         h = tm.activate(x[tok] @ bank.w_in[e].T, bank.act)
         out = out.index_put((tok, slot), h @ bank.w_out[e].T)
-    return out
+    return (out * weights[..., None]).sum(dim=1)
 
 
 @pytest.mark.parametrize("act", ["relu2", "swiglu"])
@@ -47,16 +47,18 @@ def test_grouped_dispatch_matches_per_expert_loop_with_an_empty_expert(act):
     idx = torch.randint(0, 4, (12, 2))  # expert 4 receives nothing
     idx[:, 1] = (idx[:, 0] + 1) % 4
     counts = torch.zeros(5).scatter_add_(0, idx.flatten(), torch.ones(24))
+    weights = torch.rand(12, 2)
     x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
-    got = bank.grouped(x1, idx, counts)
-    grads = torch.autograd.grad(got.square().sum(), [x1, bank.w_in, bank.w_out])
-    want = naive_experts(bank, x2, idx)
-    ref_grads = torch.autograd.grad(want.square().sum(), [x2, bank.w_in, bank.w_out])
+    w1, w2 = weights.clone().requires_grad_(), weights.clone().requires_grad_()
+    got = bank.grouped(x1, idx, w1, counts)
+    grads = torch.autograd.grad(got.square().sum(), [x1, w1, bank.w_in, bank.w_out])
+    want = naive_experts(bank, x2, idx, w2)
+    ref_grads = torch.autograd.grad(want.square().sum(), [x2, w2, bank.w_in, bank.w_out])
     torch.testing.assert_close(got, want)
-    for g, r in zip(grads, ref_grads):
-        torch.testing.assert_close(g, r)
+    for g, r in zip(grads, ref_grads):  # the routing weights' gradients sum over hidden units in another order
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5)
     assert counts[4] == 0
-    assert torch.equal(grads[1][4], torch.zeros_like(grads[1][4])) and torch.equal(grads[2][4], torch.zeros_like(grads[2][4]))
+    assert torch.equal(grads[2][4], torch.zeros_like(grads[2][4])) and torch.equal(grads[3][4], torch.zeros_like(grads[3][4]))
 
 
 def test_weight_gradient_groups_cut_experts_at_chunk_boundaries():
@@ -74,11 +76,12 @@ def test_grouped_gradients_when_one_expert_takes_every_slot():
     x = torch.randn(20, 16)
     idx = torch.stack([torch.full((20,), 2), torch.full((20,), 0)], dim=1)  # expert 2 first, expert 0 second
     counts = torch.tensor([20.0, 0.0, 20.0, 0.0])
-    got = bank.grouped(x, idx, counts)
+    weights = torch.rand(20, 2)
+    got = bank.grouped(x, idx, weights, counts)
     grads = torch.autograd.grad(got.square().sum(), [bank.w_in, bank.w_out])
-    ref_grads = torch.autograd.grad(naive_experts(bank, x, idx).square().sum(), [bank.w_in, bank.w_out])
-    for g, r in zip(grads, ref_grads):
-        torch.testing.assert_close(g, r)
+    ref_grads = torch.autograd.grad(naive_experts(bank, x, idx, weights).square().sum(), [bank.w_in, bank.w_out])
+    for g, r in zip(grads, ref_grads):  # scaled before the second matmul: summed in another order
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5)
         assert g[1].abs().sum() == 0 and g[3].abs().sum() == 0 and g[2].abs().sum() > 0
 
 
@@ -130,6 +133,35 @@ def test_softmax_router_aux_and_z_loss_by_hand():
     torch.testing.assert_close(weights, probs.gather(-1, idx))
     assert (weights.sum(-1) < 1).all()  # norm_topk_prob=0: the raw probabilities, not renormalized
     assert torch.equal(counts, f * 12)
+
+
+def test_router_logits_stay_fp32_under_autocast_and_pick_near_tied_experts_exactly():
+    layer = tm.MoEMLP(config(NUM_EXPERTS=4, TOP_K=1), 0)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():  # experts 0 and 1 nearly tied for every token: bf16 logits would round them together
+        layer.router.copy_(torch.randn(4, 32, generator=g) * 0.02)
+        layer.router[0] = 0.5 * torch.ones(32)
+        layer.router[1] = layer.router[0] + 1e-4 * torch.randn(32, generator=g)
+    x = (torch.rand(64, 32, generator=g) + 0.5).bfloat16()
+    want = (x.double() @ layer.router.double().T).argmax(-1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert (x.float() @ layer.router.float().T).dtype == torch.bfloat16  # what autocast does to a plain matmul
+        idx, _, _, _ = layer.route(x, torch.zeros(64, dtype=torch.long))
+        logits = tm.Fp32Logits.apply(x, layer.router)
+    assert logits.dtype == torch.float32
+    torch.testing.assert_close(logits.double(), x.double() @ layer.router.double().T, rtol=1e-6, atol=1e-6)
+    assert torch.equal(idx[:, 0], want) and set(want.tolist()) == {0, 1}
+
+
+def test_router_logit_gradients_match_a_float64_matmul():
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(40, 16, generator=g).bfloat16().requires_grad_()
+    w = torch.randn(4, 16, generator=g, requires_grad=True)
+    upstream = torch.randn(40, 4, generator=g)
+    grad_x, grad_w = torch.autograd.grad(tm.Fp32Logits.apply(x, w), [x, w], upstream)
+    assert grad_x.dtype == torch.bfloat16 and grad_w.dtype == torch.float32
+    for got, want in ((grad_x, upstream.double() @ w.double()), (grad_w, upstream.double().T @ x.double())):
+        assert (got.double() - want).norm() / want.norm() < 1e-2  # bf16 operands: ~3e-3
 
 
 def test_top1_without_renormalization_trains_the_router():

@@ -1,6 +1,7 @@
 """train_moe.py: shards, val_bpb, export, config errors, EMA, and whole runs on 1 and 2 CPU processes."""
 import json
 import math
+import os
 import subprocess
 import sys
 
@@ -8,6 +9,8 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
 import train_moe as tm
 from conftest import REPO, run_trainer, tiny_env
@@ -252,6 +255,55 @@ def test_newton_schulz_orthogonalizes_batched():
     assert torch.allclose(out[1], tm.newton_schulz(g[1], steps=5).float())
     tall = tm.newton_schulz(g[0].T, steps=5).float()
     assert torch.allclose(tall, out[0].T)
+
+
+MUON_SHAPES = [(48, 24), (24, 48), (48, 24), (3, 16, 8), (16, 16), (48, 24), (3, 16, 8)]
+
+
+def muon_reference(shapes, steps, lr=0.05, momentum=0.9):
+    """Muon matrix by matrix, as written in the paper: buf = m*buf + g; p -= lr * NS(g + m*buf) * sqrt(max(1, rows/cols))."""
+    params = [torch.randn(*s, generator=torch.Generator().manual_seed(i)) for i, s in enumerate(shapes)]
+    buffers = [torch.zeros_like(p) for p in params]
+    for step in range(steps):
+        for i, (p, buf) in enumerate(zip(params, buffers)):
+            grad = muon_grad(i, step, p.shape)
+            buf.mul_(momentum).add_(grad)
+            update = tm.newton_schulz(grad + momentum * buf, 5) * max(1.0, p.size(-2) / p.size(-1)) ** 0.5
+            p.sub_(lr * update.float())
+    return params
+
+
+def muon_grad(i, step, shape):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(1000 * step + i))
+
+
+def muon_run(shapes, steps):
+    params = [torch.nn.Parameter(torch.randn(*s, generator=torch.Generator().manual_seed(i))) for i, s in enumerate(shapes)]
+    opt = tm.Muon(params, lr=0.05, momentum=0.9, backend_steps=5)
+    for step in range(steps):
+        for i, p in enumerate(params):
+            p.grad = muon_grad(i, step, p.shape)
+        opt.step()
+    return [p.detach() for p in params]
+
+
+def test_muon_batched_by_shape_matches_matrix_by_matrix():
+    for got, want in zip(muon_run(MUON_SHAPES, 3), muon_reference(MUON_SHAPES, 3)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def _two_rank_muon(rank, world, init_file, out_dir):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.save(muon_run(MUON_SHAPES, 3), os.path.join(out_dir, f"params{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_muon_split_across_two_ranks_matches_one_process(tmp_path):
+    mp.spawn(_two_rank_muon, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2)
+    rank0, rank1 = torch.load(tmp_path / "params0.pt"), torch.load(tmp_path / "params1.pt")
+    for a, b, want in zip(rank0, rank1, muon_run(MUON_SHAPES, 3)):
+        assert torch.equal(a, b)
+        torch.testing.assert_close(a, want, rtol=1e-5, atol=1e-6)
 
 
 def test_ema_update_follows_the_ramped_decay():
