@@ -261,7 +261,7 @@ MUON_SHAPES = [(48, 24), (24, 48), (48, 24), (3, 16, 8), (16, 16), (48, 24), (3,
 
 
 def muon_reference(shapes, steps, lr=0.05, momentum=0.9):
-    """Muon matrix by matrix, as written in the paper: buf = m*buf + g; p -= lr * NS(g + m*buf) * sqrt(max(1, rows/cols))."""
+    """Muon matrix by matrix: buf = m*buf + g; p -= lr * NS(g + m*buf) * sqrt(max(1, rows/cols))."""
     params = [torch.randn(*s, generator=torch.Generator().manual_seed(i)) for i, s in enumerate(shapes)]
     buffers = [torch.zeros_like(p) for p in params]
     for step in range(steps):
