@@ -6,6 +6,9 @@ from pathlib import Path
 
 import pytest
 import sentencepiece as spm
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -55,3 +58,16 @@ def run_trainer(cwd: Path, env: dict, nproc: int = 1, timeout: int = 300) -> sub
     full_env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     full_env.update(env, OMP_NUM_THREADS="1")
     return subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+def _gloo_rank(rank, world, fn, init_file, out_dir):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.save(fn(rank), os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def on_gloo_ranks(fn, tmp_path: Path, world: int = 2) -> list:
+    """fn(rank) in `world` spawned processes joined by a gloo process group; what each returned, by rank.
+    fn must be a module-level function (spawn pickles it by name)."""
+    mp.spawn(_gloo_rank, args=(world, fn, str(tmp_path / "init"), str(tmp_path)), nprocs=world)
+    return [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]

@@ -1,14 +1,11 @@
 """MoE modes of train_moe.py: dispatch, routers, balancing, hash routing, export, compile, whole runs."""
 import json
-import os
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import train_moe as tm
-from conftest import DENSE, run_trainer, tiny_env
+from conftest import DENSE, on_gloo_ranks, run_trainer, tiny_env
 
 SMALL = {**DENSE, "MODEL_DIM": "32", "NUM_HEADS": "4", "NUM_KV_HEADS": "2", "TRAIN_SEQ_LEN": "16", "TRAIN_BATCH_TOKENS": "128",
          "VOCAB_SIZE": "64", "NUM_LAYERS": "2", "NUM_EXPERTS": "4", "TOP_K": "2", "EXPERT_HIDDEN": "16"}
@@ -221,20 +218,17 @@ def test_balancing_bias_evens_out_a_skewed_router():
     assert layer.router_bias.sum().abs() < 1e-4  # centred updates: the biases do not drift together
 
 
-def _two_rank_balancing(rank, world, init_file, out_dir):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+def rank_balancing(rank):
     layer = skewed_sigmoid_layer()
     for step in range(20):  # each rank routes its own half of the batch
         x = skewed_batch(64, seed=100 * step + rank)
         loads_after_routing(layer, x)
         tm.balance_router_biases(layer, rate=0.01)
-    torch.save(layer.router_bias, os.path.join(out_dir, f"bias{rank}.pt"))
-    dist.destroy_process_group()
+    return layer.router_bias
 
 
 def test_balancing_bias_is_identical_across_ranks_and_uses_global_loads(tmp_path):
-    mp.spawn(_two_rank_balancing, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2)
-    b0, b1 = torch.load(tmp_path / "bias0.pt"), torch.load(tmp_path / "bias1.pt")
+    b0, b1 = on_gloo_ranks(rank_balancing, tmp_path)
     assert torch.equal(b0, b1)
     layer = skewed_sigmoid_layer()  # one process, both halves as one global batch
     for step in range(20):

@@ -1,7 +1,6 @@
 """train_moe.py: shards, val_bpb, export, config errors, EMA, and whole runs on 1 and 2 CPU processes."""
 import json
 import math
-import os
 import subprocess
 import sys
 
@@ -9,11 +8,9 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import train_moe as tm
-from conftest import REPO, run_trainer, tiny_env
+from conftest import REPO, on_gloo_ranks, run_trainer, tiny_env
 from data.shards import write_shard
 
 
@@ -292,15 +289,12 @@ def test_muon_batched_by_shape_matches_matrix_by_matrix():
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
-def _two_rank_muon(rank, world, init_file, out_dir):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    torch.save(muon_run(MUON_SHAPES, 3), os.path.join(out_dir, f"params{rank}.pt"))
-    dist.destroy_process_group()
+def rank_muon(rank):
+    return muon_run(MUON_SHAPES, 3)
 
 
 def test_muon_split_across_two_ranks_matches_one_process(tmp_path):
-    mp.spawn(_two_rank_muon, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2)
-    rank0, rank1 = torch.load(tmp_path / "params0.pt"), torch.load(tmp_path / "params1.pt")
+    rank0, rank1 = on_gloo_ranks(rank_muon, tmp_path)
     for a, b, want in zip(rank0, rank1, muon_run(MUON_SHAPES, 3)):
         assert torch.equal(a, b)
         torch.testing.assert_close(a, want, rtol=1e-5, atol=1e-6)
