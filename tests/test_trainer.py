@@ -257,6 +257,10 @@ def test_newton_schulz_orthogonalizes_batched():
 MUON_SHAPES = [(48, 24), (24, 48), (48, 24), (3, 16, 8), (16, 16), (48, 24), (3, 16, 8)]
 
 
+def muon_grad(i, step, shape):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(1000 * step + i))
+
+
 def muon_reference(shapes, steps, lr=0.05, momentum=0.9):
     """Muon matrix by matrix: buf = m*buf + g; p -= lr * NS(g + m*buf) * sqrt(max(1, rows/cols))."""
     params = [torch.randn(*s, generator=torch.Generator().manual_seed(i)) for i, s in enumerate(shapes)]
@@ -268,10 +272,6 @@ def muon_reference(shapes, steps, lr=0.05, momentum=0.9):
             update = tm.newton_schulz(grad + momentum * buf, 5) * max(1.0, p.size(-2) / p.size(-1)) ** 0.5
             p.sub_(lr * update.float())
     return params
-
-
-def muon_grad(i, step, shape):
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(1000 * step + i))
 
 
 def muon_run(shapes, steps):
