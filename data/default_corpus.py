@@ -11,10 +11,11 @@ The text differs slightly between Python versions, so its scores are smoke-test 
 import argparse
 import ast
 import random
+import sys
 import sysconfig
 from pathlib import Path
 
-from data.prepare import summary_lines, train_tokenizer, write_splits
+from data.prepare import PrepareError, summary_lines, train_tokenizer, write_splits
 
 # Folders of the standard library whose docstrings are tests, demos or vendored code rather than documentation.
 SKIPPED_DIRS = {"test", "tests", "idlelib", "site-packages", "dist-packages", "__pycache__", "lib2to3", "turtledemo", "ensurepip"}
@@ -62,7 +63,10 @@ def main():
     parser.add_argument("--tokenizer", type=Path, default=Path("data/tokenizers/default_1024_bpe.model"))
     parser.add_argument("--vocab-size", type=int, default=1024)
     args = parser.parse_args()
-    summary = build_default_corpus(args.output, args.tokenizer, args.vocab_size)
+    try:
+        summary = build_default_corpus(args.output, args.tokenizer, args.vocab_size)
+    except (PrepareError, OSError) as error:
+        sys.exit("error: " + " ".join(str(error).split()))
     print(f"default_corpus:{'reused' if summary is None else 'built'} data_path:{args.output} tokenizer_path:{args.tokenizer}")
     if summary is not None:
         print("\n".join(summary_lines(summary)))

@@ -17,13 +17,13 @@ import json
 import os
 import shutil
 import sys
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Callable
 
 from huggingface_hub import hf_hub_download
 from huggingface_hub.errors import (HTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled, RemoteEntryNotFoundError,
                                     RepositoryNotFoundError, RevisionNotFoundError)
-from huggingface_hub.utils import disable_progress_bars
+from huggingface_hub.utils import disable_progress_bars, logging as hf_logging
 from tqdm import tqdm
 
 from data.shards import ShardError, read_shard_header, shard_name
@@ -32,6 +32,8 @@ REPO_ID = "willdepueoai/parameter-golf"
 REMOTE_ROOT = "datasets"  # the export lives in this folder of the dataset repo; its contents map onto the output root
 DEFAULT_TRAIN_SHARDS = 80  # the challenge's default: 8B tokens, more than one 10-minute run on 8xH100 consumes
 STAGING = ".download"  # fetched files wait here, beside their final place, until verified
+MANIFEST = f"{REPO_ID}/{REMOTE_ROOT}/manifest.json"
+KINDS = {list: "a list", dict: "an object", str: "a string", int: "a count (an integer >= 0)"}
 
 Fetch = Callable[[str, Path], Path]  # (path in the repo, local dir) -> the file, written at local dir / path in the repo
 
@@ -86,17 +88,45 @@ def ensure(rel_path: str, output_root: Path, fetch: Fetch) -> bool:
 def plan(manifest: dict, variant: str, train_shards: int) -> list[str]:
     """The files of one variant, relative to the remote root, in the order the challenge fetches them."""
     name = f"fineweb10B_{variant}"
-    dataset = next((d for d in manifest["datasets"] if d["name"] == name), None)
-    if dataset is None:
-        published = ", ".join(d["name"] for d in manifest["datasets"])
-        raise DownloadError(f"{REPO_ID}/{REMOTE_ROOT}/manifest.json has no dataset {name} (published: {published})")
-    stats = dataset["stats"]
-    if train_shards > stats["files_train"]:
-        raise DownloadError(f"{name} has only {stats['files_train']} train shards, {train_shards} requested")
-    tokenizer = next(t for t in manifest["tokenizers"] if t["name"] == dataset["tokenizer_name"])
-    return ([f"datasets/{name}/{shard_name('val', i)}" for i in range(stats["files_val"])]
-            + [f"datasets/{name}/{shard_name('train', i)}" for i in range(train_shards)]
-            + [tokenizer[key] for key in ("model_path", "vocab_path", "path") if tokenizer.get(key)])
+    datasets, tokenizers = _field(manifest, "datasets", list), _field(manifest, "tokenizers", list)
+    # Only the entries this variant uses must be complete; the others are never read.
+    published = [d.get("name") if isinstance(d, dict) else None for d in datasets]
+    if name not in published:
+        listed = ", ".join(str(n) for n in published if n is not None)
+        raise DownloadError(f"{MANIFEST} has no dataset {name} (published: {listed or 'none'})")
+    index = published.index(name)
+    dataset, at = datasets[index], f"datasets[{index}]"
+    stats = _field(dataset, "stats", dict, at)
+    files_val, files_train = (_field(stats, key, int, f"{at}.stats") for key in ("files_val", "files_train"))
+    if train_shards > files_train:
+        raise DownloadError(f"{name} has only {files_train} train shards, {train_shards} requested")
+    tokenizer_name = _field(dataset, "tokenizer_name", str, at)
+    names = [t.get("name") if isinstance(t, dict) else None for t in tokenizers]
+    if tokenizer_name not in names:
+        raise DownloadError(f"{MANIFEST}: {at}.tokenizer_name {tokenizer_name!r} is not among its tokenizers")
+    index = names.index(tokenizer_name)
+    tokenizer, at = tokenizers[index], f"tokenizers[{index}]"
+    tokenizer_files = [_field(tokenizer, key, str, at) for key in ("model_path", "vocab_path", "path")
+                       if tokenizer.get(key)]
+    for rel_path in tokenizer_files:
+        # The path is joined to the output root: it must stay inside it.
+        if PurePosixPath(rel_path).is_absolute() or ".." in PurePosixPath(rel_path).parts:
+            raise DownloadError(f"{MANIFEST}: {at} path {rel_path!r} is not a path inside the repo folder")
+    return ([f"datasets/{name}/{shard_name('val', i)}" for i in range(files_val)]
+            + [f"datasets/{name}/{shard_name('train', i)}" for i in range(train_shards)] + tokenizer_files)
+
+
+def _field(entry, key: str, kind: type, at: str = ""):
+    """entry[key], which must be of kind; anything else is a DownloadError naming the manifest field."""
+    if not isinstance(entry, dict):
+        raise DownloadError(f"{MANIFEST}: {at or 'the manifest'} is {json.dumps(entry)[:40]}, not an object")
+    where = f"{at}.{key}" if at else key
+    value = entry.get(key)
+    if key not in entry:
+        raise DownloadError(f"{MANIFEST}: {where} is missing")
+    if isinstance(value, bool) or not isinstance(value, kind) or (kind is int and value < 0):
+        raise DownloadError(f"{MANIFEST}: {where} is {json.dumps(value)[:40]}, not {KINDS[kind]}")
+    return value
 
 
 def download(variant: str = "sp1024", train_shards: int = DEFAULT_TRAIN_SHARDS, output_root: str | Path = "data",
@@ -107,7 +137,7 @@ def download(variant: str = "sp1024", train_shards: int = DEFAULT_TRAIN_SHARDS, 
     ensure("manifest.json", output_root, fetch)
     manifest = json.loads((output_root / "manifest.json").read_text(encoding="utf-8"))
     fetched, fetched_bytes = [], 0
-    with tqdm(plan(manifest, variant, train_shards), unit="file", desc=f"fineweb10B_{variant}") as bar:
+    with tqdm(plan(manifest, variant, train_shards), unit="file", desc=f"fineweb10B_{variant}", disable=None) as bar:
         for rel_path in bar:
             if ensure(rel_path, output_root, fetch):
                 fetched.append(output_root / rel_path)
@@ -125,13 +155,18 @@ def main() -> None:
                         help=f"first N train shards of 10^8 tokens each (default {DEFAULT_TRAIN_SHARDS})")
     parser.add_argument("--output-root", type=Path, default=Path("data"), help="mirror of the repo's datasets/ folder")
     args = parser.parse_args()
-    if args.train_shards < 0:
-        parser.error("--train-shards must be >= 0")
     disable_progress_bars()  # one bar over the files instead of the hub client's bar per file
+    hf_logging.set_verbosity_error()  # its retry warnings would bury the one line that reports a failure
     try:
+        if args.train_shards < 0:
+            raise DownloadError(f"--train-shards must be >= 0, got {args.train_shards}")
+        root = args.output_root.absolute()
+        existing = next(p for p in (root, *root.parents) if p.exists())  # the rest is created there
+        if not existing.is_dir() or not os.access(existing, os.W_OK):
+            raise DownloadError(f"--output-root {args.output_root}: {existing} is not a writable folder")
         fetched = download(args.variant, args.train_shards, args.output_root)
-    except DownloadError as e:
-        sys.exit(f"error: {e}")
+    except (DownloadError, OSError) as e:  # OSError: the local disk, e.g. a folder that cannot be created
+        sys.exit("error: " + " ".join(str(e).split()))  # one line, whatever the message holds
     print(f"fetched {len(fetched)} files into {args.output_root}")
 
 

@@ -6,18 +6,20 @@ Checks: README.md, submission.json, train_moe.py and at least one log pair (<RUN
 present; submission.json has the challenge's fields with the right types; every claimed score and byte count (per
 seed and mean) equals what the logs say; train_moe.py is byte-identical to the source at the top of every log; each
 artifact, recomputed as len(train_moe.py) + the log's model_bytes, fits in 16,000,000 bytes; each run trained within
-the track's time limit. Prints every problem (one line each) and exits 1, or prints one OK line.
+the track's time limit. Prints every problem to stderr, one `error:` line each, and exits 1; or prints one OK line.
 """
+import argparse
 import json
 import math
 import re
 import statistics
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
-from make_record import TRACK_LIMIT_MS, pre_export_bpb, read_events, split_log
+from make_record import (CAP_BYTES, TRACK_LIMIT_MS, RecordError, check_events, pre_export_bpb, read_events,
+                         read_log)
 
-CAP_BYTES = 16_000_000
 NUMBER, INTEGER, TEXT = "number", "integer", "string"
 FIELDS = {"author": TEXT, "github_id": TEXT, "name": TEXT, "blurb": TEXT, "date": TEXT, "track": TEXT,
           "val_loss": NUMBER, "val_bpb": NUMBER, "bytes_total": INTEGER, "bytes_code": INTEGER, "seeds": "list",
@@ -46,7 +48,12 @@ def check(folder: Path) -> tuple[list[str], dict]:
     track = folder.resolve().parent.name
     if track not in TRACK_LIMIT_MS:
         problems.append(f"folder is not inside one of records/{{{','.join(sorted(TRACK_LIMIT_MS))}}}")
-    shipped = (folder / "train_moe.py").read_bytes() if (folder / "train_moe.py").is_file() else None
+    shipped = None
+    if (folder / "train_moe.py").is_file():
+        try:
+            shipped = (folder / "train_moe.py").read_bytes()
+        except OSError as e:
+            problems.append(f"train_moe.py: cannot be read ({e.strerror})")
 
     # The logs: every <RUN_ID>.jsonl with its <RUN_ID>.txt, by seed.
     runs = {}
@@ -55,29 +62,28 @@ def check(folder: Path) -> tuple[list[str], dict]:
         if not text_path.is_file():
             problems.append(f"{jsonl_path.name}: its text log {text_path.name} is missing")
             continue
-        try:
-            source, _, config = split_log(text_path.read_bytes())
-            events = read_events(jsonl_path)
-        except (ValueError, KeyError, json.JSONDecodeError) as e:
-            problems.append(f"{text_path.stem}: unreadable log: {e}")
-            continue
         name = text_path.name
-        if shipped is not None and source != shipped:
-            problems.append(f"{name}: train_moe.py differs from the source this run logged")
-        missing = [e for e in ("train_done", "artifact", "final_roundtrip") if e not in events]
-        if missing:
-            problems.append(f"{name}: no {', '.join(missing)} event: the run did not finish")
+        try:
+            source, _, config = read_log(text_path)
+            events = read_events(jsonl_path)
+            if shipped is not None and source != shipped:
+                problems.append(f"{name}: train_moe.py differs from the source this run logged")
+            check_events(events, jsonl_path)
+        except RecordError as e:
+            problems.append(str(e).removeprefix(f"{folder}/"))  # main names the folder once
             continue
-        model_bytes = events["artifact"]["model_bytes"]
-        artifact_bytes = (len(shipped) if shipped is not None else events["artifact"]["code_bytes"]) + model_bytes
-        if artifact_bytes != events["artifact"]["artifact_bytes"]:
-            problems.append(f"{name}: artifact recomputes to {artifact_bytes} bytes, the log says {events['artifact']['artifact_bytes']}")
+        artifact = events["artifact"]
+        artifact_bytes = (len(shipped) if shipped is not None else artifact["code_bytes"]) + artifact["model_bytes"]
+        if artifact_bytes != artifact["artifact_bytes"]:
+            problems.append(f"{name}: artifact recomputes to {artifact_bytes} bytes, the log says {artifact['artifact_bytes']}")
         if artifact_bytes > CAP_BYTES:
             problems.append(f"{name}: artifact {artifact_bytes:,} bytes is over the {CAP_BYTES:,}-byte cap")
         limit_ms = TRACK_LIMIT_MS.get(track)
         if limit_ms is not None and events["train_done"]["train_time_ms"] > limit_ms:
             problems.append(f"{name}: trained {events['train_done']['train_time_ms']} ms, over {track}'s {limit_ms} ms")
-        runs[config.get("seed")] = {"events": events, "artifact_bytes": artifact_bytes}
+        if config["seed"] in runs:
+            problems.append(f"{name}: seed {config['seed']} is logged twice")
+        runs[config["seed"]] = {"events": events, "artifact_bytes": artifact_bytes}
     if not any(folder.glob("*.jsonl")):
         problems.append("no run log (<RUN_ID>.txt + <RUN_ID>.jsonl)")
 
@@ -85,14 +91,22 @@ def check(folder: Path) -> tuple[list[str], dict]:
     if not (folder / "submission.json").is_file():
         return problems, {}
     try:
-        sub = json.loads((folder / "submission.json").read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        return problems + [f"submission.json: not JSON: {e}"], {}
+        sub = json.loads((folder / "submission.json").read_bytes().decode("utf-8"))
+    except (OSError, ValueError) as e:  # ValueError: not UTF-8, or not JSON
+        return problems + [f"submission.json: not readable JSON: {e}"], {}
+    if not isinstance(sub, dict):
+        return problems + [f"submission.json: holds {json.dumps(sub)[:40]}, not a JSON object"], {}
+    # json.loads takes NaN and Infinity; no claim can be checked against them.
+    bad_numbers = [f"submission.json: {where} is {str(value)[:40]}, not a finite number" for where, value in non_finite(sub)]
+    if bad_numbers:
+        return problems + bad_numbers, {}
     for field, kind in FIELDS.items():
         if field not in sub:
             problems.append(f"submission.json: no {field}")
         elif not has_type(sub[field], kind):
             problems.append(f"submission.json: {field} should be a {kind}, is {sub[field]!r}")
+    if isinstance(sub.get("seeds"), list) and not all(has_type(seed, INTEGER) for seed in sub["seeds"]):
+        problems.append(f"submission.json: seeds should be a list of integers, is {sub['seeds']!r}")
     if not (sub.get("val_bpb_std") is None or has_type(sub["val_bpb_std"], NUMBER)):
         problems.append(f"submission.json: val_bpb_std should be a number or null, is {sub['val_bpb_std']!r}")
     if isinstance(sub.get("date"), str) and not re.fullmatch(r"\d{4}-\d{2}-\d{2}", sub["date"]):
@@ -136,15 +150,27 @@ def check(folder: Path) -> tuple[list[str], dict]:
     return problems, sub
 
 
+def non_finite(value, where: str = "") -> Iterator[tuple[str, float]]:
+    """(field path, value) of every number in a JSON value that is NaN, infinite, or an int too large for a float."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and not abs(value) <= sys.float_info.max:
+        yield where, value
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from non_finite(item, f"{where}.{key}" if where else key)
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            yield from non_finite(item, f"{where}[{index}]")
+
+
 def main():
-    if len(sys.argv) != 2:
-        sys.exit("usage: python scripts/check_record.py records/<track>/<date>_<name>")
-    folder = Path(sys.argv[1])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("folder", type=Path, help="records/<track>/<date>_<name>")
+    folder = parser.parse_args().folder
     if not folder.is_dir():
-        sys.exit(f"check_record: {folder} is not a folder")
+        sys.exit(f"error: {folder} is not a folder")
     problems, sub = check(folder)
     for problem in problems:
-        print(f"{folder}: {problem}")
+        print("error: " + " ".join(f"{folder}: {problem}".split()), file=sys.stderr)  # one line per problem
     if problems:
         sys.exit(1)
     print(f"OK {folder}: val_bpb {sub['val_bpb']:.8f} (val_loss {sub['val_loss']:.8f}) over seeds {sub['seeds']}, "

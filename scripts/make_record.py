@@ -6,8 +6,9 @@
 
 Writes records/<track>/<YYYY-MM-DD>_<name>/ (relative to the current directory, normally the repo root) with
 train_moe.py exactly as run (taken from the logs, never from the working tree), each seed's .txt and .jsonl log,
-README.md and submission.json. Refuses runs that are unfinished, over the size cap, over the track's time limit,
-or whose sources or settings differ, and never overwrites a record.
+README.md and submission.json. Refuses runs that are unfinished, failed, over the size cap, over the track's time
+limit, whose logs are not train_moe.py's or hold a missing, mistyped or non-finite figure, or whose sources or
+settings differ, with one `error:` line and exit status 1; never overwrites a record nor leaves a half-written one.
 """
 import argparse
 import json
@@ -20,9 +21,26 @@ import time
 from pathlib import Path
 
 SEPARATOR = b"=" * 100
+CAP_BYTES = 16_000_000
 TRACK_LIMIT_MS = {"track_10min_16mb": 600_000, "track_non_record_16mb": None}
 # Settings that may differ between the seeds of one record; everything else must match.
 PER_RUN_CONFIG = ("run_id", "seed", "launch")
+# The figures a record reads, per event. json.loads takes NaN and Infinity, so each is checked to be finite.
+FIGURES = {
+    "artifact": {"code_bytes": int, "model_bytes": int, "artifact_bytes": int, "status": str, "path": str},
+    "model": {"params": int, "active_params": int},
+    "train_done": {"steps": int, "train_time_ms": float, "step_avg_ms": float},
+    "final_raw": {"val_loss": float, "val_bpb": float},
+    "final_ema": {"val_loss": float, "val_bpb": float},
+    "final_roundtrip": {"val_loss": float, "val_bpb": float},
+}
+ROUTER_FIGURES = {"layer": int, "max_over_mean": float, "dead": int, "load": list}
+FINISHED = [event for event in FIGURES if event != "final_ema"]  # final_ema only when the run kept an EMA
+KINDS = {int: "an integer >= 0", float: "a finite number >= 0", str: "a string", list: "a list of finite numbers >= 0"}
+
+
+class RecordError(Exception):
+    """A run, log or argument that cannot make (or pass as) a record; main reports it as one `error:` line."""
 
 
 def split_log(text_log: bytes) -> tuple[bytes, str, dict]:
@@ -34,32 +52,106 @@ def split_log(text_log: bytes) -> tuple[bytes, str, dict]:
     lines = text_log.split(b"\n")
     marks = [i for i, line in enumerate(lines) if line == SEPARATOR]
     if len(marks) < 2:
-        raise ValueError("no '=' separator lines: not a train_moe.py log")
+        raise RecordError("no '=' separator lines: not a train_moe.py log")
     first, second = marks[-2], marks[-1]
     # The logger's own newline ends the last source line, so joining the lines before the separator gives the
     # source byte for byte (with its final newline, if it had one).
     source = b"\n".join(lines[:first])
-    environment = b"\n".join(lines[first + 1:second]).decode("utf-8")
-    config = {}
-    for line in lines[second + 1:]:
-        if line.startswith(b"config "):
-            key, _, value = line[len(b"config "):].decode("utf-8").partition(":")
-            config[key] = value
+    try:
+        environment = b"\n".join(lines[first + 1:second]).decode("utf-8")
+        config = {}
+        for line in lines[second + 1:]:
+            if line.startswith(b"config "):
+                key, _, value = line[len(b"config "):].decode("utf-8").partition(":")
+                config[key] = value
+    except UnicodeDecodeError as e:
+        raise RecordError(f"not UTF-8 text after the source ({e.reason}): not a train_moe.py log") from None
     return source, environment, config
+
+
+def read_log(text_path: Path) -> tuple[bytes, str, dict]:
+    """split_log of a file, with its settings checked; a RecordError names the file."""
+    try:
+        source, environment, config = split_log(text_path.read_bytes())
+        check_config(config, environment)
+    except OSError as e:
+        raise RecordError(f"{text_path}: cannot be read ({e.strerror})") from None
+    except RecordError as e:
+        raise RecordError(f"{text_path}: {e}") from None
+    return source, environment, config
+
+
+def check_config(config: dict, environment: str) -> None:
+    needed = ["seed", "world_size", "mlp_mode", "launch"]
+    if config.get("mlp_mode") != "dense":
+        needed += ["router", "num_experts", "top_k", "moe_layers"]
+    for key in needed:
+        if key not in config:
+            raise RecordError(f"no 'config {key}:' line: not a finished train_moe.py log")
+        if key in ("seed", "world_size", "num_experts", "top_k") and not re.fullmatch(r"-?\d+", config[key]):
+            raise RecordError(f"config {key}:{config[key]} is not an integer")
+    if not re.search(r"torch \S+", environment):
+        raise RecordError("no torch version in the environment report: not a train_moe.py log")
 
 
 def read_events(jsonl_path: Path) -> dict:
     """Events of a logs/<RUN_ID>.jsonl by name; the last one wins, except `router`, whose last report per MoE layer
-    is kept under "router_final" as a list ordered by layer."""
+    is kept under "router_final" as a list ordered by layer. A line that is no event is a RecordError."""
+    try:
+        text = jsonl_path.read_bytes().decode("utf-8")
+    except OSError as e:
+        raise RecordError(f"{jsonl_path}: cannot be read ({e.strerror})") from None
+    except UnicodeDecodeError as e:
+        raise RecordError(f"{jsonl_path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     events, last_router = {}, {}
-    for line in jsonl_path.read_text(encoding="utf-8").splitlines():
-        record = json.loads(line)
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError as e:
+            raise RecordError(f"{jsonl_path}:{number}: not JSON ({e})") from None
+        if not isinstance(record, dict) or not isinstance(record.get("event"), str):
+            raise RecordError(f"{jsonl_path}:{number}: not a train_moe.py event (a JSON object with an 'event' name)")
         if record["event"] == "router":
+            check_figures(record, {"layer": int}, f"{jsonl_path}:{number}: router")
             last_router[record["layer"]] = record
         else:
             events[record["event"]] = record
     events["router_final"] = [last_router[layer] for layer in sorted(last_router)]
     return events
+
+
+def check_events(events: dict, jsonl_path: Path) -> None:
+    """Refuse a run that did not finish, or any figure a record reads that is missing, mistyped or not finite."""
+    missing = [event for event in FINISHED if event not in events]
+    if missing:
+        raise RecordError(f"{jsonl_path}: no {', '.join(missing)} event: the run did not finish")
+    for event, fields in FIGURES.items():  # artifact first: a failed run is reported as such, not by its NaN score
+        if event in events:
+            check_figures(events[event], fields, f"{jsonl_path}: {event}")
+        if event == "artifact" and events[event]["status"] not in ("OK", "OVER"):  # OVER: the caller weighs the size
+            raise RecordError(f"{jsonl_path}: artifact status {events[event]['status']!r}: the run failed")
+    for router in events["router_final"]:
+        check_figures(router, ROUTER_FIGURES, f"{jsonl_path}: router layer {router['layer']}")
+
+
+def check_figures(record: dict, fields: dict, where: str) -> None:
+    for field, kind in fields.items():
+        if field not in record:
+            raise RecordError(f"{where} has no {field}")
+        if not fits(record[field], kind):
+            raise RecordError(f"{where} {field} is {json.dumps(record[field])[:60]}, not {KINDS[kind]}")
+
+
+def fits(value, kind: type) -> bool:
+    if kind is str:
+        return isinstance(value, str)
+    if kind is list:
+        return isinstance(value, list) and all(fits(x, float) for x in value)
+    # bool is an int in Python, but true is no count; the bound also refuses NaN, infinities and ints no float holds.
+    return (not isinstance(value, bool) and isinstance(value, int if kind is int else (int, float))
+            and 0 <= value <= sys.float_info.max)
 
 
 def run_paths(run: str) -> tuple[Path, Path]:
@@ -72,23 +164,21 @@ def load_run(run: str, track: str) -> dict:
     text_path, jsonl_path = run_paths(run)
     for path in (text_path, jsonl_path):
         if not path.is_file():
-            sys.exit(f"make_record: {run}: {path} not found")
-    source, environment, config = split_log(text_path.read_bytes())
+            raise RecordError(f"{run}: {path} {'is not a file' if path.exists() else 'not found'}")
+    source, environment, config = read_log(text_path)
     events = read_events(jsonl_path)
-    for needed in ("model", "train_done", "artifact", "final_roundtrip"):
-        if needed not in events:
-            sys.exit(f"make_record: {run}: no {needed} event in {jsonl_path}: the run did not finish")
+    check_events(events, jsonl_path)
     artifact = events["artifact"]
-    if artifact["status"] != "OK" or artifact["artifact_bytes"] > 16_000_000:
-        sys.exit(f"make_record: {run}: artifact {artifact['artifact_bytes']:,} bytes is over the 16,000,000-byte cap")
+    if artifact["status"] == "OVER" or artifact["artifact_bytes"] > CAP_BYTES:
+        raise RecordError(f"{run}: artifact {artifact['artifact_bytes']:,} bytes is over the {CAP_BYTES:,}-byte cap")
     # A size claimed by the log must be the size of what the run wrote, if it is still here to look at.
     artifact_path = Path(artifact["path"])
     if artifact_path.is_file() and artifact_path.stat().st_size != artifact["model_bytes"]:
-        sys.exit(f"make_record: {run}: {artifact_path} is {artifact_path.stat().st_size} bytes, "
-                 f"the log says {artifact['model_bytes']}")
+        raise RecordError(f"{run}: {artifact_path} is {artifact_path.stat().st_size} bytes, "
+                          f"the log says {artifact['model_bytes']}")
     limit_ms = TRACK_LIMIT_MS[track]
     if limit_ms is not None and events["train_done"]["train_time_ms"] > limit_ms:
-        sys.exit(f"make_record: {run}: trained {events['train_done']['train_time_ms']} ms, over {track}'s {limit_ms} ms")
+        raise RecordError(f"{run}: trained {events['train_done']['train_time_ms']} ms, over {track}'s {limit_ms} ms")
     return {"text_path": text_path, "jsonl_path": jsonl_path, "source": source, "environment": environment,
             "config": config, "events": events, "seed": int(config["seed"])}
 
@@ -224,6 +314,49 @@ def readme(runs: list[dict], sub: dict) -> str:
     return "\n".join(lines)
 
 
+def make_record(args: argparse.Namespace) -> tuple[Path, dict]:
+    for flag, values in (("--baseline-loss", args.baseline_loss), ("--baseline-bpb", args.baseline_bpb)):
+        if not all(map(math.isfinite, values or [])):
+            raise RecordError(f"{flag} {' '.join(map(str, values))}: every value must be a finite number")
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", args.name).strip("_")
+    if not slug:
+        raise RecordError(f"--name {args.name!r} has no letter or digit to name the record folder")
+    runs = [load_run(run, args.track) for run in args.runs]
+    runs.sort(key=lambda r: r["seed"])
+    if len({r["seed"] for r in runs}) != len(runs):
+        raise RecordError("the same seed is given twice")
+    first = runs[0]
+    for r in runs[1:]:
+        if r["source"] != first["source"]:
+            raise RecordError(f"{r['text_path']} and {first['text_path']} ran different train_moe.py sources")
+        differing = [k for k in set(r["config"]) | set(first["config"])
+                     if k not in PER_RUN_CONFIG and r["config"].get(k) != first["config"].get(k)]
+        if differing:
+            raise RecordError(f"{r['text_path']} and {first['text_path']} differ in {', '.join(sorted(differing))}")
+
+    sub = submission(runs, args, len(first["source"]))
+    folder = Path("records") / args.track / f"{sub['date']}_{slug}"
+    if folder.exists():
+        raise RecordError(f"{folder} already exists; not overwriting a record")
+    logs = [path for r in runs for path in (r["text_path"], r["jsonl_path"])]
+    if len({path.name for path in logs}) != len(logs):
+        raise RecordError(f"two runs' logs have the same file name: {', '.join(map(str, logs))}")
+    files = {"train_moe.py": first["source"], "submission.json": (json.dumps(sub, indent=2) + "\n").encode(),
+             "README.md": readme(runs, sub).encode(), **{path.name: path.read_bytes() for path in logs}}
+    # Written under a temporary name and renamed when complete, so a failure never leaves a half record.
+    partial = folder.with_name(f".{folder.name}.partial")
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(partial, ignore_errors=True)  # left by a run that was killed
+    try:
+        partial.mkdir()
+        for name, data in files.items():
+            (partial / name).write_bytes(data)
+        partial.rename(folder)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    return folder, sub
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", nargs="+", required=True, help="logs/<RUN_ID>.txt paths or RUN_IDs, one per seed")
@@ -235,31 +368,10 @@ def main():
     parser.add_argument("--baseline-loss", type=float, nargs="+", help="per-seed val_loss of the record to beat")
     parser.add_argument("--baseline-bpb", type=float, nargs="+", help="per-seed val_bpb of the record to beat")
     args = parser.parse_args()
-
-    runs = [load_run(run, args.track) for run in args.runs]
-    runs.sort(key=lambda r: r["seed"])
-    if len({r["seed"] for r in runs}) != len(runs):
-        sys.exit("make_record: the same seed is given twice")
-    first = runs[0]
-    for r in runs[1:]:
-        if r["source"] != first["source"]:
-            sys.exit(f"make_record: {r['text_path']} and {first['text_path']} ran different train_moe.py sources")
-        differing = [k for k in set(r["config"]) | set(first["config"])
-                     if k not in PER_RUN_CONFIG and r["config"].get(k) != first["config"].get(k)]
-        if differing:
-            sys.exit(f"make_record: {r['text_path']} and {first['text_path']} differ in {', '.join(sorted(differing))}")
-
-    sub = submission(runs, args, len(first["source"]))
-    folder = Path("records") / args.track / f"{sub['date']}_{re.sub(r'[^A-Za-z0-9._-]+', '_', args.name).strip('_')}"
-    if folder.exists():
-        sys.exit(f"make_record: {folder} already exists; not overwriting a record")
-    folder.mkdir(parents=True)
-    (folder / "train_moe.py").write_bytes(first["source"])
-    for r in runs:
-        shutil.copyfile(r["text_path"], folder / r["text_path"].name)
-        shutil.copyfile(r["jsonl_path"], folder / r["jsonl_path"].name)
-    (folder / "submission.json").write_text(json.dumps(sub, indent=2) + "\n", encoding="utf-8")
-    (folder / "README.md").write_text(readme(runs, sub), encoding="utf-8")
+    try:
+        folder, sub = make_record(args)
+    except (RecordError, OSError) as e:  # OSError: the record folder could not be written
+        sys.exit("error: " + " ".join(str(e).split()))  # one line, whatever the message holds
     print(f"wrote {folder}: val_bpb {sub['val_bpb']:.8f} over seeds {sub['seeds']}, {sub['bytes_total']:,} bytes")
 
 

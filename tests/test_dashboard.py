@@ -119,6 +119,7 @@ def _check_png(path, min_w=300, min_h=200):
 
 def test_dashboard_html_and_pngs(logs, tmp_path):
     runs = [rd.load_run(logs[k]) for k in ("balanced", "collapsed", "dense")]
+    (tmp_path / "out").mkdir()
     out = tmp_path / "out" / "dash.html"
     pngs = rd.build_dashboard(runs, out, tmp_path / "pngs")
     # compare figure + (heatmaps, router curves) for each of the two sparse runs; none for the dense run
@@ -162,15 +163,15 @@ def test_cli_bad_json_names_line(logs, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text("\n".join(lines) + "\n")
     r = _cli(logs["dense"], bad, "--out", tmp_path / "x.html")
-    assert r.returncode != 0
-    err = r.stderr.strip().splitlines()[-1]
-    assert "bad.jsonl:3" in err and "JSON" in err and "Traceback" not in r.stderr
+    assert r.returncode == 1
+    assert len(r.stderr.splitlines()) == 1 and r.stderr.startswith("error: ")
+    assert "bad.jsonl:3" in r.stderr and "JSON" in r.stderr
     assert not (tmp_path / "x.html").exists()
 
 
 def test_cli_missing_file(tmp_path):
     r = _cli(tmp_path / "nope.jsonl", "--out", tmp_path / "x.html")
-    assert r.returncode != 0 and "nope.jsonl" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 1 and r.stderr.startswith("error: ") and "nope.jsonl" in r.stderr and "Traceback" not in r.stderr
 
 
 CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)

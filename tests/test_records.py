@@ -74,7 +74,7 @@ def test_valid_record_passes(workdir):
     assert result.returncode == 0 and result.stdout.startswith("OK "), result.stdout
     # A record is never overwritten.
     again = make(workdir, "s1", "s2")
-    assert again.returncode != 0 and "already exists" in again.stderr
+    assert again.returncode == 1 and again.stderr.startswith("error: ") and "already exists" in again.stderr
 
 
 def test_make_refuses_over_cap_and_unfinished_runs(workdir):
@@ -86,10 +86,10 @@ def test_make_refuses_over_cap_and_unfinished_runs(workdir):
     (workdir / "artifacts/s2.moe.zst").unlink()  # else its real size contradicts the edited log first
     edit_log.write_text("".join(json.dumps(line) + "\n" for line in lines))
     result = make(workdir, "s1", "s2")
-    assert result.returncode != 0 and "over the 16,000,000-byte cap" in result.stderr
+    assert result.returncode == 1 and result.stderr.startswith("error: ") and "over the 16,000,000-byte cap" in result.stderr
     edit_log.write_text("".join(json.dumps(line) + "\n" for line in lines if line["event"] != "final_roundtrip"))
     result = make(workdir, "s2")
-    assert result.returncode != 0 and "no final_roundtrip event" in result.stderr
+    assert result.returncode == 1 and result.stderr.startswith("error: ") and "no final_roundtrip event" in result.stderr
     assert not (workdir / "records").exists()
 
 
@@ -97,7 +97,7 @@ def test_make_refuses_runs_of_different_sources(workdir):
     text_log = workdir / "logs/s2.txt"
     text_log.write_bytes(text_log.read_bytes().replace(b"import", b"import ", 1))
     result = make(workdir, "s1", "s2")
-    assert result.returncode != 0 and "different train_moe.py sources" in result.stderr
+    assert result.returncode == 1 and result.stderr == f"error: {Path('logs/s2.txt')} and {Path('logs/s1.txt')} ran different train_moe.py sources\n"
 
 
 def test_false_claims_fail(workdir):
@@ -132,8 +132,9 @@ def test_missing_log_and_changed_script_all_reported(workdir):
     with open(folder / "train_moe.py", "ab") as f:
         f.write(b"\n")
     result = check_cli(folder)
-    lines = result.stdout.splitlines()
-    assert result.returncode == 1
+    lines = result.stderr.splitlines()
+    assert result.returncode == 1 and result.stdout == ""
+    assert all(line.startswith(f"error: {folder}: ") for line in lines)
     assert any("s1.txt: train_moe.py differs from the source this run logged" in line for line in lines)
     assert any("s2.jsonl: its text log s2.txt is missing" in line for line in lines)
     assert any("seed 2: claimed, but no finished log" in line for line in lines)
@@ -147,7 +148,7 @@ def test_ten_minute_track_limit(workdir):
             line["train_time_ms"] = 600_001
     (workdir / "logs/s1.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
     result = make(workdir, "s1", track="track_10min_16mb")
-    assert result.returncode != 0 and "over track_10min_16mb's 600000 ms" in result.stderr
+    assert result.returncode == 1 and result.stderr == "error: s1: trained 600001 ms, over track_10min_16mb's 600000 ms\n"
 
 
 def test_source_extraction_is_byte_exact():
