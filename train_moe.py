@@ -1,22 +1,27 @@
 """moe-golf trainer: a Parameter Golf language model in one file (16,000,000-byte artifact, val_bpb on FineWeb).
 
 Launch:  RUN_ID=x DATA_PATH=... torchrun --standalone --nproc_per_node=8 train_moe.py   (or: python train_moe.py)
-Every knob is an environment variable read once at start (table in README.md); bad values stop the run with
-one `config_error:` line before any data is read or anything is compiled.
+Every knob is an environment variable read once at start (table in README.md). Bad values or data stop the run with
+one `config_error:` line (exit 2) before any file is touched or anything compiled; a loss gone non-finite ends it
+with `error:` and exit 3, an artifact over the cap with exit 4 after it is scored.
 """
 from __future__ import annotations
 
 import copy
+import difflib
 import glob
+import io
 import itertools
 import json
 import math
 import os
 import platform
+import re
 import shlex
 import subprocess
 import sys
 import time
+import traceback
 import uuid
 from pathlib import Path
 
@@ -36,20 +41,31 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 MLP_MODES = ("dense", "sparse", "shared_routed", "soft")
 ROUTERS = ("softmax", "sigmoid", "hash")
-QUANT_BITS = (5, 6, 8)
+QUANT_BITS = (4, 5, 6, 7, 8)
+# Read outside Hyperparameters: not misspellings of a setting.
+OTHER_SETTINGS = ("WANDB_PROJECT",)
 
 
 class ConfigError(ValueError):
     pass
 
 
+class RunFailed(RuntimeError):
+    """A run that must not look finished: one `error:` line and this exit status (3 non-finite, 4 over the cap)."""
+
+    def __init__(self, message: str, status: int):
+        super().__init__(message)
+        self.status = status
+
+
 class EnvReader:
     """Typed, range-checked reads of environment variables; every failure names the variable."""
 
     def __init__(self, env):
-        self.env, self.given = env, {}
+        self.env, self.given, self.names = env, {}, set()
 
     def text(self, name, default):
+        self.names.add(name)
         if name in self.env:
             self.given[name] = self.env[name]
         return self.env.get(name, str(default)).strip()
@@ -64,14 +80,17 @@ class EnvReader:
             raise ConfigError(f"{name}={raw!r}: expected an integer{_range_text(lo, hi)}")
         return value
 
-    def number(self, name, default, lo=None, hi=None):
+    def number(self, name, default, lo=None, hi=None, above=None, below=None):
+        """A finite float in [lo, hi]; `above`/`below` are exclusive bounds (Adam's betas below 1, eps above 0)."""
         raw = self.text(name, default)
+        allowed = _range_text(lo, hi, above, below)
         try:
             value = float(raw)
         except ValueError:
-            raise ConfigError(f"{name}={raw!r}: expected a number{_range_text(lo, hi)}") from None
-        if not math.isfinite(value) or (lo is not None and value < lo) or (hi is not None and value > hi):
-            raise ConfigError(f"{name}={raw!r}: expected a finite number{_range_text(lo, hi)}")
+            raise ConfigError(f"{name}={raw!r}: expected a number{allowed}") from None
+        if (not math.isfinite(value) or (lo is not None and value < lo) or (hi is not None and value > hi)
+                or (above is not None and value <= above) or (below is not None and value >= below)):
+            raise ConfigError(f"{name}={raw!r}: expected a finite number{allowed}")
         return value
 
     def choice(self, name, default, allowed):
@@ -82,6 +101,15 @@ class EnvReader:
 
     def flag(self, name, default):
         return bool(self.choice(name, default, (0, 1)))
+
+    def misspelt(self) -> list[str]:
+        """Settings-like names in the environment that are not settings but nearly spell one (MLP_MDOE)."""
+        warnings = []
+        for name in sorted(self.env):
+            if re.fullmatch(r"[A-Z][A-Z0-9_]*", name) and name not in self.names and name not in OTHER_SETTINGS:
+                if close := difflib.get_close_matches(name, self.names, n=1, cutoff=0.85):
+                    warnings.append(f"{name} is not a setting and is ignored; did you mean {close[0]}?")
+        return warnings
 
 
 def _round8(x: float) -> int:
@@ -108,64 +136,71 @@ def parse_layers(spec: str, num_layers: int) -> tuple[int, ...]:
     return tuple(sorted(layers))
 
 
-def _range_text(lo, hi):
-    if lo is not None and hi is not None:
-        return f" in [{lo}, {hi}]"
-    return f" >= {lo}" if lo is not None else (f" <= {hi}" if hi is not None else "")
+def _range_text(lo=None, hi=None, above=None, below=None):
+    low = f"[{lo}" if lo is not None else (f"({above}" if above is not None else None)
+    high = f"{hi}]" if hi is not None else (f"{below})" if below is not None else None)
+    if low and high:
+        return f" in {low}, {high}"
+    if low:
+        return f" >= {lo}" if lo is not None else f" > {above}"
+    return f" <= {hi}" if hi is not None else (f" < {below}" if below is not None else "")
 
 
 class Hyperparameters:
     def __init__(self, env=os.environ):
         get = EnvReader(env)
         # Run and data. Names and defaults follow the challenge's train_gpt.py wherever the knob exists there.
+        # Bounds are wide but finite: a value that passes must run, not fail later in a kernel or an optimizer.
         self.run_id = get.text("RUN_ID", "")
+        if self.run_id and not re.fullmatch(r"[A-Za-z0-9._-]{1,200}", self.run_id):
+            raise ConfigError(f"RUN_ID={self.run_id!r}: up to 200 letters, digits, '.', '_' and '-' (it names files)")
         self.data_path = get.text("DATA_PATH", "./data/datasets/fineweb10B_sp1024")
         self.tokenizer_path = get.text("TOKENIZER_PATH", "./data/tokenizers/fineweb_1024_bpe.model")
         self.seed = get.integer("SEED", 1337, 0, 2**31 - 1)
-        self.iterations = get.integer("ITERATIONS", 20000, 1)
-        self.warmup_steps = get.integer("WARMUP_STEPS", 20, 0)
-        self.warmdown_iters = get.integer("WARMDOWN_ITERS", 1200, 0)
-        self.max_wallclock_seconds = get.number("MAX_WALLCLOCK_SECONDS", 600, 0)
-        self.train_batch_tokens = get.integer("TRAIN_BATCH_TOKENS", 524288, 1)
-        self.train_seq_len = get.integer("TRAIN_SEQ_LEN", 1024, 2)
+        self.iterations = get.integer("ITERATIONS", 20000, 1, 10**9)
+        self.warmup_steps = get.integer("WARMUP_STEPS", 20, 0, 10**5)
+        self.warmdown_iters = get.integer("WARMDOWN_ITERS", 1200, 0, 10**9)
+        self.max_wallclock_seconds = get.number("MAX_WALLCLOCK_SECONDS", 600, 0, 10**7)
+        self.train_batch_tokens = get.integer("TRAIN_BATCH_TOKENS", 524288, 1, 2**30)
+        self.train_seq_len = get.integer("TRAIN_SEQ_LEN", 1024, 2, 2**16)
         self.train_log_every = get.integer("TRAIN_LOG_EVERY", 200, 1)
         self.val_loss_every = get.integer("VAL_LOSS_EVERY", 1000, 0)
-        self.val_batch_size = get.integer("VAL_BATCH_SIZE", 524288, 1)
+        self.val_batch_size = get.integer("VAL_BATCH_SIZE", 524288, 1, 2**30)
         self.eval_stride = get.integer("EVAL_STRIDE", 0, 0)
         self.compile = get.flag("COMPILE", 1)
         self.wandb = get.flag("WANDB", 0)
         # Model.
         self.vocab_size = get.integer("VOCAB_SIZE", 1024, 2, 65536)
-        self.num_layers = get.integer("NUM_LAYERS", 9, 1)
-        self.model_dim = get.integer("MODEL_DIM", 512, 2)
-        self.num_heads = get.integer("NUM_HEADS", 8, 1)
-        self.num_kv_heads = get.integer("NUM_KV_HEADS", 4, 1)
+        self.num_layers = get.integer("NUM_LAYERS", 9, 1, 256)
+        self.model_dim = get.integer("MODEL_DIM", 512, 2, 2**16)
+        self.num_heads = get.integer("NUM_HEADS", 8, 1, 1024)
+        self.num_kv_heads = get.integer("NUM_KV_HEADS", 4, 1, 1024)
         # The default MLP is the winner of docs/study.md: 8 experts of 256, top-2, in every other block, dense
         # MLPs between, with 6-bit attention and 5-bit MLPs and experts to fit the cap.
         self.mlp_mode = get.choice("MLP_MODE", "sparse", MLP_MODES)
-        self.mlp_mult = get.integer("MLP_MULT", 2, 1)
+        self.mlp_mult = get.integer("MLP_MULT", 2, 1, 64)
         # Mixture of experts (MLP_MODE other than dense). Sizes of 0 mean "the dense MLP's active FLOPs".
         self.moe_layers = parse_layers(get.text("MOE_LAYERS", "odd"), self.num_layers)
         self.num_experts = get.integer("NUM_EXPERTS", 8, 2, 256)
-        self.top_k = get.integer("TOP_K", 2, 1)
-        self.expert_hidden = get.integer("EXPERT_HIDDEN", 256, 0)
+        self.top_k = get.integer("TOP_K", 2, 1, 256)
+        self.expert_hidden = get.integer("EXPERT_HIDDEN", 256, 0, 2**16)
         self.expert_act = get.choice("EXPERT_ACT", "relu2", ("relu2", "swiglu"))
-        self.shared_hidden = get.integer("SHARED_HIDDEN", 0, 0)
+        self.shared_hidden = get.integer("SHARED_HIDDEN", 0, 0, 2**16)
         self.shared_gate = get.flag("SHARED_GATE", 1)
         self.router = get.choice("ROUTER", "softmax", ROUTERS)
         self.norm_topk_prob = get.flag("NORM_TOPK_PROB", 0)
-        self.moe_aux_coef = get.number("MOE_AUX_COEF", 0.01, 0.0)
-        self.router_z_coef = get.number("ROUTER_Z_COEF", 0.001, 0.0)
-        self.router_bias_rate = get.number("ROUTER_BIAS_RATE", 0.001, 0.0)
+        self.moe_aux_coef = get.number("MOE_AUX_COEF", 0.01, 0.0, 100.0)
+        self.router_z_coef = get.number("ROUTER_Z_COEF", 0.001, 0.0, 100.0)
+        self.router_bias_rate = get.number("ROUTER_BIAS_RATE", 0.001, 0.0, 1.0)
         # A layer is reported collapsing when its least-used expert gets less than this share of a fair load.
         self.router_alert_min_load = get.number("ROUTER_ALERT_MIN_LOAD", 0.1, 0.0, 1.0)
         self.router_alert_patience = get.integer("ROUTER_ALERT_PATIENCE", 50, 0)  # steps under it before alerting
         self.tie_embeddings = get.flag("TIE_EMBEDDINGS", 1)
-        self.rope_base = get.number("ROPE_BASE", 10000.0, 1.0)
-        self.logit_softcap = get.number("LOGIT_SOFTCAP", 30.0, 0.0)
-        self.qk_gain_init = get.number("QK_GAIN_INIT", 1.5, 0.0)
-        self.tied_embed_init_std = get.number("TIED_EMBED_INIT_STD", 0.005, 0.0)
-        # Optimizer.
+        self.rope_base = get.number("ROPE_BASE", 10000.0, 1.0, 1e9)
+        self.logit_softcap = get.number("LOGIT_SOFTCAP", 30.0, 0.0, 1e4)
+        self.qk_gain_init = get.number("QK_GAIN_INIT", 1.5, 0.0, 100.0)
+        self.tied_embed_init_std = get.number("TIED_EMBED_INIT_STD", 0.005, 0.0, 10.0)
+        # Optimizer. Learning rates have no upper bound: a run they make diverge stops at its first non-finite loss.
         self.embed_lr = get.number("EMBED_LR", 0.6, 0.0)
         self.head_lr = get.number("HEAD_LR", 0.008, 0.0)
         self.tied_embed_lr = get.number("TIED_EMBED_LR", 0.05, 0.0)
@@ -173,32 +208,52 @@ class Hyperparameters:
         self.scalar_lr = get.number("SCALAR_LR", 0.04, 0.0)
         self.router_lr = get.number("ROUTER_LR", 0.001, 0.0)
         self.muon_momentum = get.number("MUON_MOMENTUM", 0.95, 0.0, 1.0)
-        self.muon_backend_steps = get.integer("MUON_BACKEND_STEPS", 5, 1)
+        self.muon_backend_steps = get.integer("MUON_BACKEND_STEPS", 5, 1, 100)
         self.muon_momentum_warmup_start = get.number("MUON_MOMENTUM_WARMUP_START", 0.85, 0.0, 1.0)
         self.muon_momentum_warmup_steps = get.integer("MUON_MOMENTUM_WARMUP_STEPS", 500, 0)
-        self.beta1 = get.number("BETA1", 0.9, 0.0, 1.0)
-        self.beta2 = get.number("BETA2", 0.95, 0.0, 1.0)
-        self.adam_eps = get.number("ADAM_EPS", 1e-8, 0.0)
+        self.beta1 = get.number("BETA1", 0.9, 0.0, below=1.0)
+        self.beta2 = get.number("BETA2", 0.95, 0.0, below=1.0)
+        self.adam_eps = get.number("ADAM_EPS", 1e-8, above=0.0, hi=1.0)  # 0 divides 0 by 0 where a gradient is 0
         self.grad_clip_norm = get.number("GRAD_CLIP_NORM", 0.0, 0.0)
-        self.ema_decay = get.number("EMA_DECAY", 0.997, 0.0, 0.999999)
+        self.ema_decay = get.number("EMA_DECAY", 0.997, 0.0, below=1.0)
         # Export.
         self.quant_embed_bits = get.choice("QUANT_EMBED_BITS", 8, QUANT_BITS)
         self.quant_attn_bits = get.choice("QUANT_ATTN_BITS", 6, QUANT_BITS)
         self.quant_mlp_bits = get.choice("QUANT_MLP_BITS", 5, QUANT_BITS)
         self.quant_expert_bits = get.choice("QUANT_EXPERT_BITS", 5, QUANT_BITS)
         self.artifact_limit_bytes = get.integer("ARTIFACT_LIMIT_BYTES", 16_000_000, 1)
+        # GPTQ needs the Hessians of each matrix's inputs, from training batches drawn inside the wallclock cap.
+        self.quant_method = get.choice("QUANT_METHOD", "gptq" if torch.cuda.is_available() else "rtn", ("gptq", "rtn"))
+        self.quant_clip_sigmas = get.number("QUANT_CLIP_SIGMAS", 0.0, 0.0, 64.0)
+        self.quant_fit = get.flag("QUANT_FIT", 0)
+        self.quant_fit_margin_bytes = get.integer("QUANT_FIT_MARGIN_BYTES", 50_000, 0)
+        self.gptq_damp = get.number("GPTQ_DAMP", 0.01, above=0.0, hi=10.0)
+        self.calibration_tokens = get.integer("CALIBRATION_TOKENS", 131072, 1, 2**24)
+        self.calibration_seconds = get.number("CALIBRATION_SECONDS", 10.0, 0.0, 3600.0)
+        self.save_fp32 = get.flag("SAVE_FP32", 0)
+        # The training loop's share of the cap: calibration draws training batches, so its time counts as training.
+        self.calibrates = self.quant_method == "gptq" or bool(self.quant_fit)
+        reserve = self.calibration_seconds if self.calibrates and self.max_wallclock_seconds > 0 else 0.0
+        self.training_seconds = self.max_wallclock_seconds - reserve
         # Set by torchrun; the global batch is split over WORLD_SIZE x GRAD_ACCUM micro-batches, as in the
         # baseline, so 1, 2, 4 or 8 GPUs see the same batches in the same order. A smaller global batch on
         # one GPU wants fewer, fuller micro-batches: 16K-token ones leave an H100 a third idle.
         self.world_size = get.integer("WORLD_SIZE", 1, 1, 8)
         self.rank = get.integer("RANK", 0, 0, self.world_size - 1)
         self.local_rank = get.integer("LOCAL_RANK", 0, 0, self.world_size - 1)
-        self.grad_accum_steps = get.integer("GRAD_ACCUM_STEPS", 8 // self.world_size, 1)
+        self.grad_accum_steps = get.integer("GRAD_ACCUM_STEPS", 8 // self.world_size, 1, 2**16)
+        if self.world_size > 1 and not all(k in env for k in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")):
+            raise ConfigError(f"WORLD_SIZE={self.world_size}: set by torchrun with RANK, LOCAL_RANK, MASTER_ADDR and "
+                              f"MASTER_PORT; launch with torchrun --standalone --nproc_per_node={self.world_size}")
         # The command that reproduces this run: every knob that was set, then the launcher.
         knobs = " ".join(f"{k}={shlex.quote(v)}" for k, v in get.given.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK"))
-        self.launch = f"{knobs} torchrun --standalone --nproc_per_node={self.world_size} train_moe.py".strip()
+        launcher = "python" if "RANK" not in env else f"torchrun --standalone --nproc_per_node={self.world_size}"
+        self.launch = f"{knobs} {launcher} train_moe.py".strip()
+        self.settings = {k: v for k, v in get.given.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+        self.warnings = get.misspelt()
         self._check_shapes()
         self._check_moe()
+        self._check_export()
 
     def _check_shapes(self):
         if self.model_dim % self.num_heads:
@@ -245,8 +300,17 @@ class Hyperparameters:
             if getattr(self, name) % 8:
                 raise ConfigError(f"{name.upper()}={getattr(self, name)}: must be a multiple of 8 for the expert matmuls")
 
-    def check_inputs(self):
-        """Shards and tokenizer must be usable before the run spends anything; headers and vocab only."""
+    def _check_export(self):
+        if self.calibrates and self.max_wallclock_seconds > 0 and self.training_seconds <= 0:
+            raise ConfigError(f"CALIBRATION_SECONDS={self.calibration_seconds:g}: reserved from MAX_WALLCLOCK_SECONDS="
+                              f"{self.max_wallclock_seconds:g}, so it must be less (or QUANT_METHOD=rtn without QUANT_FIT)")
+        if self.calibrates and self.calibration_tokens < self.train_seq_len:
+            raise ConfigError(f"CALIBRATION_TOKENS={self.calibration_tokens}: at least one sequence, TRAIN_SEQ_LEN={self.train_seq_len}")
+
+    def check_inputs(self) -> tuple[spm.SentencePieceProcessor, Tensor]:
+        """Everything that can fail before training, checked before any file is created or deleted: shards (headers,
+        sizes, the val split and the first train shard read whole), tokenizer, output folders, memory. Returns the
+        tokenizer and the val tokens."""
         for split in ("train", "val"):
             files = sorted(glob.glob(os.path.join(self.data_path, f"fineweb_{split}_*.bin")))
             if not files:
@@ -256,6 +320,8 @@ class Hyperparameters:
                     read_shard_header(file)
                 except ValueError as e:
                     raise ConfigError(f"DATA_PATH={self.data_path!r}: {e}") from None
+            if split == "train":  # later shards are checked as training reaches them
+                check_token_range(load_data_shard(files[0]), self.vocab_size, files[0])
         if not os.path.isfile(self.tokenizer_path):
             raise ConfigError(f"TOKENIZER_PATH={self.tokenizer_path!r}: no such file")
         try:
@@ -266,7 +332,30 @@ class Hyperparameters:
             raise ConfigError(
                 f"VOCAB_SIZE={self.vocab_size}: the tokenizer {self.tokenizer_path} has {sp.vocab_size()} pieces"
             )
-        return sp
+        val_tokens = load_val_tokens(self)
+        for folder in ("logs", "artifacts"):
+            path = Path(folder)
+            if (path.exists() and not path.is_dir()) or not os.access(path if path.exists() else ".", os.W_OK | os.X_OK):
+                raise ConfigError(f"RUN_ID={self.run_id!r}: {path.resolve()} is not a writable folder for this run's files")
+        code_bytes = len(Path(__file__).read_bytes())
+        if self.artifact_limit_bytes <= code_bytes:
+            raise ConfigError(f"ARTIFACT_LIMIT_BYTES={self.artifact_limit_bytes}: train_moe.py alone is {code_bytes} bytes")
+        if torch.cuda.is_available() and self.local_rank >= torch.cuda.device_count():
+            raise ConfigError(f"LOCAL_RANK={self.local_rank}: this machine has {torch.cuda.device_count()} GPUs")
+        self._check_memory()
+        return sp, val_tokens
+
+    def _check_memory(self):
+        """Weights, gradients, optimizer state and EMA (~20 bytes per parameter) must fit the device."""
+        with torch.device("meta"):
+            params = sum(p.numel() for p in GPT(self).parameters())
+        cuda = torch.cuda.is_available()
+        device = torch.cuda.get_device_name(self.local_rank) if cuda else "this machine's memory"
+        capacity = torch.cuda.get_device_properties(self.local_rank).total_memory if cuda else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        if 20 * params > capacity:
+            raise ConfigError(f"MODEL_DIM={self.model_dim}: this model has {params:,} parameters; their weights, gradients "
+                              f"and optimizer state need ~{20 * params / 2**30:,.0f} GiB, more than the "
+                              f"{capacity / 2**30:,.0f} GiB of {device}")
 
 
 # -----------------------------------------------------------------------------
@@ -408,6 +497,7 @@ def evaluate(token_losses, val_tokens: Tensor, tables, cfg: Hyperparameters, dev
 
 ARTIFACT_MAGIC = b"MOEGOLF1"
 CLIP_FRACTIONS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.6)
+QUANTIZED = ("embed", "attn", "mlp", "experts")  # the categories stored as integers, each with its QUANT_*_BITS
 
 
 def tensor_category(name: str) -> str:
@@ -425,44 +515,128 @@ def tensor_category(name: str) -> str:
     return "control"  # norms' gains, residual mixes, skip weights: tiny, and the model is sensitive to them
 
 
-def quantize_rows(w: Tensor, bits: int) -> tuple[Tensor, Tensor]:
-    """Symmetric per-row integers in an int8 container with an fp16 scale per row. Each row's clip is the
-    fraction of its max |w| with the least squared reconstruction error: clipping a few outliers buys finer
-    steps for everything else, which matters most at 5 and 6 bits."""
+def is_quantized(name: str, t: Tensor) -> bool:
+    return tensor_category(name) in QUANTIZED and t.ndim >= 2
+
+
+def stored_float(name: str, t: Tensor) -> Tensor:
+    """A float tensor as the artifact keeps it: fp16 unless a value would overflow it (a diverging gain once came back
+    infinite), then fp32; the balancing bias moves in steps of ~1e-3 and only ranks experts, so it stays exact."""
+    half = t.half()
+    return t.float() if name.endswith("router_bias") or not torch.isfinite(half).all() else half
+
+
+def row_scales(w: Tensor, bits: int, clip_sigmas: float) -> Tensor:
+    """Quantization step of each row of w [rows, cols], in its storage dtype (fp16, or fp32 where fp16 overflows).
+    clip_sigmas > 0: the row is clipped at that many standard deviations. The compressed size of a row is close to
+    its entropy, about bits + log2(std / clip) per weight, so a wider clip buys fewer bytes for a little more error.
+    0: the fraction of the row's max |w| with the least squared error, blind to bytes (the rule before SDClip)."""
     qmax = 2 ** (bits - 1) - 1
-    w = w.float().reshape(-1, w.shape[-1])
+    if clip_sigmas > 0:
+        step = w.std(dim=1) * clip_sigmas / qmax
+        return step.clamp_min(2**-24).to(stored_float("", step).dtype)
     row_max = w.abs().amax(dim=1)
-    best_err = torch.full_like(row_max, float("inf"))
-    best_q = torch.zeros_like(w, dtype=torch.int8)
-    best_scale = torch.zeros_like(row_max, dtype=torch.float16)
+    dtype = stored_float("", row_max).dtype
+    best_err, best = torch.full_like(row_max, float("inf")), torch.zeros_like(row_max, dtype=dtype)
     for fraction in CLIP_FRACTIONS:
-        # Round the scale to fp16 first so the error measured is the error the artifact will have.
-        scale = (row_max * fraction / qmax).clamp_min(2**-24).half()
-        q = torch.clamp(torch.round(w / scale.float()[:, None]), -qmax, qmax)
-        err = (q * scale.float()[:, None] - w).square().sum(dim=1)
+        # Rounded to its storage dtype first, so the error measured is the error the artifact will have.
+        scale = (row_max * fraction / qmax).clamp_min(2**-24).to(dtype)
+        err = (round_to_grid(w, scale, qmax) * scale.float()[:, None] - w).square().sum(dim=1)
         better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best_q[better] = q[better].to(torch.int8)
-        best_scale[better] = scale[better]
-    return best_q, best_scale
+        best_err, best = torch.where(better, err, best_err), torch.where(better, scale, best)
+    return best
 
 
-def quantize_state(state: dict[str, Tensor], bits: dict[str, int]) -> tuple[dict, dict[str, np.ndarray]]:
-    """Return (JSON-able header, named raw arrays). Control and router tensors stay float."""
+def round_to_grid(w: Tensor, scale: Tensor, qmax: int) -> Tensor:
+    return torch.clamp(torch.round(w / scale.float()[..., None]), -qmax, qmax)
+
+
+def gptq(w: Tensor, hessian: Tensor, scale: Tensor, qmax: int, block: int = 128) -> Tensor:
+    """GPTQ (Frantar et al. 2022) over a batch of matrices: w [B, rows, cols], hessian [B, cols, cols] (damped),
+    scale [B, rows] -> integer levels [B, rows, cols]. Columns are rounded one at a time, those with the largest
+    Hessian diagonal (most used inputs) first, and each one's rounding error is pushed onto the columns not yet
+    rounded through the Cholesky factor of the inverse Hessian: the output on the calibration inputs moves least."""
+    b, rows, cols = w.shape
+    order = torch.argsort(hessian.diagonal(dim1=-2, dim2=-1), dim=-1, descending=True)
+    w = w.gather(-1, order[:, None, :].expand(b, rows, cols)).clone()
+    h = hessian.gather(-1, order[:, None, :].expand(b, cols, cols)).gather(-2, order[:, :, None].expand(b, cols, cols))
+    # float64: in fp32 the factor of a well-damped Hessian still failed on an H200 (leading minor 423 of 512).
+    u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h.double())), upper=True).float()
+    q, step = torch.empty_like(w), scale[..., None].float()
+    for i1 in range(0, cols, block):
+        i2 = min(i1 + block, cols)
+        errors = torch.empty(b, rows, i2 - i1, device=w.device)
+        for i in range(i1, i2):
+            column = w[..., i : i + 1]
+            q[..., i : i + 1] = torch.clamp(torch.round(column / step), -qmax, qmax)
+            error = (column - q[..., i : i + 1] * step) / u[:, None, i, i : i + 1]
+            w[..., i:i2] -= error * u[:, None, i, i:i2]
+            errors[..., i - i1 : i - i1 + 1] = error
+        w[..., i2:] -= errors @ u[:, i1:i2, i2:]
+    return torch.empty_like(q).scatter_(-1, order[:, None, :].expand(b, rows, cols), q)
+
+
+def quantize_matrix(w: Tensor, bits: int, clip_sigmas: float, hessian: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """w [rows, cols] or a bank [E, rows, cols] -> (int8 levels [all rows, cols], scales [all rows]); rounded to nearest
+    without a Hessian, by GPTQ with one ([1 or E, cols, cols]: one per matrix of the bank)."""
+    qmax = 2 ** (bits - 1) - 1
+    flat = w.detach().float().reshape(-1, w.shape[-1])
+    scale = row_scales(flat, bits, clip_sigmas)
+    if hessian is None:
+        q = round_to_grid(flat, scale, qmax)
+    else:
+        groups = hessian.shape[0]
+        q = gptq(flat.view(groups, -1, flat.shape[-1]), hessian, scale.view(groups, -1), qmax).view_as(flat)
+    return q.to(torch.int8), scale
+
+
+def dequantize(q: Tensor, scale: Tensor, shape) -> Tensor:
+    return (q.float() * scale.float()[:, None]).reshape(shape)
+
+
+# zstd-22 came 0.8-5.2% above the order-0 entropy of quantized random rows (most at 4-5 bits with heavy tails and the
+# least-squares clip), and 1.1-6.2% above it on the study's trained models (docs/study.md): QUANT_FIT counts 6% more.
+ZSTD_OVER_ENTROPY = 1.06
+
+
+def entropy_bytes(q: Tensor) -> float:
+    """Order-0 entropy of integer levels, in bytes: levels are nearly independent, so close to what zstd makes of them."""
+    counts = torch.bincount(q.flatten().long() + 128).float()
+    p = counts[counts > 0] / q.numel()
+    return float(-(p * p.log2()).sum()) * q.numel() / 8
+
+
+def fit_bits(options: dict[str, dict[int, tuple[float, float]]], budget: float) -> dict[str, int] | None:
+    """options: {category: {bits: (estimated bytes, estimated loss increase)}}. The bits per category with the least
+    summed loss increase whose summed bytes fit the budget (ties: fewer bytes), or None if nothing fits."""
+    best = None
+    for combo in itertools.product(*[sorted(o.items()) for o in options.values()]):
+        size, loss = sum(b for _, (b, _) in combo), sum(d for _, (_, d) in combo)
+        if size <= budget and (best is None or (loss, size) < best[0]):
+            best = ((loss, size), {c: bits for c, (bits, _) in zip(options, combo)})
+    return best[1] if best else None
+
+
+def quantize_state(state: dict[str, Tensor], levels: dict[str, tuple[int, Tensor, Tensor]]) -> tuple[dict, dict[str, np.ndarray]]:
+    """Return (JSON-able header, named raw arrays): integers and scales for the tensors in `levels` ({name: (bits,
+    levels, scales)}), every other tensor as a float."""
     header, arrays = {}, {}
     for name, t in state.items():
-        category = tensor_category(name)
         t = t.detach().cpu()
-        if category in ("control", "router") or t.ndim < 2:
-            header[name] = {"kind": "float", "shape": list(t.shape)}
-            # The balancing bias moves in steps of ~1e-3 and only ranks experts: keep it exact.
-            arrays[name] = t.to(torch.float32 if name.endswith("router_bias") else torch.float16).numpy()
+        if name in levels:
+            bits, q, scale = levels[name]
+            header[name] = {"kind": "int", "bits": bits, "shape": list(t.shape)}
+            arrays[name], arrays[name + ".scale"] = q.cpu().numpy(), scale.cpu().numpy()
         else:
-            q, scale = quantize_rows(t, bits[category])
-            header[name] = {"kind": "int", "bits": bits[category], "shape": list(t.shape)}
-            arrays[name] = q.numpy()
-            arrays[name + ".scale"] = scale.numpy()
+            header[name] = {"kind": "float", "shape": list(t.shape)}
+            arrays[name] = stored_float(name, t).numpy()
     return header, arrays
+
+
+def rounded_levels(state: dict[str, Tensor], bits: dict[str, int], clip_sigmas: float) -> dict[str, tuple[int, Tensor, Tensor]]:
+    """Round-to-nearest levels of every quantized tensor, at its category's bits."""
+    return {name: (bits[tensor_category(name)], *quantize_matrix(t, bits[tensor_category(name)], clip_sigmas))
+            for name, t in state.items() if is_quantized(name, t)}
 
 
 def pack_artifact(header: dict, arrays: dict[str, np.ndarray]) -> bytes:
@@ -493,8 +667,7 @@ def unpack_artifact(blob: bytes) -> dict[str, Tensor]:
     for name, spec in meta["tensors"].items():
         a = torch.from_numpy(arrays[name].copy())
         if spec["kind"] == "int":
-            scale = torch.from_numpy(arrays[name + ".scale"].copy()).float()
-            a = (a.float() * scale[:, None]).reshape(spec["shape"])
+            a = dequantize(a, torch.from_numpy(arrays[name + ".scale"].copy()), spec["shape"])
         state[name] = a.float()
     return state
 
@@ -523,6 +696,8 @@ def read_shard_header(path) -> int:
         raise ValueError(f"{path}: shard version {header[1]} != {SHARD_VERSION}")
     if size != SHARD_HEADER_BYTES + 2 * int(header[2]):
         raise ValueError(f"{path}: {size} bytes, but its header promises {header[2]} tokens")
+    if header[2] <= 0:  # a stream of empty shards would wait forever for its next token
+        raise ValueError(f"{path}: holds no tokens")
     return int(header[2])
 
 
@@ -748,6 +923,11 @@ class ExpertBank(nn.Module):
         self.w_in = nn.Parameter(torch.empty(num_experts, rows, dim).uniform_(-bound, bound))
         self.w_out = nn.Parameter(torch.zeros(num_experts, dim, hidden))
 
+    def forward(self, x: Tensor, weights: Tensor, expert_idx: Tensor | None = None, counts: Tensor | None = None) -> Tensor:
+        """Routed (weights and expert_idx [N, K], slots per expert [E]) or soft (weights: gates [N, E] over every
+        expert). One entry point, so export calibration can watch every expert's inputs through one hook."""
+        return self.dense(x, weights) if expert_idx is None else self.grouped(x, expert_idx, weights, counts)
+
     def grouped(self, x: Tensor, expert_idx: Tensor, weights: Tensor, counts: Tensor) -> Tensor:
         """Dropless top-k: x [N, D], expert_idx and weights [N, K] -> the weighted sum of each token's experts, fp32
         [N, D]. Slots are sorted by expert and run through two grouped matmuls; static shapes and no host sync, so
@@ -876,10 +1056,10 @@ class MoEMLP(nn.Module):
             gates = logits.softmax(dim=-1)
             z_loss = self.z_coef * logits.logsumexp(dim=-1).square().mean()
             self.record_routing(gates.sum(0), gates, torch.zeros_like(z_loss), z_loss, len(flat))
-            y = self.experts.dense(flat, gates)
+            y = self.experts(flat, gates)
             return y.to(x.dtype).view_as(x), z_loss
         idx, weights, counts, aux = self.route(flat, ids.reshape(-1))
-        y = self.experts.grouped(flat, idx, weights, counts)
+        y = self.experts(flat, weights, idx, counts)
         if self.mode == "shared_routed":
             shared, _ = self.shared(flat)
             if hasattr(self, "shared_gate"):
@@ -1022,8 +1202,9 @@ class EMA:
         self.updates += 1
 
     @torch.no_grad()
-    def copy_to_model(self):
-        for p, s in zip(self.params, self.shadow):
+    def copy_to(self, model: nn.Module):
+        """Into the trained model, or into a copy of it (the export's)."""
+        for p, s in zip(model.parameters(), self.shadow):
             p.copy_(s)
 
 
@@ -1087,6 +1268,187 @@ class RouterTelemetry:
         log.metrics("router_summary", step=step, **{k: [s[k] for s in summary] for k in ("maxvio", "min_over_mean", "dead", "load_entropy")})
         for window in self.window:
             window.zero_()
+
+
+# -----------------------------------------------------------------------------
+# CALIBRATED EXPORT: GPTQ on the exported model's own inputs, and bits fitted to the cap
+# -----------------------------------------------------------------------------
+
+class StopForward(Exception):
+    """Raised by a calibration stage's last hook: the blocks after it are not needed for that stage."""
+
+
+class Hessians:
+    """Per group (one matrix, or each expert of a bank): the sum of x x^T over the (weighted) inputs it saw."""
+
+    def __init__(self, groups: int, cols: int, device):
+        # float64: TF32 sums of x x^T (the trainer's matmul setting on GPUs) are off by ~1e-3 of the largest entries,
+        # enough to leave a nearly singular Hessian indefinite after 1% damping.
+        self.sum = torch.zeros(groups, cols, cols, device=device, dtype=torch.float64)
+        self.tokens = torch.zeros(groups, device=device, dtype=torch.float64)
+        self.weight = torch.zeros(groups, device=device, dtype=torch.float64)
+
+    def add(self, x: Tensor, group: int = 0, weight: Tensor | None = None):
+        """x [..., cols]; weight [rows]: each row's routing weight, which scales the expert's output and so its error."""
+        x = x.detach().double().reshape(-1, self.sum.shape[-1])
+        w = torch.ones(len(x), device=x.device, dtype=x.dtype) if weight is None else weight.detach().double()
+        self.sum[group] += (x * w[:, None]).T @ (x * w[:, None])
+        self.tokens[group] += len(x)
+        self.weight[group] += w.square().sum()
+
+    def damped(self, damp: float) -> Tensor:
+        """Mean x x^T plus damping: damp x its mean diagonal, and for a group that saw few tokens (an expert the router
+        seldom chose) the layer's pooled diagonal scaled by cols / (tokens + cols). An expert that saw no token gets
+        a multiple of the identity, under which GPTQ rounds to nearest."""
+        cols = self.sum.shape[-1]
+        mean = self.sum / self.weight.clamp_min(1e-12)[:, None, None]
+        pooled = self.sum.sum(0).diagonal().mean() / self.weight.sum().clamp_min(1e-12)
+        lam = damp * mean.diagonal(dim1=-2, dim2=-1).mean(-1) + pooled * cols / (self.tokens + cols)
+        lam = torch.where(lam > 0, lam, torch.ones_like(lam))
+        return mean + lam[:, None, None] * torch.eye(cols, device=mean.device, dtype=mean.dtype)
+
+
+def calibration_stages(model: GPT) -> list[list[tuple[str, nn.Module, list[str]]]]:
+    """GPTQ stages in forward order, each a list of (input kind, module whose input it is, parameters quantized with
+    that input's Hessian). Later stages see the inputs that the quantized earlier stages produce, as the exported model
+    will; q, k and v share their input, so one Hessian."""
+    names = {m: n for n, m in model.named_modules()}
+
+    def linear(*modules):
+        return [("linear", modules[0], [f"{names[m]}.weight" for m in modules])]
+
+    tied = model.lm_head is None
+    head = [[("head", model.blocks[-1], ["tok_emb.weight" if tied else "lm_head.weight"])]]
+    stages = head if tied else []
+    for block in model.blocks:
+        stages += [linear(block.attn.q, block.attn.k, block.attn.v), linear(block.attn.out)]
+        mlp = block.mlp
+        if isinstance(mlp, FeedForward):
+            stages += [linear(mlp.fc), linear(mlp.proj)]
+        else:
+            bank = names[mlp.experts]
+            shared = hasattr(mlp, "shared")
+            stages += [[("experts_in", mlp.experts, [f"{bank}.w_in"])] + (linear(mlp.shared.fc) if shared else []),
+                       [("experts_out", mlp.experts, [f"{bank}.w_out"])] + (linear(mlp.shared.proj) if shared else [])]
+    return stages + ([] if tied else head)
+
+
+def stage_hook(kind: str, hessians: Hessians, last: bool):
+    def observe(module, args, output=None):
+        if kind == "head":  # the tied embedding is the head: its input is the final norm of the last block's output
+            hessians.add(rms_norm(output[0]))
+        elif kind == "linear":
+            hessians.add(args[0])
+        else:
+            x, weights, expert_idx = args[0], args[1], args[2] if len(args) > 2 else None
+            if expert_idx is None:  # soft: every expert sees every token, weighted by its gate
+                expert_idx = torch.arange(weights.shape[1], device=x.device).expand_as(weights)
+            for e in range(len(hessians.tokens)):
+                rows, slots = (expert_idx == e).nonzero(as_tuple=True)
+                xe, ge = x[rows].float(), weights[rows, slots]
+                if kind == "experts_out":  # the second matmul's input: the hidden units, scaled by the routing weight
+                    xe = activate(xe @ module.w_in[e].float().T, module.act)
+                hessians.add(xe, e, ge)
+        if last:
+            raise StopForward
+
+    return observe
+
+
+@torch.no_grad()
+def calibrated_levels(model: GPT, cfg: Hyperparameters, batches: list[tuple[Tensor, Tensor]], bits: dict[str, int]) -> dict:
+    """GPTQ levels of every quantized tensor, stage by stage, from Hessians of the inputs each matrix sees on training
+    batches: an expert's from the tokens the router sent it, weighted by their routing weights. `model` must be a copy:
+    it ends holding exactly what the artifact dequantizes to, and routes as the exported model does throughout (float
+    tensors rounded to their storage first, each stage's matrices replaced by their dequantized levels)."""
+    state = model.state_dict()
+    for name, t in state.items():
+        if not is_quantized(name, t):
+            t.copy_(stored_float(name, t))
+    levels = {}
+    if model.lm_head is not None:  # untied, the embedding is a lookup: no input to weigh its rows by
+        levels = rounded_levels({"tok_emb.weight": state["tok_emb.weight"]}, bits, cfg.quant_clip_sigmas)
+        state["tok_emb.weight"].copy_(dequantize(*levels["tok_emb.weight"][1:], state["tok_emb.weight"].shape))
+    for stage in calibration_stages(model):
+        watched = []
+        for i, (kind, module, params) in enumerate(stage):
+            groups = state[params[0]].shape[0] if kind.startswith("experts") else 1
+            hessians = Hessians(groups, state[params[0]].shape[-1], batches[0][0].device)
+            hook = stage_hook(kind, hessians, last=i == len(stage) - 1)
+            handle = module.register_forward_hook(hook) if kind == "head" else module.register_forward_pre_hook(hook)
+            watched.append((params, hessians, handle))
+        for x, _ in batches:
+            try:
+                with autocast(x.device):
+                    model.logits(x)
+            except StopForward:
+                pass
+        for params, hessians, handle in watched:
+            handle.remove()
+            category = tensor_category(params[0])
+            joint = torch.cat([state[p] for p in params]) if len(params) > 1 else state[params[0]]
+            q, scale = quantize_matrix(joint, bits[category], cfg.quant_clip_sigmas, hessians.damped(cfg.gptq_damp))
+            start = 0
+            for p in params:  # split q, k, v back apart by their row counts
+                rows = state[p].numel() // state[p].shape[-1]
+                levels[p] = (bits[category], q[start : start + rows], scale[start : start + rows])
+                state[p].copy_(dequantize(*levels[p][1:], state[p].shape))
+                start += rows
+    return levels
+
+
+def levels_bytes(levels: dict) -> dict[str, float]:
+    """Estimated compressed bytes per category: the entropy of its levels as zstd codes it, plus its raw scales."""
+    sizes = {}
+    for name, (_, q, scale) in levels.items():
+        category = tensor_category(name)
+        sizes[category] = sizes.get(category, 0.0) + ZSTD_OVER_ENTROPY * entropy_bytes(q) + scale.numel() * scale.element_size()
+    return sizes
+
+
+@torch.no_grad()
+def fit_options(model: GPT, cfg: Hyperparameters, batches: list[tuple[Tensor, Tensor]], log: "RunLog") -> dict:
+    """QUANT_FIT's options: per quantized category and bits, (bytes of its rounded levels, loss increase on the
+    calibration batches with only that category rounded). Loss increases are measured with round-to-nearest, which
+    GPTQ then lowers; bytes and losses are taken as additive over categories."""
+    state = model.state_dict()
+
+    def loss() -> float:
+        total = 0.0
+        for x, y in batches:
+            with autocast(x.device):
+                total += model.token_losses(x, y).float().mean().item()
+        return total / len(batches)
+
+    base, options = loss(), {}
+    for category in QUANTIZED:
+        original = {n: t.clone() for n, t in state.items() if is_quantized(n, t) and tensor_category(n) == category}
+        if not original:
+            continue
+        options[category] = {}
+        for b in QUANT_BITS:
+            levels = rounded_levels(original, {category: b}, cfg.quant_clip_sigmas)
+            for n, (_, q, scale) in levels.items():
+                state[n].copy_(dequantize(q, scale, state[n].shape))
+            options[category][b] = (levels_bytes(levels)[category], loss() - base)
+            log.metrics("quant_fit_option", category=category, bits=b, est_bytes=round(options[category][b][0]),
+                        loss_increase=options[category][b][1])
+        for n, t in original.items():
+            state[n].copy_(t)
+    return options
+
+
+def choose_bits(options: dict, budget: float, cfg: Hyperparameters, log: "RunLog") -> dict[str, int]:
+    chosen = fit_bits(options, budget)
+    if chosen is None:
+        smallest = sum(min(b for b, _ in o.values()) for o in options.values())
+        raise RunFailed(f"QUANT_FIT: nothing fits: the smallest bits are estimated at {smallest:,.0f} bytes of weights, "
+                        f"over the {budget:,.0f} left under ARTIFACT_LIMIT_BYTES={cfg.artifact_limit_bytes} less the "
+                        f"code, the float tensors and QUANT_FIT_MARGIN_BYTES={cfg.quant_fit_margin_bytes}", 4)
+    log.metrics("quant_fit", **{f"{c}_bits": b for c, b in chosen.items()}, budget_bytes=round(budget),
+                est_bytes=round(sum(options[c][b][0] for c, b in chosen.items())),
+                est_loss_increase=sum(options[c][b][1] for c, b in chosen.items()))
+    return chosen
 
 
 # -----------------------------------------------------------------------------
@@ -1235,42 +1597,118 @@ def lr_scale(cfg: Hyperparameters, step: int, elapsed_ms: float) -> float:
     if cfg.max_wallclock_seconds <= 0:
         return min(1.0, max(cfg.iterations - step, 0) / cfg.warmdown_iters)
     warmdown_ms = cfg.warmdown_iters * elapsed_ms / max(step, 1)
-    remaining_ms = max(1000 * cfg.max_wallclock_seconds - elapsed_ms, 0.0)
+    remaining_ms = max(1000 * cfg.training_seconds - elapsed_ms, 0.0)
     return min(1.0, remaining_ms / max(warmdown_ms, 1e-9))
 
 
 def main():
+    report = os.environ.get("RANK", "0") == "0"  # under torchrun every rank stops alike; rank 0 says why
     try:
         cfg = Hyperparameters()
-        sp = cfg.check_inputs()
-        train(cfg, sp)
+        for warning in cfg.warnings if report else []:
+            print(f"config_warning: {warning}", file=sys.stderr)
+        sp, val_tokens = cfg.check_inputs()
+        train(cfg, sp, val_tokens)
     except ConfigError as e:
-        print(f"config_error: {e}", file=sys.stderr)
+        if report:
+            print(f"config_error: {e}", file=sys.stderr)
         sys.exit(2)
+    except RunFailed as e:
+        if report:
+            print(f"error: {e}", file=sys.stderr)
+        sys.exit(e.status)
 
 
-def train(cfg: Hyperparameters, sp: spm.SentencePieceProcessor):
+def master_decides(value, distributed: bool):
+    """Rank 0's value on every rank: export and its checks run on rank 0 only, and every rank must end alike."""
+    if distributed:
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        value = box[0]
+    return value
+
+
+def calibration_batches(cfg: Hyperparameters, loader: "DistributedTokenLoader") -> list[tuple[Tensor, Tensor]]:
+    """CALIBRATION_TOKENS of the training stream, continuing where training stopped: never the val split."""
+    batches, tokens = [], 0
+    while tokens < cfg.calibration_tokens:
+        x, y = loader.next_batch()
+        keep = min(len(x), -(-(cfg.calibration_tokens - tokens) // cfg.train_seq_len))
+        batches.append((x[:keep], y[:keep]))
+        tokens += keep * cfg.train_seq_len
+    return batches
+
+
+def export_levels(model: GPT, cfg: Hyperparameters, loader, code_bytes: int, log: "RunLog") -> tuple[dict, dict]:
+    """The bits per category and the integer levels of the artifact, from `model`, a copy holding the weights to export."""
+    bits = {"embed": cfg.quant_embed_bits, "attn": cfg.quant_attn_bits, "mlp": cfg.quant_mlp_bits,
+            "experts": cfg.quant_expert_bits}
+    if not cfg.calibrates:
+        return bits, rounded_levels(model.state_dict(), bits, cfg.quant_clip_sigmas)
+    batches = calibration_batches(cfg, loader)
+
+    def quantize(bits):
+        if cfg.quant_method == "rtn":
+            return rounded_levels(model.state_dict(), bits, cfg.quant_clip_sigmas)
+        return calibrated_levels(copy.deepcopy(model), cfg, batches, bits)
+
+    if not cfg.quant_fit:
+        return bits, quantize(bits)
+    floats = quantize_state({n: t for n, t in model.state_dict().items() if not is_quantized(n, t)}, {})
+    budget = (cfg.artifact_limit_bytes - cfg.quant_fit_margin_bytes - code_bytes - len(json.dumps(floats[0]))
+              - sum(a.nbytes for a in floats[1].values()))
+    options = fit_options(model, cfg, batches, log)
+    for _ in range(3):
+        bits = choose_bits(options, budget, cfg, log)
+        levels = quantize(bits)
+        sizes = levels_bytes(levels)
+        if sum(sizes.values()) <= budget:
+            return bits, levels
+        # GPTQ's levels need not have the entropy of the rounded ones the fit counted: refit with each category's
+        # estimates scaled by what its levels came to.
+        log.metrics("quant_fit_over", levels_bytes=round(sum(sizes.values())), budget_bytes=round(budget))
+        options = {c: {b: (size * sizes[c] / o[bits[c]][0], loss) for b, (size, loss) in o.items()} for c, o in options.items()}
+    raise RunFailed(f"QUANT_FIT: the quantized weights stayed over the budget of {budget:,.0f} bytes after 3 fits", 4)
+
+
+def train(cfg: Hyperparameters, sp: spm.SentencePieceProcessor, val_tokens: Tensor):
     device, distributed = init_device(cfg)
     master = cfg.rank == 0
     # Every rank must agree on the run id: it names the artifact that all ranks read back.
-    run_id = [cfg.run_id or f"{time.strftime('%Y%m%d_%H%M%S')}_{uuid.uuid4().hex[:6]}"]
-    if distributed:
-        dist.broadcast_object_list(run_id, src=0)
-    cfg.run_id = run_id[0]
+    cfg.run_id = master_decides(cfg.run_id or f"{time.strftime('%Y%m%d_%H%M%S')}_{uuid.uuid4().hex[:6]}", distributed)
     artifact_path = Path("artifacts") / f"{cfg.run_id}.moe.zst"
+    fp32_path = Path("artifacts") / f"{cfg.run_id}.fp32.pt"
     if master:
-        artifact_path.unlink(missing_ok=True)  # a stale artifact must not pass for this run's
+        for stale in (artifact_path, fp32_path):  # an earlier run's files must not pass for this run's
+            stale.unlink(missing_ok=True)
 
     log = RunLog(cfg, master)
+    try:
+        run(cfg, sp, val_tokens, device, distributed, log, artifact_path, fp32_path)
+    except (ConfigError, RunFailed) as e:  # a later shard, a diverged run, an export that failed: in the log too
+        log.text(f"{'error' if isinstance(e, RunFailed) else 'config_error'}: {e}", echo=False)
+        log.record("error", message=str(e), status=e.status if isinstance(e, RunFailed) else 2)
+        traceback.clear_frames(e.__traceback__)  # frees the DDP model before its process group goes (see run's end)
+        raise
+    finally:
+        log.close()
+        if distributed:
+            dist.destroy_process_group()
+
+
+def run(cfg, sp, val_tokens, device, distributed, log, artifact_path: Path, fp32_path: Path):
+    master = cfg.rank == 0
     log.text(Path(__file__).read_bytes().decode("utf-8"), echo=False)  # bytes: the source exactly as counted
     log.text("=" * 100, echo=False)
     log.text(environment_report(device), echo=False)
     log.text("=" * 100, echo=False)
     for key, value in vars(cfg).items():
-        log.text(f"config {key}:{value}")
+        if key not in ("settings", "warnings"):
+            log.text(f"config {key}:{value}")
+    for warning in cfg.warnings:
+        log.text(f"config_warning: {warning}", echo=False)
 
     torch.manual_seed(cfg.seed)
-    val_tokens = load_val_tokens(cfg)
     tables = build_byte_tables(sp, device)
     model = GPT(cfg).to(device)
     optimizers = build_optimizers(model, cfg)
@@ -1307,9 +1745,17 @@ def train(cfg: Hyperparameters, sp: spm.SentencePieceProcessor):
         synchronize(device)
         log.metrics("warmup", steps=cfg.warmup_steps, seconds=time.perf_counter() - t0)
 
+    def check_finite(first_nonfinite: Tensor):
+        """One read of the device-side flag, at steps that sync anyway: no extra host sync per step."""
+        if distributed:
+            dist.all_reduce(first_nonfinite, op=dist.ReduceOp.MAX)
+        if first_nonfinite.item():
+            raise RunFailed(f"non-finite train loss (first at step {first_nonfinite.item()})", 3)
+
     loader = DistributedTokenLoader(cfg, device)
     ema = EMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
     telemetry = RouterTelemetry(model, cfg.router_alert_min_load, cfg.router_alert_patience)
+    first_nonfinite = torch.zeros((), dtype=torch.int64, device=device)  # step of the first non-finite loss; 0 = none
     train_ms, step, stop_at = 0.0, 0, None
     synchronize(device)
     t0 = time.perf_counter()
@@ -1333,14 +1779,16 @@ def train(cfg: Hyperparameters, sp: spm.SentencePieceProcessor):
         if ema is not None:
             ema.update()
         step += 1
+        first_nonfinite = torch.where((first_nonfinite == 0) & ~torch.isfinite(train_loss), step, first_nonfinite)
         elapsed_ms = train_ms + 1000 * (time.perf_counter() - t0)
         if step % cfg.train_log_every == 0 or step <= 10 or step == cfg.iterations:
+            check_finite(first_nonfinite)
             if distributed:
                 dist.all_reduce(train_loss, op=dist.ReduceOp.AVG)
             log.metrics("train", step=step, train_loss=train_loss.item(), lr_scale=scale, train_time_ms=round(elapsed_ms),
                         step_avg_ms=elapsed_ms / step, tokens_per_s=round(step * cfg.train_batch_tokens / (elapsed_ms / 1000)))
             telemetry.report(log, step)
-        reached_cap = cfg.max_wallclock_seconds > 0 and elapsed_ms >= 1000 * cfg.max_wallclock_seconds
+        reached_cap = cfg.max_wallclock_seconds > 0 and elapsed_ms >= 1000 * cfg.training_seconds
         if distributed and cfg.max_wallclock_seconds > 0:
             # Every rank must stop at the same step or the next collective deadlocks.
             flag = torch.tensor(int(reached_cap), device=device)
@@ -1348,52 +1796,86 @@ def train(cfg: Hyperparameters, sp: spm.SentencePieceProcessor):
             reached_cap = bool(flag.item())
         if reached_cap and stop_at is None:
             stop_at = step
+    check_finite(first_nonfinite)
 
     synchronize(device)
     train_ms += 1000 * (time.perf_counter() - t0)
-    stream = loader.stream
-    log.metrics("train_done", steps=step, train_time_ms=round(train_ms), step_avg_ms=train_ms / max(step, 1),
-                stopped_by="wallclock" if stop_at is not None else "iterations", tokens_seen=stream.tokens_read,
-                data_passes=stream.tokens_read / stream.total_tokens,
-                peak_memory_mib=round(torch.cuda.max_memory_allocated(device) / 2**20) if device.type == "cuda" else 0)
-
     if step % cfg.train_log_every and step > 10 and step != cfg.iterations:
         telemetry.report(log, step)  # the steps since the last report, so the final balance is always logged
 
-    def final_eval(event: str, losses_fn):
+    # Calibration draws training batches, so its time counts as training time (the reserved CALIBRATION_SECONDS).
+    export_model = copy.deepcopy(model)
+    if ema is not None:
+        ema.copy_to(export_model)
+    code_bytes = len(Path(__file__).read_bytes())
+    levels, failure, calibration_ms = None, None, 0.0
+    if master:
+        t = time.perf_counter()
+        try:
+            nonfinite = [n for n, w in export_model.state_dict().items() if not torch.isfinite(w).all()]
+            if nonfinite:
+                raise RunFailed(f"non-finite weights before export ({', '.join(nonfinite[:3])})", 3)
+            if cfg.save_fp32:
+                buffer = io.BytesIO()
+                torch.save({"settings": cfg.settings, "state": export_model.state_dict()}, buffer)
+                write_artifact(fp32_path, buffer.getvalue())
+            bits, levels = export_levels(export_model, cfg, loader, code_bytes, log)
+            calibration_ms = 1000 * (time.perf_counter() - t) if cfg.calibrates else 0.0
+            log.metrics("export_bits", **{f"{c}_bits": b for c, b in bits.items()}, method=cfg.quant_method,
+                        clip_sigmas=cfg.quant_clip_sigmas, calibration_ms=round(calibration_ms),
+                        reserved_ms=round(1000 * cfg.calibration_seconds) if cfg.calibrates else 0)
+        except RunFailed as e:
+            failure = (str(e), e.status)
+    failure = master_decides(failure, distributed)
+    if failure:
+        raise RunFailed(*failure)
+    train_ms += calibration_ms
+    stream = loader.stream
+    log.metrics("train_done", steps=step, train_time_ms=round(train_ms), step_avg_ms=(train_ms - calibration_ms) / max(step, 1),
+                calibration_ms=round(calibration_ms), stopped_by="wallclock" if stop_at is not None else "iterations",
+                tokens_seen=stream.tokens_read, data_passes=stream.tokens_read / stream.total_tokens,
+                peak_memory_mib=round(torch.cuda.max_memory_allocated(device) / 2**20) if device.type == "cuda" else 0)
+
+    def final_eval(losses_fn) -> dict:
         t = time.perf_counter()
         val_loss, val_bpb = evaluate(losses_fn, val_tokens, tables, cfg, device, stride=cfg.eval_stride)
-        log.metrics(event, val_loss=val_loss, val_bpb=val_bpb, eval_stride=cfg.eval_stride, eval_seconds=time.perf_counter() - t)
+        return dict(val_loss=val_loss, val_bpb=val_bpb, eval_stride=cfg.eval_stride, eval_seconds=time.perf_counter() - t)
 
-    final_eval("final_raw", eval_losses)
+    log.metrics("final_raw", **final_eval(eval_losses))
     if ema is not None:
-        ema.copy_to_model()
-        final_eval("final_ema", eval_losses)
+        ema.copy_to(model)
+        log.metrics("final_ema", **final_eval(eval_losses))
 
-    # Export the (EMA) weights, then score what was written: the roundtrip score is the official one.
+    # Pack what was quantized, then score what was written: the roundtrip score is the official one.
     if master:
-        bits = {"embed": cfg.quant_embed_bits, "attn": cfg.quant_attn_bits, "mlp": cfg.quant_mlp_bits,
-                "experts": cfg.quant_expert_bits}
-        blob = pack_artifact(*quantize_state(model.state_dict(), bits))
-        write_artifact(artifact_path, blob)
-        code_bytes = len(Path(__file__).read_bytes())
-        model_bytes = artifact_path.stat().st_size
-        total = code_bytes + model_bytes
-        log.metrics("artifact", code_bytes=code_bytes, model_bytes=model_bytes, artifact_bytes=total,
-                    limit=cfg.artifact_limit_bytes, status="OK" if total <= cfg.artifact_limit_bytes else "OVER",
-                    path=str(artifact_path))
+        t = time.perf_counter()
+        write_artifact(artifact_path, pack_artifact(*quantize_state(export_model.state_dict(), levels)))
+        export_seconds = time.perf_counter() - t
     if distributed:
         dist.barrier()
     fresh = GPT(cfg).to(device)
     fresh.load_state_dict(unpack_artifact(artifact_path.read_bytes()))
-    final_eval("final_roundtrip", compiled(fresh.token_losses, cfg))
-    log.close()
+    roundtrip = final_eval(compiled(fresh.token_losses, cfg))
+    if master:
+        model_bytes = artifact_path.stat().st_size
+        total = code_bytes + model_bytes
+        finite = math.isfinite(roundtrip["val_loss"]) and math.isfinite(roundtrip["val_bpb"])
+        status = "FAILED" if not finite else "OK" if total <= cfg.artifact_limit_bytes else "OVER"
+        if status == "FAILED":
+            artifact_path.unlink()  # a model that scores NaN must not be mistaken for an artifact
+        log.metrics("artifact", code_bytes=code_bytes, model_bytes=model_bytes, artifact_bytes=total,
+                    limit=cfg.artifact_limit_bytes, status=status, path=str(artifact_path), export_seconds=export_seconds)
+        log.metrics("final_roundtrip", **roundtrip)
+        failure = {"OK": None, "FAILED": ("the exported model's roundtrip score is not finite", 3),
+                   "OVER": (f"artifact {total:,} bytes is over ARTIFACT_LIMIT_BYTES={cfg.artifact_limit_bytes:,}", 4)}[status]
+    failure = master_decides(failure, distributed)
     if distributed:
         dist.barrier()  # no rank tears down its connections while another still uses them
-        # DDP's reducer goes while its process group exists: freed after it (when train returns), a gloo rank
+        # DDP's reducer goes while its process group exists: freed after it (when run returns), a gloo rank
         # hung in the destructor about once in 12 two-process CPU runs under load.
         del train_model
-        dist.destroy_process_group()
+    if failure:
+        raise RunFailed(*failure)
 
 
 if __name__ == "__main__":

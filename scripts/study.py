@@ -22,7 +22,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from make_record import pre_export_bpb, read_events
+from make_record import RecordError, pre_export_bpb, read_events
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED = REPO.parent / "shared" / "data"
@@ -40,7 +40,7 @@ PREPARE = [sys.executable, "-m", "data.prepare", "--input", str(SHARED / "finewe
 COMMON = dict(DATA_PATH=DATA_PATH, TOKENIZER_PATH=TOKENIZER_PATH, TRAIN_BATCH_TOKENS="131072", GRAD_ACCUM_STEPS="2",
               WARMDOWN_ITERS="250", WARMUP_STEPS="10", VAL_LOSS_EVERY="0", TRAIN_LOG_EVERY="50",
               MUON_MOMENTUM_WARMUP_STEPS="100", MLP_MODE="dense", MOE_LAYERS="all", EXPERT_HIDDEN="0",
-              QUANT_ATTN_BITS="8", QUANT_MLP_BITS="6", QUANT_EXPERT_BITS="6")
+              QUANT_ATTN_BITS="8", QUANT_MLP_BITS="6", QUANT_EXPERT_BITS="6", QUANT_METHOD="rtn", QUANT_CLIP_SIGMAS="0")
 # Each configuration: the trainer's env vars on top of COMMON. Every one must end OK on the artifact line: under the
 # cap, bytes spent on experts a token does not use come out of attention's bits and the experts' width.
 MOE_FIT = dict(QUANT_ATTN_BITS="6", QUANT_MLP_BITS="5", QUANT_EXPERT_BITS="5")
@@ -58,6 +58,14 @@ CONFIGS = {
     "dense_deep": dict(NUM_LAYERS="11", QUANT_ATTN_BITS="6", QUANT_MLP_BITS="5"),
     "sparse_e4": dict(MLP_MODE="sparse", ROUTER="softmax", NUM_EXPERTS="4", EXPERT_HIDDEN="384", **MOE_FIT),
     "moe_alternate": dict(MLP_MODE="sparse", ROUTER="softmax", MOE_LAYERS="1,3,5,7", EXPERT_HIDDEN="256", **MOE_FIT),
+    # The calibrated export (docs/study.md, second study): GPTQ, its calibration reserved from the 65 s, the fp32
+    # weights saved so that scripts/export_sweep.py compares exports of one model. The baseline and the default MoE,
+    # then a MoE that spends the cap: twice the experts at the same active FLOPs, bits fitted to the cap.
+    "dense_gptq": dict(QUANT_METHOD="gptq", SAVE_FP32="1"),
+    "moe_gptq": dict(MLP_MODE="sparse", ROUTER="softmax", MOE_LAYERS="1,3,5,7", EXPERT_HIDDEN="256", **MOE_FIT,
+                     QUANT_METHOD="gptq", SAVE_FP32="1"),
+    "moe16_fit": dict(MLP_MODE="sparse", ROUTER="softmax", MOE_LAYERS="1,3,5,7", EXPERT_HIDDEN="256", NUM_EXPERTS="16",
+                      QUANT_METHOD="gptq", QUANT_FIT="1", SAVE_FP32="1"),
 }
 SEEDS = (1337, 42)
 
@@ -149,7 +157,11 @@ def main(argv=None) -> int:
         return subprocess.run(PREPARE).returncode
     if args.action == "table":
         chosen = {c: CONFIGS[c] for c in args.only}
-        table = results_table(Path("logs"), chosen) + "\n\n" + runs_table(Path("logs"), chosen)
+        try:
+            table = results_table(Path("logs"), chosen) + "\n\n" + runs_table(Path("logs"), chosen)
+        except RecordError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
         print(table)
         if args.out:
             Path(args.out).write_text(table + "\n")

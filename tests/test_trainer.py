@@ -137,10 +137,10 @@ def test_sliding_stride_equal_to_seq_len_is_the_non_overlapping_eval(tiny_data):
 
 # ---------------------------------------------------------------- export
 
-@pytest.mark.parametrize("bits,max_rel_rms", [(8, 0.008), (6, 0.03), (5, 0.06)])
+@pytest.mark.parametrize("bits,max_rel_rms", [(8, 0.008), (7, 0.016), (6, 0.03), (5, 0.06), (4, 0.12)])
 def test_quantize_error_bounds(bits, max_rel_rms):
     w = torch.randn(64, 512, generator=torch.Generator().manual_seed(bits))
-    q, scale = tm.quantize_rows(w, bits)
+    q, scale = tm.quantize_matrix(w, bits, clip_sigmas=0.0)
     qmax = 2 ** (bits - 1) - 1
     assert q.dtype == torch.int8 and scale.dtype == torch.float16
     assert q.abs().max().item() <= qmax
@@ -158,8 +158,36 @@ def test_quantize_error_bounds(bits, max_rel_rms):
 def test_clip_search_clips_outliers_at_low_bits():
     w = torch.randn(8, 512, generator=torch.Generator().manual_seed(0))
     w[:, 0] = 40.0  # one huge outlier per row
-    q, scale = tm.quantize_rows(w, 5)
+    q, scale = tm.quantize_matrix(w, 5, clip_sigmas=0.0)
     assert (scale.float() < 40.0 / 15 * 0.99).all()
+
+
+@pytest.mark.parametrize("clip_sigmas", [2.5, 4.0, 8.0])
+def test_sigma_clip_sets_the_step_from_the_row_std(clip_sigmas):
+    w = torch.randn(32, 512, generator=torch.Generator().manual_seed(1)) * torch.linspace(0.01, 2, 32)[:, None]
+    q, scale = tm.quantize_matrix(w, 6, clip_sigmas)
+    torch.testing.assert_close(scale.float(), (w.std(1) * clip_sigmas / 31).half().float())
+    clipped = (q.abs() == 31).float().mean().item()
+    assert clipped == pytest.approx(2 * torch.distributions.Normal(0, 1).cdf(torch.tensor(-clip_sigmas)).item(), abs=0.005)
+
+
+def test_wider_clips_buy_fewer_bytes():
+    w = torch.randn(256, 512, generator=torch.Generator().manual_seed(2))
+    sizes = [len(tm.pack_artifact(*tm.quantize_state({"blocks.0.mlp.fc.weight": w}, tm.rounded_levels(
+        {"blocks.0.mlp.fc.weight": w}, {"mlp": 6}, k)))) for k in (3.0, 6.0, 12.0)]
+    assert sizes[0] > sizes[1] > sizes[2]
+    # One more std of clip at 6 bits costs log2(6/3) = 1 bit per weight less: 16 KB of these 131,072 weights.
+    assert sizes[0] - sizes[1] == pytest.approx(256 * 512 / 8, rel=0.1)
+
+
+def test_values_past_fp16_are_stored_in_fp32():
+    state = {"blocks.0.attn_scale": torch.tensor([1.0, 1e6]), "blocks.0.mlp.fc.weight": torch.randn(4, 8) * 1e9}
+    header, arrays = tm.quantize_state(state, tm.rounded_levels(state, {"mlp": 5}, 0.0))
+    assert arrays["blocks.0.attn_scale"].dtype == np.float32 and arrays["blocks.0.mlp.fc.weight.scale"].dtype == np.float32
+    loaded = tm.unpack_artifact(tm.pack_artifact(header, arrays))
+    assert torch.isfinite(loaded["blocks.0.mlp.fc.weight"]).all()
+    assert loaded["blocks.0.attn_scale"][1].item() == 1e6
+    assert torch.allclose(loaded["blocks.0.mlp.fc.weight"], state["blocks.0.mlp.fc.weight"], rtol=0.15, atol=0.1 * 1e9)
 
 
 def test_artifact_roundtrip_and_byte_accounting(tmp_path):
@@ -172,7 +200,7 @@ def test_artifact_roundtrip_and_byte_accounting(tmp_path):
         "blocks.0.resid_mix": torch.rand(2, 32),
     }
     bits = {"embed": 8, "attn": 6, "mlp": 5}
-    header, arrays = tm.quantize_state(state, bits)
+    header, arrays = tm.quantize_state(state, tm.rounded_levels(state, bits, 0.0))
     assert {k: v.get("bits") for k, v in header.items()} == {
         "tok_emb.weight": 8, "blocks.0.attn.q.weight": 6, "blocks.0.mlp.fc.weight": 5,
         "blocks.0.attn_scale": None, "blocks.0.resid_mix": None}
@@ -200,7 +228,16 @@ def test_artifact_roundtrip_and_byte_accounting(tmp_path):
     ({"NUM_LAYERS": "0"}, "NUM_LAYERS"),
     ({"MATRIX_LR": "nan"}, "MATRIX_LR"),
     ({"EMA_DECAY": "1.5"}, "EMA_DECAY"),
-    ({"QUANT_MLP_BITS": "4"}, "QUANT_MLP_BITS"),
+    ({"QUANT_MLP_BITS": "3"}, "QUANT_MLP_BITS"),
+    ({"BETA2": "1"}, "BETA2"),
+    ({"ADAM_EPS": "0"}, "ADAM_EPS"),
+    ({"QK_GAIN_INIT": "1e300"}, "QK_GAIN_INIT"),
+    ({"MODEL_DIM": "1000000000000"}, "MODEL_DIM"),
+    ({"MODEL_DIM": "16384", "NUM_LAYERS": "256", "NUM_HEADS": "128", "NUM_KV_HEADS": "128"}, "MODEL_DIM"),  # ~3 TB
+    ({"RUN_ID": "../../x"}, "RUN_ID"),
+    ({"QUANT_CLIP_SIGMAS": "-1"}, "QUANT_CLIP_SIGMAS"),
+    ({"QUANT_METHOD": "gptq", "MAX_WALLCLOCK_SECONDS": "5", "CALIBRATION_SECONDS": "5"}, "CALIBRATION_SECONDS"),
+    ({"QUANT_FIT": "1", "CALIBRATION_TOKENS": "10"}, "CALIBRATION_TOKENS"),
     ({"MODEL_DIM": "65"}, "MODEL_DIM"),
     ({"NUM_KV_HEADS": "3"}, "NUM_HEADS"),
     ({"TRAIN_BATCH_TOKENS": "4000"}, "TRAIN_BATCH_TOKENS"),
@@ -316,7 +353,7 @@ def test_ema_update_follows_the_ramped_decay():
         d = min(0.5, (1 + t) / (10 + t))
         assert torch.allclose(ema.shadow[0], d * previous + (1 - d) * model.weight.detach())
         previous = ema.shadow[0].clone()
-    ema.copy_to_model()
+    ema.copy_to(model)
     assert torch.equal(model.weight.detach(), ema.shadow[0])
 
 
@@ -373,13 +410,17 @@ def test_two_processes_match_one_and_warmup_is_rolled_back(tiny_data, tmp_path):
     common = dict(ITERATIONS=6, TRAIN_LOG_EVERY=1, VAL_LOSS_EVERY=3, EMA_DECAY=0)
     runs = {
         "one": (1, tiny_env(tiny_data, RUN_ID="one", WARMUP_STEPS=2, **common)),
-        "two": (2, tiny_env(tiny_data, RUN_ID="two", WARMUP_STEPS=2, ARTIFACT_LIMIT_BYTES=1000, **common)),
+        "two": (2, tiny_env(tiny_data, RUN_ID="two", WARMUP_STEPS=2, **common,
+                            ARTIFACT_LIMIT_BYTES=len((REPO / "train_moe.py").read_bytes()) + 1000)),
         "nowarm": (1, tiny_env(tiny_data, RUN_ID="nowarm", WARMUP_STEPS=0, **common)),
     }
     results = {}
     for run_id, (nproc, env) in runs.items():
         result = run_trainer(tmp_path, env, nproc=nproc)
-        assert result.returncode == 0, result.stderr[-3000:]
+        if run_id == "two":  # over its cap: rank 0 exits 4 after scoring, and torchrun reports the failure
+            assert result.returncode == 1 and "error: artifact" in result.stderr and "exitcode  : 4" in result.stderr
+        else:
+            assert result.returncode == 0, result.stderr[-3000:]
         results[run_id] = events(tmp_path, run_id)
 
     def losses(run_id, event, key):

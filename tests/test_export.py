@@ -1,0 +1,205 @@
+"""Calibrated export: GPTQ, per-expert Hessians from routed tokens, the std clip, QUANT_FIT and its byte budget."""
+import copy
+import json
+
+import pytest
+import torch
+
+import train_moe as tm
+from conftest import run_trainer, tiny_env
+from test_moe import SMALL, randomize
+
+BITS = {"embed": 8, "attn": 6, "mlp": 5, "experts": 4}
+
+
+def correlated_layer(seed=0, rows=96, cols=128, tokens=2048):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, cols, generator=g) @ (torch.eye(cols) + 2 * torch.randn(cols, cols, generator=g) / cols**0.5)
+    return x, torch.randn(rows, cols, generator=g)
+
+
+def output_error(x, w, q, scale):
+    return (x @ (tm.dequantize(q, scale, w.shape) - w).T).square().mean().item()
+
+
+@pytest.mark.parametrize("bits,clip_sigmas", [(4, 0.0), (5, 3.0), (6, 4.0)])
+def test_gptq_lowers_the_output_error_of_correlated_inputs(bits, clip_sigmas):
+    x, w = correlated_layer(bits)
+    hessians = tm.Hessians(1, w.shape[1], "cpu")
+    hessians.add(x)
+    rounded = output_error(x, w, *tm.quantize_matrix(w, bits, clip_sigmas))
+    q, scale = tm.quantize_matrix(w, bits, clip_sigmas, hessians.damped(0.01))
+    assert output_error(x, w, q, scale) < 0.65 * rounded
+    assert q.abs().max() <= 2 ** (bits - 1) - 1
+    torch.testing.assert_close(scale, tm.quantize_matrix(w, bits, clip_sigmas)[1])  # same steps, better levels
+
+
+def test_gptq_with_uncorrelated_inputs_is_rounding_to_nearest():
+    _, w = correlated_layer()
+    diagonal = torch.diag(torch.rand(w.shape[1], generator=torch.Generator().manual_seed(1)) + 0.5)[None]
+    assert torch.equal(tm.quantize_matrix(w, 5, 3.0, diagonal)[0], tm.quantize_matrix(w, 5, 3.0)[0])
+
+
+def test_expert_hessians_use_only_their_routed_tokens_weighted():
+    torch.manual_seed(0)
+    bank = tm.ExpertBank(4, 8, 16, "relu2")
+    randomize(bank)
+    x = torch.randn(12, 8)
+    idx = torch.tensor([[0, 1]] * 6 + [[1, 2]] * 6)  # expert 3 gets no token
+    weights = torch.rand(12, 2)
+    counts = (idx.flatten()[:, None] == torch.arange(4)).sum(0)
+    hessians = {kind: tm.Hessians(4, cols, "cpu") for kind, cols in (("experts_in", 8), ("experts_out", 16))}
+    handles = [bank.register_forward_pre_hook(tm.stage_hook(kind, h, last=False)) for kind, h in hessians.items()]
+    bank(x, weights, idx, counts)
+    for handle in handles:
+        handle.remove()
+    for e in range(4):
+        rows, slots = (idx == e).nonzero(as_tuple=True)
+        g = weights[rows, slots, None]
+        hidden = tm.activate(x[rows] @ bank.w_in[e].detach().T, "relu2")
+        torch.testing.assert_close(hessians["experts_in"].sum[e].float(), (g * x[rows]).T @ (g * x[rows]))
+        torch.testing.assert_close(hessians["experts_out"].sum[e].float(), (g * hidden).T @ (g * hidden))
+        assert hessians["experts_in"].tokens[e] == len(rows)
+    damped = hessians["experts_in"].damped(0.01)
+    assert hessians["experts_in"].tokens[3] == 0
+    # No token: damping alone, a multiple of the identity, under which GPTQ rounds that expert to nearest.
+    assert torch.equal(damped[3], damped[3, 0, 0] * torch.eye(8, dtype=damped.dtype)) and damped[3, 0, 0] > 0
+    q, scale = tm.quantize_matrix(bank.w_in.detach(), 4, 3.0, damped)
+    rounded, _ = tm.quantize_matrix(bank.w_in.detach(), 4, 3.0)
+    assert torch.equal(q.view(4, 16, 8)[3], rounded.view(4, 16, 8)[3])
+    assert not torch.equal(q.view(4, 16, 8)[0], rounded.view(4, 16, 8)[0])
+
+
+MODES = {
+    "sparse": {"MLP_MODE": "sparse"},
+    "sigmoid": {"MLP_MODE": "sparse", "ROUTER": "sigmoid"},
+    "hash_untied": {"MLP_MODE": "sparse", "ROUTER": "hash", "TIE_EMBEDDINGS": "0"},
+    "shared_routed": {"MLP_MODE": "shared_routed", "EXPERT_ACT": "swiglu"},
+    "soft": {"MLP_MODE": "soft"},
+    "dense": {"MLP_MODE": "dense"},
+}
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_calibration_routes_as_the_exported_model_and_beats_rounding(mode):
+    """The calibration copy ends holding exactly what the artifact dequantizes to, so every stage routed with the
+    exported model's weights; and GPTQ moves the logits on its calibration batches less than plain rounding."""
+    cfg = tm.Hyperparameters({**SMALL, **MODES[mode], "QUANT_METHOD": "gptq"})
+    torch.manual_seed(0)
+    model = tm.GPT(cfg)
+    randomize(model)
+    batches = [(torch.randint(0, 64, (8, 16), generator=torch.Generator().manual_seed(i)),) * 2 for i in range(3)]
+    batches = [(x, torch.roll(x, -1, dims=1)) for x, _ in batches]
+    calibrated = copy.deepcopy(model)
+    levels = tm.calibrated_levels(calibrated, cfg, batches, BITS)
+    assert set(levels) == {n for n, t in model.state_dict().items() if tm.is_quantized(n, t)}
+    loaded = tm.unpack_artifact(tm.pack_artifact(*tm.quantize_state(model.state_dict(), levels)))
+    for name, t in calibrated.state_dict().items():
+        assert torch.equal(loaded[name], t.float()), name
+
+    def logits_error(state):
+        fresh = tm.GPT(cfg)
+        fresh.load_state_dict(state)
+        return sum((fresh.logits(x)[0] - model.logits(x)[0]).square().mean().item() for x, _ in batches)
+
+    rounded = tm.unpack_artifact(tm.pack_artifact(*tm.quantize_state(model.state_dict(), tm.rounded_levels(model.state_dict(), BITS, 0.0))))
+    assert logits_error(loaded) < 0.8 * logits_error(rounded)
+
+
+def test_fit_bits_takes_the_least_loss_that_fits():
+    options = {"attn": {4: (100, 0.5), 6: (150, 0.1), 8: (200, 0.0)}, "experts": {4: (300, 0.3), 5: (400, 0.05)}}
+    assert tm.fit_bits(options, 700) == {"attn": 8, "experts": 5}
+    assert tm.fit_bits(options, 550) == {"attn": 6, "experts": 5}
+    assert tm.fit_bits(options, 450) == {"attn": 6, "experts": 4}  # 0.4 beats attn 4 + experts 5 at 0.55
+    assert tm.fit_bits(options, 399) is None
+
+
+@pytest.mark.parametrize("df,bits,clip_sigmas", [(3, 4, 0.0), (5, 5, 0.0), (6, 4, 3.0), (6, 6, 4.0), (30, 8, 12.0)])
+def test_the_byte_estimate_covers_what_zstd_makes_of_the_levels(df, bits, clip_sigmas):
+    """Heavy-tailed rows at 4-5 bits with the least-squares clip are where zstd lands furthest above the entropy."""
+    torch.manual_seed(df * 10 + bits)
+    w = torch.distributions.StudentT(df).sample((2048, 512)) * torch.rand(2048, 1).add(0.5)
+    q, scale = tm.quantize_matrix(w, bits, clip_sigmas)
+    packed = len(tm.pack_artifact(*tm.quantize_state({"blocks.0.mlp.fc.weight": w}, {"blocks.0.mlp.fc.weight": (bits, q, scale)})))
+    estimate = tm.levels_bytes({"blocks.0.mlp.fc.weight": (bits, q, scale)})["mlp"]
+    assert tm.entropy_bytes(q) < packed < estimate + 400 < 1.07 * packed
+
+
+def test_calibration_reads_the_train_stream_after_training_never_val(tiny_data, monkeypatch):
+    cfg = tm.Hyperparameters(tiny_env(tiny_data, CALIBRATION_TOKENS=3000))
+    loader = tm.DistributedTokenLoader(cfg, torch.device("cpu"))
+    loader.next_batch()
+    read = []
+    monkeypatch.setattr(tm, "load_data_shard", lambda path, load=tm.load_data_shard: read.append(str(path)) or load(path))
+    batches = tm.calibration_batches(cfg, loader)
+    assert sum(x.numel() for x, _ in batches) == 3008  # whole sequences of 64
+    stream = tm.TokenStream(sorted(tiny_data["data_path"].glob("fineweb_train_*.bin")), cfg.vocab_size)
+    stream.take(4096 // 8 + 1)
+    assert torch.equal(batches[0][0][0], stream.take(65)[:64].long())  # continues the train stream
+    assert all("fineweb_train_" in path for path in read)
+
+
+def run_events(run_dir, run_id):
+    return {e["event"]: e for e in map(json.loads, (run_dir / "logs" / f"{run_id}.jsonl").read_text().splitlines())}
+
+
+def test_quant_fit_lands_under_the_limit_with_gptq(tiny_data, tmp_path):
+    """At 8 bits everywhere this model's artifact is over the limit set here; QUANT_FIT picks bits that fit."""
+    env = tiny_env(tiny_data, RUN_ID="fit", MLP_MODE="sparse", MOE_LAYERS="1", NUM_EXPERTS=4, EXPERT_HIDDEN=64,
+                   QUANT_EMBED_BITS=8, QUANT_ATTN_BITS=8, QUANT_MLP_BITS=8, QUANT_EXPERT_BITS=8, QUANT_METHOD="gptq", CALIBRATION_TOKENS=4096,
+                   QUANT_CLIP_SIGMAS=4, QUANT_FIT=1, QUANT_FIT_MARGIN_BYTES=2000)
+    code_bytes = len((tm.Path(tm.__file__)).read_bytes())
+    env["ARTIFACT_LIMIT_BYTES"] = str(code_bytes + 60_000)
+    result = run_trainer(tmp_path, env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ev = run_events(tmp_path, "fit")
+    assert ev["artifact"]["status"] == "OK" and ev["artifact"]["artifact_bytes"] <= code_bytes + 60_000
+    chosen = ev["quant_fit"]
+    assert min(chosen[f"{c}_bits"] for c in ("embed", "attn", "mlp", "experts")) < 8
+    assert chosen["est_bytes"] <= chosen["budget_bytes"]
+    assert ev["export_bits"]["experts_bits"] == chosen["experts_bits"] and ev["export_bits"]["method"] == "gptq"
+    assert ev["train_done"]["calibration_ms"] > 0
+
+
+def test_quant_fit_fails_clearly_when_nothing_fits(tiny_data, tmp_path):
+    code_bytes = len((tm.Path(tm.__file__)).read_bytes())
+    env = tiny_env(tiny_data, RUN_ID="nofit", QUANT_FIT=1, CALIBRATION_TOKENS=4096, ARTIFACT_LIMIT_BYTES=code_bytes + 5000)
+    result = run_trainer(tmp_path, env)
+    assert result.returncode == 4
+    assert result.stderr.strip().splitlines()[-1].startswith("error: QUANT_FIT: nothing fits")
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "artifacts" / "nofit.moe.zst").exists()
+
+
+class Metrics:
+    def __init__(self):
+        self.lines = []
+
+    def metrics(self, event, **values):
+        self.lines.append((event, values))
+
+
+def test_quant_fit_refits_when_the_levels_come_out_bigger_than_estimated(tiny_data, monkeypatch):
+    """GPTQ's levels compress worse than the rounded ones the fit counted: the fit scales its estimates and picks again."""
+    cfg = tm.Hyperparameters(tiny_env(tiny_data, MLP_MODE="sparse", MOE_LAYERS="1", NUM_EXPERTS=4, QUANT_METHOD="gptq",
+                                      QUANT_FIT=1, CALIBRATION_TOKENS=1024, QUANT_FIT_MARGIN_BYTES=0))
+    torch.manual_seed(0)
+    model = tm.GPT(cfg)
+    randomize(model)
+    sizes = {b: tm.levels_bytes(tm.rounded_levels(model.state_dict(), dict.fromkeys(tm.QUANTIZED, b), 0.0)) for b in tm.QUANT_BITS}
+    # The rounded levels' real sizes, and a loss that always prefers more bits (a random model's is noise).
+    monkeypatch.setattr(tm, "fit_options", lambda *args: {c: {b: (sizes[b][c], 2.0**-b) for b in tm.QUANT_BITS} for c in tm.QUANTIZED})
+    real = tm.calibrated_levels
+    # Levels twice as long: the same values, twice the bytes.
+    monkeypatch.setattr(tm, "calibrated_levels", lambda *args: {n: (b, torch.cat([q, q]), torch.cat([s, s]))
+                                                                for n, (b, q, s) in real(*args).items()})
+    code_bytes = len(tm.Path(tm.__file__).read_bytes())
+    floats = tm.quantize_state({n: t for n, t in model.state_dict().items() if not tm.is_quantized(n, t)}, {})
+    fixed = code_bytes + len(json.dumps(floats[0])) + sum(a.nbytes for a in floats[1].values())
+    cfg.artifact_limit_bytes = fixed + round(2.05 * sum(sizes[5].values()))
+    log = Metrics()
+    bits, levels = tm.export_levels(model, cfg, tm.DistributedTokenLoader(cfg, torch.device("cpu")), code_bytes, log)
+    assert [e for e, _ in log.lines] == ["quant_fit", "quant_fit_over", "quant_fit"]
+    first, second = [v for e, v in log.lines if e == "quant_fit"]
+    assert sum(first[f"{c}_bits"] for c in bits) > sum(second[f"{c}_bits"] for c in bits) >= 4 * 5
+    assert sum(tm.levels_bytes(levels).values()) <= second["budget_bytes"]

@@ -1,0 +1,51 @@
+"""GPU-only paths (skipped without CUDA): calibrated export under bf16 autocast, as the trainer runs it on a GPU."""
+import copy
+
+import pytest
+import torch
+
+import train_moe as tm
+from test_export import BITS
+from test_moe import SMALL, randomize
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.parametrize("mode", [{"MLP_MODE": "sparse"}, {"MLP_MODE": "shared_routed"}, {"MLP_MODE": "soft"}])
+def test_gpu_calibration_routes_as_the_exported_model(mode):
+    cfg = tm.Hyperparameters({**SMALL, **mode, "MODEL_DIM": "64", "EXPERT_HIDDEN": "32"})
+    assert cfg.quant_method == "gptq"  # the default on a GPU
+    torch.manual_seed(0)
+    model = tm.GPT(cfg).cuda()
+    randomize(model)
+    batches = [(x, torch.roll(x, -1, 1)) for x in torch.randint(0, 64, (3, 32, 16), device="cuda")]
+    calibrated = copy.deepcopy(model)
+    levels = tm.calibrated_levels(calibrated, cfg, batches, BITS)
+    loaded = tm.unpack_artifact(tm.pack_artifact(*tm.quantize_state(model.state_dict(), levels)))
+    for name, t in calibrated.state_dict().items():
+        assert torch.equal(loaded[name].cuda(), t.float()), name
+    fresh = tm.GPT(cfg).cuda()
+    fresh.load_state_dict(loaded)
+    rounded = tm.GPT(cfg).cuda()
+    rounded.load_state_dict(tm.unpack_artifact(tm.pack_artifact(*tm.quantize_state(
+        model.state_dict(), tm.rounded_levels(model.state_dict(), BITS, 0.0)))))
+    with torch.no_grad(), tm.autocast(torch.device("cuda")):
+        reference = [model.logits(x)[0].float() for x, _ in batches]
+        errors = [sum((m.logits(x)[0].float() - r).square().mean().item() for (x, _), r in zip(batches, reference))
+                  for m in (fresh, rounded)]
+    assert errors[0] < 0.8 * errors[1]
+
+
+def test_gptq_on_the_gpu_matches_the_cpu():
+    """Same steps, and the same output error to within float rounding (error feedback may flip a level at a tie)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4096, 256, generator=g) @ (torch.eye(256) + torch.randn(256, 256, generator=g) / 16)
+    w = torch.randn(3, 64, 256, generator=g)
+    h = tm.Hessians(3, 256, "cpu")
+    for e in range(3):
+        h.add(x[e::3], e)
+    cpu = tm.quantize_matrix(w, 5, 3.0, h.damped(0.01))
+    gpu = tm.quantize_matrix(w.cuda(), 5, 3.0, h.damped(0.01).cuda())
+    assert torch.equal(cpu[1], gpu[1].cpu())
+    errors = [(x @ (tm.dequantize(q.cpu(), s.cpu(), w.shape) - w).transpose(1, 2)).square().mean() for q, s in (cpu, gpu)]
+    assert errors[1] == pytest.approx(errors[0].item(), rel=0.02)
