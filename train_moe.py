@@ -17,6 +17,7 @@ import math
 import os
 import platform
 import re
+import resource
 import shlex
 import subprocess
 import sys
@@ -33,6 +34,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 import zstandard
 from torch import Tensor, nn
+from tqdm import tqdm
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 # -----------------------------------------------------------------------------
@@ -183,7 +185,7 @@ class Hyperparameters:
         self.moe_layers = parse_layers(get.text("MOE_LAYERS", "odd"), self.num_layers)
         self.num_experts = get.integer("NUM_EXPERTS", 8, 2, 256)
         self.top_k = get.integer("TOP_K", 2, 1, 256)
-        self.expert_hidden = get.integer("EXPERT_HIDDEN", 256, 0, 2**16)
+        self.expert_hidden = get.integer("EXPERT_HIDDEN", _round8(self.model_dim / 2), 0, 2**16)  # 256 at 512 wide
         self.expert_act = get.choice("EXPERT_ACT", "relu2", ("relu2", "swiglu"))
         self.shared_hidden = get.integer("SHARED_HIDDEN", 0, 0, 2**16)
         self.shared_gate = get.flag("SHARED_GATE", 1)
@@ -1217,7 +1219,7 @@ def router_stats(load: list[float], importance: list[float], sums: list[float], 
     has_probs = any(importance)
     return dict(
         load=fractions, importance=[x / tokens for x in importance] if has_probs else None,
-        load_entropy=-sum(f * math.log(f) for f in fractions if f > 0),
+        load_entropy=-sum(f * math.log(f) for f in fractions if f > 0) / math.log(len(fractions)),  # 1 = balanced
         token_entropy=entropy_sum / tokens if has_probs else None,
         max_over_mean=max(fractions) / mean, min_over_mean=min(fractions) / mean,
         maxvio=max(fractions) / mean - 1, dead=sum(x == 0 for x in load),
@@ -1519,7 +1521,7 @@ class RunLog:
     Only rank 0 writes."""
 
     def __init__(self, cfg: Hyperparameters, master: bool):
-        self.master, self.wandb = master, None
+        self.master, self.wandb, self.step = master, None, 0
         if not master:
             return
         Path("logs").mkdir(exist_ok=True)
@@ -1533,7 +1535,8 @@ class RunLog:
     def text(self, line: str, echo: bool = True):
         if self.master:
             if echo:
-                print(line, flush=True)
+                tqdm.write(line)  # above the progress bar, if one is drawn
+                sys.stdout.flush()
             self.text_file.write(line + "\n")
             self.text_file.flush()
 
@@ -1557,7 +1560,9 @@ class RunLog:
                     numbers.update({f"{prefix}{k}/{j}": x for j, x in enumerate(v)})
                 elif isinstance(v, (int, float)) and k not in ("step", "layer"):
                     numbers[prefix + k] = v
-            self.wandb.log(numbers, step=values.get("step"))
+            # wandb refuses a step below its last one: events without a step (model, final scores) take the latest.
+            self.step = values.get("step", self.step)
+            self.wandb.log(numbers, step=self.step)
 
     def close(self):
         if self.master:
@@ -1590,15 +1595,24 @@ def environment_report(device) -> str:
 
 
 def lr_scale(cfg: Hyperparameters, step: int, elapsed_ms: float) -> float:
-    """1 until the warmdown, then linear to 0: by step count without a wallclock cap, otherwise by time,
-    estimating the remaining steps from the mean step time so LR reaches 0 at the cap."""
+    """1 until the warmdown, then linear to 0 at whichever limit comes first: ITERATIONS, or the wallclock cap with
+    the remaining steps estimated from the mean step time. (Timed to the cap alone, as the challenge's script does,
+    a run that ends by ITERATIONS first never decays.)"""
     if cfg.warmdown_iters <= 0:
         return 1.0
-    if cfg.max_wallclock_seconds <= 0:
-        return min(1.0, max(cfg.iterations - step, 0) / cfg.warmdown_iters)
-    warmdown_ms = cfg.warmdown_iters * elapsed_ms / max(step, 1)
-    remaining_ms = max(1000 * cfg.training_seconds - elapsed_ms, 0.0)
-    return min(1.0, remaining_ms / max(warmdown_ms, 1e-9))
+    remaining = max(cfg.iterations - step, 0) / cfg.warmdown_iters
+    if cfg.max_wallclock_seconds > 0:
+        warmdown_ms = cfg.warmdown_iters * elapsed_ms / max(step, 1)
+        remaining = min(remaining, max(1000 * cfg.training_seconds - elapsed_ms, 0.0) / max(warmdown_ms, 1e-9))
+    return min(1.0, remaining)
+
+
+def eta_seconds(cfg: Hyperparameters, step: int, elapsed_ms: float) -> float:
+    """Training time left at the mean step time so far, to whichever limit comes first."""
+    left_ms = max(cfg.iterations - step, 0) * elapsed_ms / max(step, 1)
+    if cfg.max_wallclock_seconds > 0:
+        left_ms = min(left_ms, max(1000 * cfg.training_seconds - elapsed_ms, 0.0))
+    return left_ms / 1000
 
 
 def main():
@@ -1704,7 +1718,7 @@ def run(cfg, sp, val_tokens, device, distributed, log, artifact_path: Path, fp32
     log.text("=" * 100, echo=False)
     for key, value in vars(cfg).items():
         if key not in ("settings", "warnings"):
-            log.text(f"config {key}:{value}")
+            log.text(f"config {key}:{value}", echo=key == "launch")  # all in the log; on screen, the command
     for warning in cfg.warnings:
         log.text(f"config_warning: {warning}", echo=False)
 
@@ -1731,7 +1745,7 @@ def run(cfg, sp, val_tokens, device, distributed, log, artifact_path: Path, fp32
 
     # Compile warm-up: real steps so every graph is built before the clock starts, then rolled back so the
     # measured run starts from the same weights, optimizer state and data as if it had not happened.
-    if cfg.warmup_steps > 0:
+    if cfg.warmup_steps > 0 and cfg.compile:  # eager runs have nothing to warm up
         t0 = time.perf_counter()
         initial_model = copy.deepcopy(model.state_dict())
         initial_opts = [copy.deepcopy(opt.state_dict()) for opt in optimizers]
@@ -1757,6 +1771,8 @@ def run(cfg, sp, val_tokens, device, distributed, log, artifact_path: Path, fp32
     telemetry = RouterTelemetry(model, cfg.router_alert_min_load, cfg.router_alert_patience)
     first_nonfinite = torch.zeros((), dtype=torch.int64, device=device)  # step of the first non-finite loss; 0 = none
     train_ms, step, stop_at = 0.0, 0, None
+    # A step bar on a terminal only (stderr): never in the log files, nor in redirected output.
+    progress = tqdm(total=cfg.iterations, unit="step", leave=False, disable=not (master and sys.stderr.isatty()))
     synchronize(device)
     t0 = time.perf_counter()
     while True:
@@ -1781,12 +1797,16 @@ def run(cfg, sp, val_tokens, device, distributed, log, artifact_path: Path, fp32
         step += 1
         first_nonfinite = torch.where((first_nonfinite == 0) & ~torch.isfinite(train_loss), step, first_nonfinite)
         elapsed_ms = train_ms + 1000 * (time.perf_counter() - t0)
+        eta = eta_seconds(cfg, step, elapsed_ms)
+        progress.total = step + round(1000 * eta * step / elapsed_ms)
+        progress.update()
         if step % cfg.train_log_every == 0 or step <= 10 or step == cfg.iterations:
             check_finite(first_nonfinite)
             if distributed:
                 dist.all_reduce(train_loss, op=dist.ReduceOp.AVG)
             log.metrics("train", step=step, train_loss=train_loss.item(), lr_scale=scale, train_time_ms=round(elapsed_ms),
-                        step_avg_ms=elapsed_ms / step, tokens_per_s=round(step * cfg.train_batch_tokens / (elapsed_ms / 1000)))
+                        step_avg_ms=elapsed_ms / step, tokens_per_s=round(step * cfg.train_batch_tokens / (elapsed_ms / 1000)),
+                        eta_s=round(eta))
             telemetry.report(log, step)
         reached_cap = cfg.max_wallclock_seconds > 0 and elapsed_ms >= 1000 * cfg.training_seconds
         if distributed and cfg.max_wallclock_seconds > 0:
@@ -1796,6 +1816,7 @@ def run(cfg, sp, val_tokens, device, distributed, log, artifact_path: Path, fp32
             reached_cap = bool(flag.item())
         if reached_cap and stop_at is None:
             stop_at = step
+    progress.close()
     check_finite(first_nonfinite)
 
     synchronize(device)
@@ -1834,7 +1855,8 @@ def run(cfg, sp, val_tokens, device, distributed, log, artifact_path: Path, fp32
     log.metrics("train_done", steps=step, train_time_ms=round(train_ms), step_avg_ms=(train_ms - calibration_ms) / max(step, 1),
                 calibration_ms=round(calibration_ms), stopped_by="wallclock" if stop_at is not None else "iterations",
                 tokens_seen=stream.tokens_read, data_passes=stream.tokens_read / stream.total_tokens,
-                peak_memory_mib=round(torch.cuda.max_memory_allocated(device) / 2**20) if device.type == "cuda" else 0)
+                peak_memory_mib=round(torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda"
+                                      else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))  # Linux: KiB
 
     def final_eval(losses_fn) -> dict:
         t = time.perf_counter()

@@ -1,7 +1,8 @@
 """Turn any text into Parameter Golf shards with a SentencePiece tokenizer.
 
 Inputs are local .json/.jsonl/.txt/.parquet files (optionally .zst or .gz compressed; a .txt holds one
-document per line) or Hugging Face dataset names (NAME or NAME:CONFIG, streamed), read in the order given.
+document per line, per paragraph or per file, as --txt-documents says) or Hugging Face dataset names (NAME or
+NAME:CONFIG, streamed), read in the order given.
 The first --val-docs documents form the val split; the rest, shuffled by --seed, form the train split.
 Either train a tokenizer with the challenge's recipe on the train documents (--tokenizer-out) or reuse one
 (--tokenizer). Each document is its BOS id followed by its tokens; no EOS. A bad input or argument ends the run
@@ -42,6 +43,7 @@ FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".txt": "text", ".parquet": 
 COMPRESSIONS = {".zst", ".gz"}
 HUB_NAME = re.compile(r"[\w.-]+/[\w.-]+(:[\w.-]+)?")
 BATCH_DOCS = 256
+TXT_DOCUMENTS = ("line", "paragraph", "file")  # what one document of a .txt input is; "line" is the default
 READ_BYTES = 1 << 20
 
 
@@ -100,8 +102,10 @@ def write_splits(documents: Iterable[str], output_dir: Path, tokenizer_path: Pat
             for index, start in enumerate(starts):
                 write_shard(staging / shard_name(split, index), stream[start:start + shard_tokens])
             doc_bytes = sum(b for _, b, _ in docs)
-            summary[split] = {"documents": len(docs), "tokens": len(stream), "bytes": doc_bytes,
-                              "bytes_per_token": doc_bytes / len(stream),
+            # bos_share: each document costs one BOS token, so many short documents (a .txt read per line)
+            # spend a visible share of the tokens on BOS.
+            summary[split] = {"documents": len(docs), "tokens": len(stream), "bos_share": len(docs) / len(stream),
+                              "bytes": doc_bytes, "bytes_per_token": doc_bytes / len(stream),
                               "byte_fallback_share": sum(f for _, _, f in docs) / len(stream), "shards": len(starts)}
         for stale in output_dir.glob("fineweb_*_*.bin"):  # a smaller rerun must not leave old shards behind
             stale.unlink()
@@ -113,7 +117,8 @@ def write_splits(documents: Iterable[str], output_dir: Path, tokenizer_path: Pat
 
 
 def summary_lines(summary: dict) -> list[str]:
-    return [f"split:{split} documents:{stats['documents']} tokens:{stats['tokens']} bytes:{stats['bytes']} "
+    return [f"split:{split} documents:{stats['documents']} tokens:{stats['tokens']} "
+            f"bos_share:{stats['bos_share']:.5f} bytes:{stats['bytes']} "
             f"bytes_per_token:{stats['bytes_per_token']:.3f} byte_fallback_share:{stats['byte_fallback_share']:.5f} "
             f"shards:{stats['shards']}" for split, stats in summary.items()]
 
@@ -221,11 +226,11 @@ def _inner_suffix(path: Path) -> str:
     return suffixes[-1] if suffixes else ""
 
 
-def _read_documents(inputs: list[str], text_column: str) -> Iterator[str]:
+def _read_documents(inputs: list[str], text_column: str, txt_documents: str = "line") -> Iterator[str]:
     """Yield the non-blank texts of every input in order, streamed."""
     for name in inputs:
         path = Path(name)
-        rows = _file_rows(path, text_column) if path.is_file() else _hub_rows(name, text_column)
+        rows = _file_rows(path, text_column, txt_documents) if path.is_file() else _hub_rows(name, text_column)
         count = 0
         for where, text in rows:
             if not isinstance(text, str):
@@ -237,8 +242,9 @@ def _read_documents(inputs: list[str], text_column: str) -> Iterator[str]:
             raise PrepareError(f"input {name} holds no documents")
 
 
-def _file_rows(path: Path, text_column: str) -> Iterator[tuple[str, object]]:
-    """(where, text) per record of a local file: a line of a .txt, a JSON Lines object, a parquet row."""
+def _file_rows(path: Path, text_column: str, txt_documents: str = "line") -> Iterator[tuple[str, object]]:
+    """(where, text) per record of a local file: a .txt document (see _txt_documents), a JSON Lines object, a
+    parquet row."""
     try:
         with open(path, "rb") as file:
             chunks = _decompressed(file, path.suffix)
@@ -252,17 +258,48 @@ def _file_rows(path: Path, text_column: str) -> Iterator[tuple[str, object]]:
                     yield from _json_array_rows(data, text_column, f"input {path}")
                     return
                 chunks = [data]
-            for number, line in enumerate(_lines(chunks), 1):
-                try:
-                    line = line.decode("utf-8").removesuffix("\r")
-                except UnicodeDecodeError as e:
-                    raise PrepareError(f"input {path} line {number}: not UTF-8 text ({e.reason})") from None
-                if _file_builder(path) == "text":
-                    yield f"line {number}", line
-                elif line.strip():
+            lines = _decoded_lines(chunks, path)
+            if _file_builder(path) == "text":
+                yield from _txt_documents(lines, txt_documents)
+                return
+            for number, line in lines:
+                if line.strip():
                     yield f"line {number}", _json_text(line, text_column, f"input {path} line {number}")
     except (OSError, EOFError, zlib.error, zstandard.ZstdError, pyarrow.ArrowException) as e:
         raise PrepareError(f"input {path} cannot be read: {_first_line(e)}") from None
+
+
+def _decoded_lines(chunks: Iterable[bytes], path: Path) -> Iterator[tuple[int, str]]:
+    """(number, text) per line, without its line end (LF or CRLF)."""
+    for number, line in enumerate(_lines(chunks), 1):
+        try:
+            yield number, line.decode("utf-8").removesuffix("\r")
+        except UnicodeDecodeError as e:
+            raise PrepareError(f"input {path} line {number}: not UTF-8 text ({e.reason})") from None
+
+
+def _txt_documents(lines: Iterable[tuple[int, str]], mode: str) -> Iterator[tuple[str, str]]:
+    """(where, text) per document of a .txt: each line; each paragraph (the lines between blank or whitespace-only
+    lines, joined by newlines); or the whole file less its leading and trailing blank lines."""
+    if mode == "line":
+        for number, line in lines:
+            yield f"line {number}", line
+    elif mode == "file":  # the one mode that holds a whole file's text in memory
+        text = [line for _, line in lines]
+        blank = [not line.strip() for line in text]
+        if False in blank:  # else the file holds no document
+            first, end = blank.index(False), len(blank) - blank[::-1].index(False)
+            yield f"lines {first + 1}-{end}", "\n".join(text[first:end])
+    else:  # paragraph: only one paragraph at a time is in memory
+        paragraph = []
+        for number, line in lines:
+            if line.strip():
+                paragraph.append(line)
+            elif paragraph:
+                yield f"lines {number - len(paragraph)}-{number - 1}", "\n".join(paragraph)
+                paragraph = []
+        if paragraph:
+            yield f"lines {number - len(paragraph) + 1}-{number}", "\n".join(paragraph)
 
 
 def _decompressed(file, suffix: str) -> Iterator[bytes]:
@@ -375,6 +412,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--input", nargs="+", required=True, help="files (.json .jsonl .txt .parquet, +.zst/.gz) "
                         "or Hugging Face datasets NAME[:CONFIG]; the first one listed supplies the val documents")
     parser.add_argument("--text-column", default="text")
+    parser.add_argument("--txt-documents", choices=TXT_DOCUMENTS, default="line",
+                        help="what one document of a .txt input is: a line (default), a paragraph (split at blank "
+                        "lines; each document costs a BOS token, so use it for plays and books) or the whole file")
     parser.add_argument("--output", type=Path, required=True, help="folder for the shards")
     tokenizer = parser.add_mutually_exclusive_group(required=True)
     tokenizer.add_argument("--tokenizer", type=Path, help="reuse this SentencePiece .model")
@@ -435,7 +475,7 @@ def _check_writable(path: Path, flag: str) -> None:
 
 
 def _prepare(args: argparse.Namespace) -> tuple[Path, dict]:
-    documents = islice(_read_documents(args.input, args.text_column), args.max_docs)
+    documents = islice(_read_documents(args.input, args.text_column, args.txt_documents), args.max_docs)
     if not args.tokenizer_out:
         return args.tokenizer, write_splits(documents, args.output, args.tokenizer, args.val_docs, args.seed,
                                             args.shard_tokens, args.workers)

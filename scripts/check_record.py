@@ -6,7 +6,10 @@ Checks: README.md, submission.json, train_moe.py and at least one log pair (<RUN
 present; submission.json has the challenge's fields with the right types; every claimed score and byte count (per
 seed and mean) equals what the logs say; train_moe.py is byte-identical to the source at the top of every log; each
 artifact, recomputed as len(train_moe.py) + the log's model_bytes, fits in 16,000,000 bytes; each run trained within
-the track's time limit. Prints every problem to stderr, one `error:` line each, and exits 1; or prints one OK line.
+the track's time limit; the runs share their settings (but RUN_ID, SEED and the launch line); the claimed hardware
+is the logs'; and, in track_10min_16mb, each run shows the challenge's setting (8 GPUs of the H100 family, the
+challenge's sp1024 val split and tokenizer; see make_record.track_problems). Prints every problem to stderr, one
+`error:` line each, and exits 1; or prints one OK line.
 """
 import argparse
 import json
@@ -17,8 +20,8 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from make_record import (CAP_BYTES, TRACK_LIMIT_MS, RecordError, check_events, pre_export_bpb, read_events,
-                         read_log)
+from make_record import (CAP_BYTES, TRACK_LIMIT_MS, RecordError, check_events, config_differences, hardware,
+                         pre_export_bpb, read_events, read_log, track_problems)
 
 NUMBER, INTEGER, TEXT = "number", "integer", "string"
 FIELDS = {"author": TEXT, "github_id": TEXT, "name": TEXT, "blurb": TEXT, "date": TEXT, "track": TEXT,
@@ -63,15 +66,24 @@ def check(folder: Path) -> tuple[list[str], dict]:
             problems.append(f"{jsonl_path.name}: its text log {text_path.name} is missing")
             continue
         name = text_path.name
+        log = events = None
+        unusable = []  # main names the folder once, so each problem drops it
         try:
-            source, _, config = read_log(text_path)
-            events = read_events(jsonl_path)
-            if shipped is not None and source != shipped:
-                problems.append(f"{name}: train_moe.py differs from the source this run logged")
-            check_events(events, jsonl_path)
+            log = read_log(text_path)
         except RecordError as e:
-            problems.append(str(e).removeprefix(f"{folder}/"))  # main names the folder once
+            unusable += [str(problem).removeprefix(f"{folder}/") for problem in e.args]
+        if log is not None and shipped is not None and log[0] != shipped:
+            problems.append(f"{name}: train_moe.py differs from the source this run logged")
+        try:
+            events = read_events(jsonl_path)
+        except RecordError as e:
+            unusable += [str(problem).removeprefix(f"{folder}/") for problem in e.args]
+        if events is not None:
+            unusable += [problem.removeprefix(f"{folder}/") for problem in check_events(events, jsonl_path)]
+        problems += unusable
+        if unusable:
             continue
+        _, environment, config = log
         artifact = events["artifact"]
         artifact_bytes = (len(shipped) if shipped is not None else artifact["code_bytes"]) + artifact["model_bytes"]
         if artifact_bytes != artifact["artifact_bytes"]:
@@ -81,9 +93,16 @@ def check(folder: Path) -> tuple[list[str], dict]:
         limit_ms = TRACK_LIMIT_MS.get(track)
         if limit_ms is not None and events["train_done"]["train_time_ms"] > limit_ms:
             problems.append(f"{name}: trained {events['train_done']['train_time_ms']} ms, over {track}'s {limit_ms} ms")
+        problems += [f"{name}: {problem}" for problem in track_problems(track, environment, config, events)]
         if config["seed"] in runs:
             problems.append(f"{name}: seed {config['seed']} is logged twice")
-        runs[config["seed"]] = {"events": events, "artifact_bytes": artifact_bytes}
+        runs[config["seed"]] = {"events": events, "artifact_bytes": artifact_bytes, "name": name, "config": config,
+                                "hardware": hardware(environment, config["world_size"])}
+    logged = sorted(runs.values(), key=lambda r: r["name"])
+    for r in logged[1:]:
+        differing = config_differences(r, logged[0])
+        if differing:
+            problems.append(f"{logged[0]['name']} and {r['name']} differ in settings: {differing}")
     if not any(folder.glob("*.jsonl")):
         problems.append("no run log (<RUN_ID>.txt + <RUN_ID>.jsonl)")
 
@@ -117,6 +136,9 @@ def check(folder: Path) -> tuple[list[str], dict]:
         problems.append(f"submission.json: bytes_code {sub.get('bytes_code')} but train_moe.py is {len(shipped)} bytes")
     if has_type(sub.get("bytes_total"), INTEGER) and sub["bytes_total"] > CAP_BYTES:
         problems.append(f"submission.json: bytes_total {sub['bytes_total']:,} is over the {CAP_BYTES:,}-byte cap")
+    for r in logged:
+        if isinstance(sub.get("hardware"), str) and sub["hardware"] != r["hardware"]:
+            problems.append(f"submission.json: hardware claimed {sub['hardware']!r}, {r['name']} ran on {r['hardware']!r}")
 
     seed_results = sub.get("seed_results") if isinstance(sub.get("seed_results"), dict) else {}
     seeds = sub.get("seeds") if isinstance(sub.get("seeds"), list) else []

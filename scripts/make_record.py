@@ -7,8 +7,10 @@
 Writes records/<track>/<YYYY-MM-DD>_<name>/ (relative to the current directory, normally the repo root) with
 train_moe.py exactly as run (taken from the logs, never from the working tree), each seed's .txt and .jsonl log,
 README.md and submission.json. Refuses runs that are unfinished, failed, over the size cap, over the track's time
-limit, whose logs are not train_moe.py's or hold a missing, mistyped or non-finite figure, or whose sources or
-settings differ, with one `error:` line and exit status 1; never overwrites a record nor leaves a half-written one.
+limit, whose logs are not train_moe.py's or hold a missing, mistyped or non-finite figure, whose sources or settings
+differ, that share a seed, or, on track_10min_16mb, that did not run the challenge's setting (8 GPUs of the H100
+family, the challenge's sp1024 val split and tokenizer). Every problem of every run is printed as its own `error:`
+line, then it exits with status 1; it never overwrites a record nor leaves a half-written one.
 """
 import argparse
 import json
@@ -18,7 +20,7 @@ import shutil
 import statistics
 import sys
 import time
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 SEPARATOR = b"=" * 100
 CAP_BYTES = 16_000_000
@@ -38,9 +40,35 @@ ROUTER_FIGURES = {"layer": int, "max_over_mean": float, "dead": int, "load": lis
 FINISHED = [event for event in FIGURES if event != "final_ema"]  # final_ema only when the run kept an EMA
 KINDS = {int: "an integer >= 0", float: "a finite number >= 0", str: "a string", list: "a list of finite numbers >= 0"}
 
+# What a run must show on the record track (track_non_record_16mb takes any hardware, data and world size).
+RECORD_TRACK = "track_10min_16mb"
+RECORD_WORLD_SIZE = 8
+# The challenge's machines are 8xH100 SXM, whose torch.cuda.get_device_name() (the `cuda <ver> gpu <name>` line of
+# the environment report) is "NVIDIA H100 80GB HBM3". Any H100 passes: "NVIDIA H100" alone or followed by a space and
+# a variant ("NVIDIA H100 80GB HBM3", "NVIDIA H100 PCIe", "NVIDIA H100 NVL"). Every other name fails, among them the
+# H200, H800, GH200, H20 and A100, and so does a report without a `gpu` line (a CPU run).
+H100_NAME = re.compile(r"NVIDIA H100(?: .*)?")
+RECORD_VOCAB_SIZE = 1024
+RECORD_TOKENIZER = "fineweb_1024_bpe.model"  # the challenge's name for its sp1024 tokenizer (data/download.py)
+# The challenge's sp1024 val split (fineweb10B_sp1024/fineweb_val_*.bin), recognised by its token count. The baseline
+# train_gpt.py logs `val_loader:shards pattern=... tokens:N` with N = the val split's scored targets, cut to a
+# multiple of TRAIN_SEQ_LEN (train_moe.py's `model` event `val_tokens` is the same count). In openai/parameter-golf
+# (commit 4908dc4, 2026-05-02) 57 logs under records/track_10min_16mb/ print tokens:62021632, e.g.
+# records/track_10min_16mb/2026-03-17_LoRA_TTT/train_v0.txt (TRAIN_SEQ_LEN=1024) and
+# records/track_10min_16mb/2026-03-18_LongContextSeq2048/train.log (TRAIN_SEQ_LEN=2048); only the first record,
+# 2026-03-17_NaiveBaseline/train.log, prints 63779840, from a pre-release export (its 25-train-shard
+# "hf_verify_sp1024" run). 62,021,632 = 60,568 x 1024, so the split's targets (tokens - 1) number 62,021,632 to
+# 62,022,655; a third-party 4xH100 note that logs the untrimmed count gives 62,021,845, inside that range.
+OFFICIAL_VAL_TOKENS = 62_021_632  # at TRAIN_SEQ_LEN=1024
+OFFICIAL_VAL_TARGETS = (OFFICIAL_VAL_TOKENS, OFFICIAL_VAL_TOKENS + 1023)  # the range of tokens - 1 that gives it
+
 
 class RecordError(Exception):
-    """A run, log or argument that cannot make (or pass as) a record; main reports it as one `error:` line."""
+    """A run, log or argument that cannot make (or pass as) a record. Holds one or more problems (its args); main
+    prints each as its own `error:` line."""
+
+    def __str__(self) -> str:
+        return "; ".join(map(str, self.args))
 
 
 def split_log(text_log: bytes) -> tuple[bytes, str, dict]:
@@ -70,28 +98,33 @@ def split_log(text_log: bytes) -> tuple[bytes, str, dict]:
 
 
 def read_log(text_path: Path) -> tuple[bytes, str, dict]:
-    """split_log of a file, with its settings checked; a RecordError names the file."""
+    """split_log of a file, with its settings checked; a RecordError names the file in each of its problems."""
     try:
         source, environment, config = split_log(text_path.read_bytes())
-        check_config(config, environment)
     except OSError as e:
         raise RecordError(f"{text_path}: cannot be read ({e.strerror})") from None
     except RecordError as e:
         raise RecordError(f"{text_path}: {e}") from None
+    problems = config_problems(config, environment)
+    if problems:
+        raise RecordError(*(f"{text_path}: {problem}" for problem in problems))
     return source, environment, config
 
 
-def check_config(config: dict, environment: str) -> None:
+def config_problems(config: dict, environment: str) -> list[str]:
+    """Every setting a record reads that the log lacks or that is not an integer where one is needed."""
+    problems = []
     needed = ["seed", "world_size", "mlp_mode", "launch"]
     if config.get("mlp_mode") != "dense":
         needed += ["router", "num_experts", "top_k", "moe_layers"]
     for key in needed:
         if key not in config:
-            raise RecordError(f"no 'config {key}:' line: not a finished train_moe.py log")
-        if key in ("seed", "world_size", "num_experts", "top_k") and not re.fullmatch(r"-?\d+", config[key]):
-            raise RecordError(f"config {key}:{config[key]} is not an integer")
+            problems.append(f"no 'config {key}:' line: not a finished train_moe.py log")
+        elif key in ("seed", "world_size", "num_experts", "top_k") and not re.fullmatch(r"-?\d+", config[key]):
+            problems.append(f"config {key}:{config[key]} is not an integer")
     if not re.search(r"torch \S+", environment):
-        raise RecordError("no torch version in the environment report: not a train_moe.py log")
+        problems.append("no torch version in the environment report: not a train_moe.py log")
+    return problems
 
 
 def read_events(jsonl_path: Path) -> dict:
@@ -114,7 +147,9 @@ def read_events(jsonl_path: Path) -> dict:
         if not isinstance(record, dict) or not isinstance(record.get("event"), str):
             raise RecordError(f"{jsonl_path}:{number}: not a train_moe.py event (a JSON object with an 'event' name)")
         if record["event"] == "router":
-            check_figures(record, {"layer": int}, f"{jsonl_path}:{number}: router")
+            problems = figure_problems(record, {"layer": int}, f"{jsonl_path}:{number}: router")
+            if problems:
+                raise RecordError(*problems)
             last_router[record["layer"]] = record
         else:
             events[record["event"]] = record
@@ -122,26 +157,37 @@ def read_events(jsonl_path: Path) -> dict:
     return events
 
 
-def check_events(events: dict, jsonl_path: Path) -> None:
-    """Refuse a run that did not finish, or any figure a record reads that is missing, mistyped or not finite."""
+def check_events(events: dict, jsonl_path: Path) -> list[str]:
+    """Why the events cannot make a record, empty when they can: the events of a finished run that are missing, and
+    the first figure a record reads that is missing, mistyped or not finite (a log holding one is not trusted
+    further, so one bad figure repeated across router layers is one problem)."""
+    problems = []
     missing = [event for event in FINISHED if event not in events]
     if missing:
-        raise RecordError(f"{jsonl_path}: no {', '.join(missing)} event: the run did not finish")
-    for event, fields in FIGURES.items():  # artifact first: a failed run is reported as such, not by its NaN score
-        if event in events:
-            check_figures(events[event], fields, f"{jsonl_path}: {event}")
+        problems.append(f"{jsonl_path}: no {', '.join(missing)} event: the run did not finish")
+    for event, fields in FIGURES.items():  # artifact first: a failed run is reported as such, not by its NaN scores
+        if event not in events:
+            continue
+        figures = figure_problems(events[event], fields, f"{jsonl_path}: {event}")
+        if figures:
+            return problems + figures[:1]
         if event == "artifact" and events[event]["status"] not in ("OK", "OVER"):  # OVER: the caller weighs the size
-            raise RecordError(f"{jsonl_path}: artifact status {events[event]['status']!r}: the run failed")
+            return problems + [f"{jsonl_path}: artifact status {events[event]['status']!r}: the run failed"]
     for router in events["router_final"]:
-        check_figures(router, ROUTER_FIGURES, f"{jsonl_path}: router layer {router['layer']}")
+        figures = figure_problems(router, ROUTER_FIGURES, f"{jsonl_path}: router layer {router['layer']}")
+        if figures:
+            return problems + figures[:1]
+    return problems
 
 
-def check_figures(record: dict, fields: dict, where: str) -> None:
+def figure_problems(record: dict, fields: dict, where: str) -> list[str]:
+    problems = []
     for field, kind in fields.items():
         if field not in record:
-            raise RecordError(f"{where} has no {field}")
-        if not fits(record[field], kind):
-            raise RecordError(f"{where} {field} is {json.dumps(record[field])[:60]}, not {KINDS[kind]}")
+            problems.append(f"{where} has no {field}")
+        elif not fits(record[field], kind):
+            problems.append(f"{where} {field} is {json.dumps(record[field])[:60]}, not {KINDS[kind]}")
+    return problems
 
 
 def fits(value, kind: type) -> bool:
@@ -160,27 +206,94 @@ def run_paths(run: str) -> tuple[Path, Path]:
     return path.with_suffix(".txt"), path.with_suffix(".jsonl")
 
 
-def load_run(run: str, track: str) -> dict:
+def load_run(run: str, track: str) -> tuple[dict | None, list[str]]:
+    """A run's logs and every problem that keeps it from `track`. The run is None when its logs cannot be read or
+    trusted (then only why is known); otherwise it is returned with its problems, so that the checks across runs
+    (seeds, settings, sources) still see it."""
     text_path, jsonl_path = run_paths(run)
-    for path in (text_path, jsonl_path):
-        if not path.is_file():
-            raise RecordError(f"{run}: {path} {'is not a file' if path.exists() else 'not found'}")
-    source, environment, config = read_log(text_path)
-    events = read_events(jsonl_path)
-    check_events(events, jsonl_path)
+    missing = [f"{run}: {path} {'is not a file' if path.exists() else 'not found'}"
+               for path in (text_path, jsonl_path) if not path.is_file()]
+    if missing:
+        return None, missing
+    problems, log, events = [], None, None
+    try:
+        log = read_log(text_path)
+    except RecordError as e:
+        problems += e.args
+    try:
+        events = read_events(jsonl_path)
+    except RecordError as e:
+        problems += e.args
+    if events is not None:
+        problems += check_events(events, jsonl_path)
+    if problems:
+        return None, problems
+    source, environment, config = log
     artifact = events["artifact"]
     if artifact["status"] == "OVER" or artifact["artifact_bytes"] > CAP_BYTES:
-        raise RecordError(f"{run}: artifact {artifact['artifact_bytes']:,} bytes is over the {CAP_BYTES:,}-byte cap")
+        problems.append(f"{run}: artifact {artifact['artifact_bytes']:,} bytes is over the {CAP_BYTES:,}-byte cap")
     # A size claimed by the log must be the size of what the run wrote, if it is still here to look at.
     artifact_path = Path(artifact["path"])
     if artifact_path.is_file() and artifact_path.stat().st_size != artifact["model_bytes"]:
-        raise RecordError(f"{run}: {artifact_path} is {artifact_path.stat().st_size} bytes, "
-                          f"the log says {artifact['model_bytes']}")
+        problems.append(f"{run}: {artifact_path} is {artifact_path.stat().st_size} bytes, "
+                        f"the log says {artifact['model_bytes']}")
     limit_ms = TRACK_LIMIT_MS[track]
     if limit_ms is not None and events["train_done"]["train_time_ms"] > limit_ms:
-        raise RecordError(f"{run}: trained {events['train_done']['train_time_ms']} ms, over {track}'s {limit_ms} ms")
-    return {"text_path": text_path, "jsonl_path": jsonl_path, "source": source, "environment": environment,
-            "config": config, "events": events, "seed": int(config["seed"])}
+        problems.append(f"{run}: trained {events['train_done']['train_time_ms']} ms, over {track}'s {limit_ms} ms")
+    problems += [f"{run}: {problem}" for problem in track_problems(track, environment, config, events)]
+    return {"run": run, "text_path": text_path, "jsonl_path": jsonl_path, "source": source,
+            "environment": environment, "config": config, "events": events, "seed": int(config["seed"])}, problems
+
+
+def gpu_name(environment: str) -> str | None:
+    """The GPU of the environment report's `cuda <version> gpu <name>` line; None for a CPU run."""
+    gpu = re.search(r"^cuda \S+ gpu (.+)$", environment, re.M)
+    return gpu.group(1).strip() if gpu else None
+
+
+def track_problems(track: str, environment: str, config: dict, events: dict) -> list[str]:
+    """Where a finished run's log does not show the setting `track` requires: on track_10min_16mb, 8 processes on
+    H100s, the challenge's tokenizer and its val split. Other tracks take any hardware, data and world size."""
+    if track != RECORD_TRACK:
+        return []
+    problems = []
+    world_size = config.get("world_size")
+    if world_size != str(RECORD_WORLD_SIZE):
+        problems.append(f"world size {world_size}: {track} runs on {RECORD_WORLD_SIZE} GPUs "
+                        f"(torchrun --standalone --nproc_per_node={RECORD_WORLD_SIZE})")
+    gpu = gpu_name(environment)
+    if gpu is None:
+        problems.append(f"no GPU in the environment report (no `cuda ... gpu ...` line): a CPU run; "
+                        f"{track} runs on {RECORD_WORLD_SIZE}xH100")
+    elif not H100_NAME.fullmatch(gpu):
+        problems.append(f"GPU {gpu!r} is not an H100: {track} runs on {RECORD_WORLD_SIZE}xH100")
+    vocab_size = config.get("vocab_size")
+    if vocab_size != str(RECORD_VOCAB_SIZE):
+        problems.append(f"vocab size {vocab_size}: the challenge's tokenizer has {RECORD_VOCAB_SIZE} pieces")
+    tokenizer = config.get("tokenizer_path")
+    if tokenizer is None or PurePosixPath(tokenizer.replace("\\", "/")).name != RECORD_TOKENIZER:
+        problems.append(f"tokenizer {tokenizer}: not the challenge's {RECORD_TOKENIZER}")
+    val_tokens, seq_len = events["model"].get("val_tokens"), config.get("train_seq_len")
+    if not fits(val_tokens, int):
+        problems.append(f"model event val_tokens is {json.dumps(val_tokens)[:60]}, not a count of val tokens: "
+                        f"the val split cannot be shown to be the challenge's")
+    elif seq_len is None or not re.fullmatch(r"\d+", seq_len) or int(seq_len) == 0:
+        problems.append(f"config train_seq_len:{seq_len} is not a positive integer: the val split cannot be shown "
+                        f"to be the challenge's")
+    elif not is_official_val_split(val_tokens, int(seq_len)):
+        problems.append(f"val split of {val_tokens:,} scored tokens at TRAIN_SEQ_LEN={seq_len}: not the challenge's "
+                        f"fineweb10B_sp1024 val split ({OFFICIAL_VAL_TOKENS:,} at TRAIN_SEQ_LEN=1024)")
+    return problems
+
+
+def is_official_val_split(val_tokens: int, seq_len: int) -> bool:
+    """Whether `val_tokens` scored targets at `seq_len` can come from the challenge's val split: the trainer cuts the
+    split's targets (tokens - 1, somewhere in OFFICIAL_VAL_TARGETS) down to a multiple of seq_len, so the count must
+    be such a multiple with [val_tokens, val_tokens + seq_len) meeting that range. At a seq_len that is a multiple of
+    1024 exactly one count passes (62,021,632 at 1024, 2048, 4096 and 8192); at another, each multiple of it that
+    some count in that range cuts down to, since the official logs do not pin the split's size closer than that."""
+    low, high = OFFICIAL_VAL_TARGETS
+    return val_tokens % seq_len == 0 and val_tokens <= high and val_tokens + seq_len > low
 
 
 def pre_export_bpb(events: dict) -> float:
@@ -189,61 +302,27 @@ def pre_export_bpb(events: dict) -> float:
 
 
 def hardware(environment: str, world_size: str) -> str:
-    gpu = re.search(r"^cuda \S+ gpu (.+)$", environment, re.M)
-    return f"{world_size}x {gpu.group(1)}" if gpu else f"{world_size}x CPU"
-
-
-def student_t_sf(t: float, df: float) -> float:
-    """P(T > t) for Student's t with df degrees of freedom, through the regularized incomplete beta function:
-    P(|T| > t) = I_x(df/2, 1/2) with x = df / (df + t^2)."""
-    tail = 0.5 * incomplete_beta(df / (df + t * t), df / 2, 0.5)
-    return tail if t >= 0 else 1 - tail
-
-
-def incomplete_beta(x: float, a: float, b: float) -> float:
-    """Regularized incomplete beta I_x(a, b) by its continued fraction (Numerical Recipes, betacf), using the
-    symmetry I_x(a, b) = 1 - I_{1-x}(b, a) where the fraction converges slowly."""
-    if x <= 0 or x >= 1:
-        return max(0.0, min(1.0, x))
-    if x > (a + 1) / (a + b + 2):
-        return 1 - incomplete_beta(1 - x, b, a)
-    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log(1 - x)) / a
-    tiny = 1e-300
-    c, d = 1.0, 1 - (a + b) * x / (a + 1)
-    d = 1 / (d if abs(d) > tiny else tiny)
-    result = d
-    for m in range(1, 300):
-        for numerator in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
-                          -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
-            d = 1 + numerator * d
-            d = 1 / (d if abs(d) > tiny else tiny)
-            c = 1 + numerator / c
-            c = c if abs(c) > tiny else tiny
-            result *= c * d
-        if abs(c * d - 1) < 1e-15:
-            break
-    return front * result
+    return f"{world_size}x {gpu_name(environment) or 'CPU'}"
 
 
 def welch_p_value(ours: list[float], baseline: list[float]) -> float:
-    """One-sided Welch t-test, H1: mean(ours) < mean(baseline). Needs at least 2 values on each side."""
-    var_ours, var_base = statistics.variance(ours) / len(ours), statistics.variance(baseline) / len(baseline)
-    diff = statistics.fmean(baseline) - statistics.fmean(ours)
-    if var_ours + var_base == 0:
-        return 0.0 if diff > 0 else 1.0
-    t = diff / math.sqrt(var_ours + var_base)
-    df = (var_ours + var_base) ** 2 / (var_ours ** 2 / (len(ours) - 1) + var_base ** 2 / (len(baseline) - 1))
-    return student_t_sf(t, df)
+    """One-sided Welch t-test, H1: mean(ours) < mean(baseline), by scipy.stats.ttest_ind(equal_var=False,
+    alternative="less"). Needs at least 2 values on each side. When neither side varies there is nothing to test
+    (scipy gives NaN, which JSON cannot hold): 0 if ours is lower, else 1."""
+    if statistics.variance(ours) == 0 and statistics.variance(baseline) == 0:
+        return 0.0 if statistics.fmean(ours) < statistics.fmean(baseline) else 1.0
+    from scipy.stats import ttest_ind  # here: check_record.py imports this module and needs no scipy
+    return float(ttest_ind(ours, baseline, equal_var=False, alternative="less").pvalue)
 
 
-def submission(runs: list[dict], args, code_bytes: int) -> dict:
+def submission(runs: list[dict], args, code_bytes: int, date: str) -> dict:
     first = runs[0]
     config, model = first["config"], first["events"]["model"]
     losses = [r["events"]["final_roundtrip"]["val_loss"] for r in runs]
     bpbs = [r["events"]["final_roundtrip"]["val_bpb"] for r in runs]
     result = {
         "author": args.author, "github_id": args.github_id, "name": args.name, "blurb": args.blurb,
-        "date": time.strftime("%Y-%m-%d"), "track": args.track,
+        "date": date, "track": args.track,
         "val_loss": statistics.fmean(losses), "val_bpb": statistics.fmean(bpbs),
         # Every seed's artifact must fit, so the record claims the largest.
         "bytes_total": max(r["events"]["artifact"]["artifact_bytes"] for r in runs), "bytes_code": code_bytes,
@@ -314,33 +393,65 @@ def readme(runs: list[dict], sub: dict) -> str:
     return "\n".join(lines)
 
 
+def config_differences(run: dict, first: dict) -> str | None:
+    """The settings (other than PER_RUN_CONFIG) in which two runs differ, as `key <first's value> vs <run's value>`."""
+    keys = sorted(k for k in set(run["config"]) | set(first["config"])
+                  if k not in PER_RUN_CONFIG and run["config"].get(k) != first["config"].get(k))
+    if not keys:
+        return None
+    return ", ".join(f"{k} {first['config'].get(k, '(none)')} vs {run['config'].get(k, '(none)')}" for k in keys)
+
+
+def across_runs_problems(runs: list[dict]) -> list[str]:
+    """Runs (sorted by seed) that cannot be seeds of one record: a seed given twice, settings or sources that differ
+    from the first run's. Every such problem, not the first."""
+    problems = []
+    by_seed = {}
+    for r in runs:
+        by_seed.setdefault(r["seed"], []).append(str(r["text_path"]))
+    for seed, paths in by_seed.items():
+        if len(paths) > 1:
+            problems.append(f"{', '.join(paths[:-1])} and {paths[-1]} ran the same seed {seed}; give each seed once")
+    for r in runs[1:]:
+        first = runs[0]
+        if r["source"] != first["source"]:
+            problems.append(f"{r['text_path']} and {first['text_path']} ran different train_moe.py sources")
+        differing = config_differences(r, first)
+        if differing:
+            problems.append(f"{first['text_path']} and {r['text_path']} differ in settings: {differing}")
+    return problems
+
+
 def make_record(args: argparse.Namespace) -> tuple[Path, dict]:
+    """Every problem of the arguments, of each run and across the runs is collected and raised in one RecordError;
+    with none, the record is written."""
+    problems = []
     for flag, values in (("--baseline-loss", args.baseline_loss), ("--baseline-bpb", args.baseline_bpb)):
         if not all(map(math.isfinite, values or [])):
-            raise RecordError(f"{flag} {' '.join(map(str, values))}: every value must be a finite number")
+            problems.append(f"{flag} {' '.join(map(str, values))}: every value must be a finite number")
     slug = re.sub(r"[^A-Za-z0-9._-]+", "_", args.name).strip("_")
     if not slug:
-        raise RecordError(f"--name {args.name!r} has no letter or digit to name the record folder")
-    runs = [load_run(run, args.track) for run in args.runs]
-    runs.sort(key=lambda r: r["seed"])
-    if len({r["seed"] for r in runs}) != len(runs):
-        raise RecordError("the same seed is given twice")
-    first = runs[0]
-    for r in runs[1:]:
-        if r["source"] != first["source"]:
-            raise RecordError(f"{r['text_path']} and {first['text_path']} ran different train_moe.py sources")
-        differing = [k for k in set(r["config"]) | set(first["config"])
-                     if k not in PER_RUN_CONFIG and r["config"].get(k) != first["config"].get(k)]
-        if differing:
-            raise RecordError(f"{r['text_path']} and {first['text_path']} differ in {', '.join(sorted(differing))}")
-
-    sub = submission(runs, args, len(first["source"]))
-    folder = Path("records") / args.track / f"{sub['date']}_{slug}"
-    if folder.exists():
-        raise RecordError(f"{folder} already exists; not overwriting a record")
+        problems.append(f"--name {args.name!r} has no letter or digit to name the record folder")
+    loaded = []
+    for run in args.runs:
+        r, run_problems = load_run(run, args.track)
+        problems += run_problems
+        if r is not None:
+            loaded.append(r)
+    runs = sorted(loaded, key=lambda r: r["seed"])
+    problems += across_runs_problems(runs)
+    date = time.strftime("%Y-%m-%d")
+    folder = Path("records") / args.track / f"{date}_{slug}"
+    if slug and folder.exists():
+        problems.append(f"{folder} already exists; not overwriting a record")
     logs = [path for r in runs for path in (r["text_path"], r["jsonl_path"])]
     if len({path.name for path in logs}) != len(logs):
-        raise RecordError(f"two runs' logs have the same file name: {', '.join(map(str, logs))}")
+        problems.append(f"two runs' logs have the same file name: {', '.join(map(str, logs))}")
+    if problems:
+        raise RecordError(*problems)
+
+    first = runs[0]
+    sub = submission(runs, args, len(first["source"]), date)
     files = {"train_moe.py": first["source"], "submission.json": (json.dumps(sub, indent=2) + "\n").encode(),
              "README.md": readme(runs, sub).encode(), **{path.name: path.read_bytes() for path in logs}}
     # Written under a temporary name and renamed when complete, so a failure never leaves a half record.
@@ -371,7 +482,9 @@ def main():
     try:
         folder, sub = make_record(args)
     except (RecordError, OSError) as e:  # OSError: the record folder could not be written
-        sys.exit("error: " + " ".join(str(e).split()))  # one line, whatever the message holds
+        for problem in e.args if isinstance(e, RecordError) else [e]:
+            print("error: " + " ".join(str(problem).split()), file=sys.stderr)  # one line, whatever it holds
+        sys.exit(1)
     print(f"wrote {folder}: val_bpb {sub['val_bpb']:.8f} over seeds {sub['seeds']}, {sub['bytes_total']:,} bytes")
 
 

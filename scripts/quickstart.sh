@@ -9,11 +9,9 @@ export RUN_ID=${RUN_ID:-quickstart}
 export DATA_PATH=${DATA_PATH:-data/datasets/default_sp1024}
 export TOKENIZER_PATH=${TOKENIZER_PATH:-data/tokenizers/default_1024_bpe.model}
 export NUM_LAYERS=${NUM_LAYERS:-4} MODEL_DIM=${MODEL_DIM:-128} NUM_HEADS=${NUM_HEADS:-4} NUM_KV_HEADS=${NUM_KV_HEADS:-2}
-# The default MoE layout (experts in blocks 1 and 3 here), its experts a quarter of the dense hidden as at full size.
-export EXPERT_HIDDEN=${EXPERT_HIDDEN:-64}
 export TRAIN_SEQ_LEN=${TRAIN_SEQ_LEN:-256} TRAIN_BATCH_TOKENS=${TRAIN_BATCH_TOKENS:-16384} VAL_BATCH_SIZE=${VAL_BATCH_SIZE:-32768}
-export ITERATIONS=${ITERATIONS:-120} WARMDOWN_ITERS=${WARMDOWN_ITERS:-40} MAX_WALLCLOCK_SECONDS=${MAX_WALLCLOCK_SECONDS:-0}
-export VAL_LOSS_EVERY=${VAL_LOSS_EVERY:-60} TRAIN_LOG_EVERY=${TRAIN_LOG_EVERY:-20} WARMUP_STEPS=${WARMUP_STEPS:-0}
+export ITERATIONS=${ITERATIONS:-120} WARMDOWN_ITERS=${WARMDOWN_ITERS:-40}
+export VAL_LOSS_EVERY=${VAL_LOSS_EVERY:-60} TRAIN_LOG_EVERY=${TRAIN_LOG_EVERY:-20}
 # torch.compile pays ~20 s per graph on a CPU and does not speed up a model this small there.
 export COMPILE=${COMPILE:-0}
 python train_moe.py

@@ -4,9 +4,14 @@ Usage:
     python scripts/router_dashboard.py logs/a.jsonl [logs/b.jsonl ...] --out dashboard.html [--png-dir DIR]
 
 The HTML embeds every figure as a base64 PNG (no network, no JS); the same PNGs are written to --png-dir
-(default: <out stem>_png/ beside the HTML). Figures: train loss and val_bpb of all runs overlaid; per run, one
-expert-load heatmap per MoE layer (x = step, y = expert, color = load fraction, router_alert steps marked in
-red) and per-layer curves of normalized load entropy, mean token entropy, MaxVio and dead experts.
+(default: <out stem>_png/ beside the HTML). The page stacks everything vertically, each figure fitting a 1400 px
+window: a red banner naming each collapsed MoE layer (a router_alert fired, or its least-used expert is under
+ALERT_MIN_LOAD of a fair share at the last step); a table of runs and one of MoE layers (min/mean, MaxVio, dead
+experts, alerts; collapsed rows and cells in red); train loss and val_bpb of all runs overlaid, one colour per
+run, with the final (EMA, else raw) and roundtrip scores marked at the last step; per run, one expert-load heatmap
+per MoE layer (colour = load / fair share on one fixed scale, router_alert steps marked in red) and per-layer
+curves (one colour per layer) of normalized load entropy (logged already divided by ln E), token entropy, min/mean,
+MaxVio and dead experts, each on one y scale shared by all runs.
 Dense runs (no "router" events) get only the loss curves and the table. Unknown events and keys are ignored.
 A line that is not a JSON object with an "event" name, a field of the wrong type in an event that is plotted, a log
 with nothing to plot or an output that cannot be written ends the command with one `error:` line and exit status 1,
@@ -31,6 +36,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 ROUTER_SERIES = ("load_entropy", "token_entropy", "maxvio", "dead", "max_over_mean", "min_over_mean")
@@ -42,8 +49,12 @@ FIELDS = {
     "router": {"step": INT, "layer": INT, "load": LOADS, **{k: OPTIONAL for k in ROUTER_SERIES}},
     "router_alert": {"step": INT, "layer": INT, "min_over_mean": OPTIONAL, "dead": OPTIONAL, "max_over_mean": OPTIONAL},
     "model": {"params": INT},
-    "final_roundtrip": {"val_bpb": NUMBER},
+    **{event: {"val_bpb": NUMBER} for event in ("final_raw", "final_ema", "final_roundtrip")},
 }
+FINAL_MARKERS = {"final_ema": ("*", 15), "final_raw": ("s", 11), "final_roundtrip": ("X", 8)}  # small on top
+ALERT_MIN_LOAD = 0.1  # train_moe.py's default ROUTER_ALERT_MIN_LOAD (a run's own value is not in its log)
+LOAD_VMAX = 3.0  # heatmap colour top in fair shares: a collapse saturates it, a balanced run's noise stays flat
+FIG_WIDTH = 13.2  # inches at 100 dpi: 1320 px, inside a 1400 px window with the page's margins and a scrollbar
 
 
 class DashboardError(Exception):
@@ -142,72 +153,166 @@ def _edges(steps: np.ndarray) -> np.ndarray:
     return np.concatenate([[s[0] - (mid[0] - s[0])], mid, [s[-1] + (s[-1] - mid[-1])]])
 
 
-def _fig_compare(runs: list[dict]):
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3.6))
-    for run in runs:
+def _last_and(values: np.ndarray, worst) -> tuple[float, float]:
+    """The last logged value and the worst (worst = np.min or np.max) over the run, NaN if none was logged."""
+    values = values[np.isfinite(values)]
+    return (values[-1], worst(values)) if len(values) else (math.nan, math.nan)
+
+
+def _health(run: dict) -> dict[int, dict]:
+    """Per MoE layer, the collapse numbers of the summary table and the verdict that colours the page."""
+    health = {}
+    for layer, d in run["layers"].items():
+        h = {"experts": d["experts"], "alerts": [a["step"] for a in run["alerts"] if a["layer"] == layer]}
+        h["mom_last"], h["mom_worst"] = _last_and(d["min_over_mean"], np.min)
+        h["maxvio_last"], h["maxvio_worst"] = _last_and(d["maxvio"], np.max)
+        h["dead_last"], h["dead_max"] = _last_and(d["dead"], np.max)
+        # A router only starting out is routinely this skewed (hence the trainer's patience): judge the last window.
+        h["collapsed"] = bool(h["alerts"]) or h["mom_last"] < ALERT_MIN_LOAD
+        health[layer] = h
+    return health
+
+
+def _entropy_norm(d: dict) -> float:
+    return math.log(d["experts"]) if d["experts"] > 1 else 1.0
+
+
+# Router curve panels: title, series. load_entropy is logged already divided by ln E; token_entropy is in nats.
+PANELS = (("normalized load entropy", lambda d: d["load_entropy"]),
+          ("mean token entropy / ln E", lambda d: d["token_entropy"] / _entropy_norm(d)),
+          ("min / mean load", lambda d: d["min_over_mean"]),
+          ("MaxVio", lambda d: d["maxvio"]),
+          ("dead experts", lambda d: d["dead"]))
+# Smallest y top per panel, so that a balanced run's noise stays small next to what a collapse would reach.
+PANEL_FLOOR = {"MaxVio": 1.0, "dead experts": 1.0}
+
+
+def shared_look(runs: list[dict]) -> dict:
+    """Colours and axis limits common to every figure, so that equal heights and colours mean equal things
+    across runs: a run's colour (overlays), a layer's colour (router curves), one step range, one y range per panel."""
+    data = [d for run in runs for d in run["layers"].values()]
+    layers = sorted({layer for run in runs for layer in run["layers"]})
+    edges = [_edges(d["steps"]) for d in data]
+    ylim = {}
+    for title, series in PANELS:
+        values = np.concatenate([[PANEL_FLOOR.get(title, 1.0)], *(series(d) for d in data)])
+        top = values[np.isfinite(values)].max() * 1.05
+        ylim[title] = (-0.03 * top, top)
+    return {"run_color": [f"C{i % 10}" for i in range(len(runs))],
+            "layer_color": {layer: plt.cm.plasma(0.8 * k / max(len(layers) - 1, 1)) for k, layer in enumerate(layers)},
+            "xlim": (min(e[0] for e in edges), max(e[-1] for e in edges)) if data else None, "ylim": ylim}
+
+
+def _final_events(run: dict) -> list[str]:
+    return [e for e in ("final_ema" if "final_ema" in run else "final_raw", "final_roundtrip") if e in run]
+
+
+def _fig_compare(runs: list[dict], look: dict):
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(FIG_WIDTH, 3.6), layout="constrained")
+    finals = set()
+    for run, color in zip(runs, look["run_color"]):
         if len(run["train"]):
-            ax1.plot(run["train"][:, 0], run["train"][:, 1], label=run["name"], lw=1.2)
+            ax1.plot(run["train"][:, 0], run["train"][:, 1], color=color, lw=1.2)
         if len(run["val"]):
-            ax2.plot(run["val"][:, 0], run["val"][:, 1], "o-", label=run["name"], ms=3)
+            ax2.plot(run["val"][:, 0], run["val"][:, 1], "o-", color=color, ms=3)
+        last_step = max([0, *run["train"][:, 0], *run["val"][:, 0]])  # the final evals score the last step's model
+        for event in _final_events(run):
+            marker, size = FINAL_MARKERS[event]
+            ax2.plot(last_step, run[event]["val_bpb"], marker, color=color, ms=size, mec="black", mew=0.7)
+            finals.add(event)
     for ax, title in ((ax1, "train loss"), (ax2, "val_bpb")):
         ax.set(title=title, xlabel="step")
         ax.grid(alpha=0.3)
-        if ax.lines:
-            ax.legend(fontsize=8)
-    fig.tight_layout()
+    handles = [Line2D([], [], color=c, lw=2, label=run["name"]) for run, c in zip(runs, look["run_color"])]
+    handles += [Line2D([], [], marker=marker, ls="none", color="0.6", mec="black", ms=9, label=event)
+                for event, (marker, _) in FINAL_MARKERS.items() if event in finals]
+    fig.legend(handles=handles, loc="outside right upper", fontsize=8)
     return fig
 
 
-def _fig_heatmaps(run: dict):
-    layers = run["layers"]
-    fig, axes = plt.subplots(len(layers), 1, figsize=(6.5, 0.6 + 1.9 * len(layers)), squeeze=False)
-    vmax = max(np.nanmax(d["load"]) for d in layers.values())
+def _fig_heatmaps(run: dict, look: dict):
+    layers, health = run["layers"], _health(run)
+    heights = [1.1 + 0.06 * d["experts"] for d in layers.values()]
+    fig, axes = plt.subplots(len(layers), 1, figsize=(FIG_WIDTH, 0.6 + sum(heights)), sharex=True, squeeze=False,
+                             gridspec_kw={"height_ratios": heights}, layout="constrained")
     for ax, (layer, d) in zip(axes[:, 0], layers.items()):
-        mesh = ax.pcolormesh(_edges(d["steps"]), np.arange(d["experts"] + 1) - 0.5, d["load"].T,
-                             cmap="viridis", vmin=0.0, vmax=vmax, shading="flat")
-        for a in (a for a in run["alerts"] if a.get("layer") == layer and a.get("step") is not None):
-            ax.axvline(a["step"], color="red", ls="--", lw=1.2)
-            ax.text(a["step"], d["experts"] - 0.5, " alert", color="red", fontsize=7, va="top")
-        ax.set(ylabel="expert", title=f"{run['name']} layer {layer}: expert load (uniform = {1 / d['experts']:.3g})")
-        ax.title.set_fontsize(9)
-        fig.colorbar(mesh, ax=ax, pad=0.01, label="load")
+        # In fair shares (load x E), so one colour scale fits layers and runs with any number of experts.
+        mesh = ax.pcolormesh(_edges(d["steps"]), np.arange(d["experts"] + 1) - 0.5, d["load"].T * d["experts"],
+                             cmap="viridis", vmin=0.0, vmax=LOAD_VMAX, shading="flat")
+        for step in health[layer]["alerts"]:
+            ax.axvline(step, color="red", ls="--", lw=1.5)
+            ax.text(step, d["experts"] - 0.5, " router_alert", color="red", fontsize=8, fontweight="bold", va="top")
+        collapsed = health[layer]["collapsed"]
+        ax.set_title(f"layer {layer}" + (": COLLAPSED" if collapsed else ""), loc="left", fontsize=9,
+                     color="red" if collapsed else "black", fontweight="bold" if collapsed else "normal")
+        ax.set(ylabel="expert", xlim=look["xlim"])
     axes[-1, 0].set_xlabel("step")
-    fig.tight_layout()
+    fig.colorbar(mesh, ax=axes[:, 0], extend="max", pad=0.01, label="load / fair share (1 = uniform)")
+    fig.suptitle(f"{run['name']}: expert load per MoE layer", fontsize=10)
     return fig
 
 
-def _fig_router_curves(run: dict):
-    fig, axes = plt.subplots(2, 2, figsize=(6.5, 5))
+def _fig_router_curves(run: dict, look: dict):
+    fig, axes = plt.subplots(1, len(PANELS), figsize=(FIG_WIDTH, 2.8), layout="constrained")
     for layer, d in run["layers"].items():
-        norm = math.log(d["experts"]) if d["experts"] > 1 else 1.0
-        for ax, y in zip(axes.flat, (d["load_entropy"] / norm, d["token_entropy"] / norm, d["maxvio"], d["dead"])):
-            ax.plot(d["steps"], y, ".-", ms=3, lw=1, label=f"L{layer}")
-    titles = ("load entropy / log E", "mean token entropy / log E", "MaxVio", "dead experts")
-    for ax, title in zip(axes.flat, titles):
+        for ax, (_, series) in zip(axes, PANELS):
+            ax.plot(d["steps"], series(d), ".-", ms=3, lw=1, color=look["layer_color"][layer], label=f"L{layer}")
+    for ax, (title, _) in zip(axes, PANELS):
+        ax.set(xlim=look["xlim"], ylim=look["ylim"][title], xlabel="step")
         ax.set_title(title, fontsize=9)
         ax.grid(alpha=0.3)
         ax.tick_params(labelsize=7)
-    axes[0, 0].set_ylim(-0.02, 1.05)
-    axes[0, 0].legend(fontsize=7, ncol=2)
-    axes[1, 0].set_xlabel("step")
-    axes[1, 1].set_xlabel("step")
-    fig.suptitle(f"{run['name']}: router health", fontsize=10)
-    fig.tight_layout()
+        if title == "min / mean load":
+            ax.axhline(ALERT_MIN_LOAD, color="red", ls="--", lw=1)
+        if title == "dead experts":
+            ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="outside right upper", fontsize=7, title="layer")
+    fig.suptitle(f"{run['name']}: router health (y scales shared by all runs; red dashed: alert threshold)",
+                 fontsize=10)
     return fig
 
 
-def _summary_row(run: dict) -> list[str]:
-    def fmt(x, spec=".4f"):
-        return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
-    last_dead = sum(int(d["dead"][-1]) for d in run["layers"].values() if np.isfinite(d["dead"][-1]))
-    return [run["name"], fmt(run.get("model", {}).get("params"), ","),
-            fmt(int(run["train"][-1, 0]) if len(run["train"]) else None, "d"),
-            fmt(run["train"][-1, 1] if len(run["train"]) else None),
-            fmt(run["val"][-1, 1] if len(run["val"]) else None),
-            fmt(run.get("final_roundtrip", {}).get("val_bpb")),
-            str(len(run["layers"])) if run["layers"] else "dense",
-            str(last_dead) if run["layers"] else "-",
-            ", ".join(f"L{a['layer']}@{a['step']}" for a in run["alerts"]) or "-"]
+def _fmt(x, spec=".3f") -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
+
+
+def _table(head: list[str], rows: list[tuple[list, bool]]) -> str:
+    """rows: (cells, collapsed); a cell is its text, or (text, True) to colour it red."""
+    def td(cell):
+        text, bad = cell if isinstance(cell, tuple) else (cell, False)
+        return f'<td{" class=bad" if bad else ""}>{html.escape(text)}</td>'
+    return ("<table><tr>" + "".join(f"<th>{h}</th>" for h in head) + "</tr>" + "".join(
+        f'<tr{" class=collapsed" if collapsed else ""}>{"".join(map(td, cells))}</tr>' for cells, collapsed in rows)
+            + "</table>")
+
+
+def _run_row(run: dict, health: dict) -> tuple[list, bool]:
+    collapsed = [f"L{layer}" for layer, h in health.items() if h["collapsed"]]
+    verdict = ("COLLAPSED: " + ", ".join(collapsed), True) if collapsed else "ok" if health else "dense"
+    final = run.get("final_ema", run.get("final_raw", {}))
+    return [run["name"], _fmt(run.get("model", {}).get("params"), ","),
+            _fmt(int(run["train"][-1, 0]) if len(run["train"]) else None, "d"),
+            _fmt(run["train"][-1, 1] if len(run["train"]) else None, ".4f"),
+            _fmt(run["val"][-1, 1] if len(run["val"]) else None, ".4f"), _fmt(final.get("val_bpb"), ".4f"),
+            _fmt(run.get("final_roundtrip", {}).get("val_bpb"), ".4f"), str(len(health)) if health else "dense",
+            (str(len(run["alerts"])), True) if run["alerts"] else "0", verdict], bool(collapsed)
+
+
+def _layer_row(run: dict, layer: int, h: dict) -> tuple[list, bool]:
+    alerts = f"{len(h['alerts'])} (" + ", ".join(f"@{s}" for s in h["alerts"]) + ")" if h["alerts"] else "0"
+    return [run["name"], f"L{layer}", str(h["experts"]), (_fmt(h["mom_last"]), h["mom_last"] < ALERT_MIN_LOAD),
+            (_fmt(h["mom_worst"]), h["mom_worst"] < ALERT_MIN_LOAD), _fmt(h["maxvio_last"]), _fmt(h["maxvio_worst"]),
+            (_fmt(h["dead_last"], ".0f"), h["dead_last"] > 0), (_fmt(h["dead_max"], ".0f"), h["dead_max"] > 0),
+            (alerts, bool(h["alerts"]))], h["collapsed"]
+
+
+def _banner(runs: list[dict], healths: list[dict]) -> str:
+    items = [f"<li><b>{html.escape(run['name'])}</b> layer {layer}: "
+             + (f"router_alert at step {', '.join(map(str, h['alerts']))}; " if h["alerts"] else "")
+             + f"min/mean {_fmt(h['mom_last'])} at the last step, "
+             f"{_fmt(h['dead_last'], '.0f')} of {h['experts']} experts dead</li>"
+             for run, health in zip(runs, healths) for layer, h in health.items() if h["collapsed"]]
+    return f'<div class="alert"><b>Router collapse</b><ul>{"".join(items)}</ul></div>' if items else ""
 
 
 def _png(fig) -> bytes:
@@ -232,35 +337,49 @@ def build_dashboard(runs: list[dict], out_html, png_dir=None) -> list[Path]:
         raise DashboardError(f"cannot write {out_html}: it is a folder")
     if png_dir.exists() and not png_dir.is_dir():
         raise DashboardError(f"cannot write PNGs into {png_dir}: it is not a folder")
+    look, healths = shared_look(runs), [_health(run) for run in runs]
     compare = png_dir / "00_compare_loss.png"
-    pngs = {compare: _png(_fig_compare(runs))}
-    columns = []
-    for i, run in enumerate(runs, 1):
+    pngs = {compare: _png(_fig_compare(runs, look))}
+    sections = []
+    for i, (run, health) in enumerate(zip(runs, healths), 1):
         slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", run["name"])
-        figs = [f'<h2>{html.escape(run["name"])}</h2><p class="src">{html.escape(run["path"])}</p>']
+        collapsed = [f"L{layer}" for layer, h in health.items() if h["collapsed"]]
+        badge = f' <span class="badge">COLLAPSED: {", ".join(collapsed)}</span>' if collapsed else ""
+        parts = [f'<h2>{html.escape(run["name"])}{badge}</h2><p class="src">{html.escape(run["path"])}</p>']
         if run["layers"]:
             for kind, make in (("heatmaps", _fig_heatmaps), ("router", _fig_router_curves)):
                 path = png_dir / f"{i:02d}_{slug}_{kind}.png"
-                pngs[path] = _png(make(run))
-                figs.append(_img(path, pngs[path]))
+                pngs[path] = _png(make(run, look))
+                parts.append(_img(path, pngs[path]))
         else:
-            figs.append("<p><i>dense run: no router events</i></p>")
-        columns.append(f'<div class="run">{"".join(figs)}</div>')
-    head = ["run", "params", "last step", "train loss", "val_bpb", "roundtrip bpb", "MoE layers", "dead (last)",
-            "router alerts"]
-    table = "<tr>" + "".join(f"<th>{h}</th>" for h in head) + "</tr>" + "".join(
-        "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in _summary_row(r)) + "</tr>" for r in runs)
+            parts.append("<p><i>dense run: no router events</i></p>")
+        sections.append(f'<section class="run{" collapsed" if collapsed else ""}">{"".join(parts)}</section>')
+    runs_table = _table(["run", "params", "last step", "train loss", "val_bpb", "final bpb (EMA, else raw)",
+                         "roundtrip bpb", "MoE layers", "router alerts", "router health"],
+                        [_run_row(run, health) for run, health in zip(runs, healths)])
+    layers_table = _table(["run", "layer", "experts", "min/mean last", "min/mean worst", "MaxVio last",
+                           "MaxVio worst", "dead last", "dead max", "router_alert"],
+                          [_layer_row(run, layer, h) for run, health in zip(runs, healths)
+                           for layer, h in health.items()])
+    router = (f"<h3>MoE layers (red: an alert fired, or min/mean under {ALERT_MIN_LOAD:g} at the last step)</h3>"
+              + layers_table) if any(healths) else ""
     page = f"""<!DOCTYPE html>
 <html><head><meta charset="utf-8"><title>MoE router dashboard</title><style>
-body{{font-family:sans-serif;margin:16px;background:#fff;color:#222}} img{{max-width:100%;display:block;margin:6px 0}}
-table{{border-collapse:collapse;margin:8px 0}} td,th{{border:1px solid #bbb;padding:3px 8px;text-align:right}}
-.runs{{display:flex;gap:16px;overflow-x:auto;align-items:flex-start}} .run{{flex:0 0 660px}}
-.src{{color:#777;font-size:12px}} h2{{margin:8px 0 2px}}
+body{{font-family:sans-serif;margin:16px;background:#fff;color:#222}}
+img{{max-width:100%;height:auto;display:block;margin:6px 0}} table{{border-collapse:collapse;margin:8px 0}}
+td,th{{border:1px solid #bbb;padding:3px 8px;text-align:right;overflow-wrap:anywhere}} td:first-child{{text-align:left}}
+tr.collapsed td{{background:#fde0e0}} tr td.bad{{background:#c62828;color:#fff;font-weight:bold}}
+.alert{{background:#c62828;color:#fff;font-size:18px;padding:8px 16px;margin:8px 0;border-radius:4px}}
+.badge{{background:#c62828;color:#fff;font-size:16px;padding:2px 8px;border-radius:4px;vertical-align:middle}}
+.run{{margin:24px 0;padding-left:10px;border-left:6px solid #ddd}} .run.collapsed{{border-left-color:#c62828}}
+.src{{color:#777;font-size:12px;overflow-wrap:anywhere}} h2{{margin:8px 0 2px}}
 </style></head><body>
 <h1>MoE router dashboard</h1>
-<table>{table}</table>
+{_banner(runs, healths)}
+{runs_table}
+{router}
 {_img(compare, pngs[compare])}
-<div class="runs">{"".join(columns)}</div>
+{"".join(sections)}
 </body></html>
 """
     _write_files({**pngs, out_html: page.encode("utf-8")}, png_dir)

@@ -1,6 +1,7 @@
 """Tests for data/prepare.py: shards that both readers accept, exact document round trips, the val/train split,
-mixed input formats, determinism across seeds and worker counts, and the refusals."""
+mixed input formats, the .txt document modes, determinism across seeds and worker counts, and the refusals."""
 import contextlib
+import gzip
 import io
 import json
 import subprocess
@@ -116,6 +117,8 @@ def test_summary_matches_shards(prepared):
         assert int(stats["tokens"]) == len(tokens) and int(stats["bytes"]) == utf8_bytes
         assert float(stats["bytes_per_token"]) == pytest.approx(utf8_bytes / len(tokens), abs=1e-3)
         assert float(stats["byte_fallback_share"]) == pytest.approx(is_byte[tokens].mean(), abs=1e-5)
+        assert float(stats["bos_share"]) == pytest.approx((tokens == 1).mean(), abs=1e-5)  # one BOS per document
+        assert float(stats["bos_share"]) == pytest.approx(len(docs) / len(tokens), abs=1e-5)
 
 
 def test_trained_tokenizer_follows_the_recipe(prepared):
@@ -204,3 +207,54 @@ def test_reads_json_and_parquet_with_another_text_column(tmp_path):
     inputs = [str(tmp_path / "a.parquet"), str(tmp_path / "b.json"), str(tmp_path / "c.json")]
     prepare._check_inputs(inputs + ["HuggingFaceFW/fineweb:sample-10BT"])  # hub names pass the file checks
     assert list(prepare._read_documents(inputs, "body")) == texts + texts[:2]
+
+
+# Blank-line runs, whitespace-only lines, leading and trailing blank lines, CRLF and LF line ends mixed.
+TXT = "\r\n  \r\nfirst para line one\r\nline two\r\n\r\n \t \r\n\r\nsecond para\n\n\nthird para  \n  indented\n\n \n"
+TXT_DOCUMENTS = {
+    "line": ["first para line one", "line two", "second para", "third para  ", "  indented"],
+    "paragraph": ["first para line one\nline two", "second para", "third para  \n  indented"],
+    "file": ["first para line one\nline two\n\n \t \n\nsecond para\n\n\nthird para  \n  indented"],
+}
+
+
+def test_txt_documents_per_line_paragraph_or_file(tmp_path):
+    path = tmp_path / "play.txt"
+    path.write_bytes(TXT.encode())
+    for mode, expected in TXT_DOCUMENTS.items():
+        assert list(prepare._read_documents([str(path)], "text", mode)) == expected, mode
+    assert list(prepare._read_documents([str(path)], "text")) == TXT_DOCUMENTS["line"]  # the default
+    gz = tmp_path / "play.txt.gz"
+    gz.write_bytes(gzip.compress(TXT.encode()))
+    assert list(prepare._read_documents([str(gz)], "text", "paragraph")) == TXT_DOCUMENTS["paragraph"]
+    jsonl = tmp_path / "rows.jsonl"  # the option leaves other inputs alone
+    jsonl.write_text(json.dumps({"text": "a\n\nb"}) + "\n")
+    assert list(prepare._read_documents([str(jsonl)], "text", "paragraph")) == ["a\n\nb"]
+
+
+def test_txt_documents_set_the_bos_count(prepared, tmp_path):
+    _, tokenizer, _, _ = prepared
+    inputs = [tmp_path / "one.txt", tmp_path / "two.txt"]
+    for path in inputs:
+        path.write_bytes(TXT.encode())
+    for mode, expected in TXT_DOCUMENTS.items():
+        output = tmp_path / mode
+        lines = run_main(["--input", *inputs, "--txt-documents", mode, "--output", output, "--tokenizer", tokenizer,
+                          "--val-docs", 1, "--workers", 1])
+        summary = {fields.pop("split"): fields for fields in (dict(f.split(":", 1) for f in line.split())
+                                                               for line in lines[1:])}
+        documents = 2 * len(expected)
+        assert int(summary["val"]["documents"]) + int(summary["train"]["documents"]) == documents, mode
+        tokens = np.concatenate([split_stream(output, split)[1] for split in ("val", "train")])
+        assert (tokens == 1).sum() == documents, mode
+        train_tokens = split_stream(output, "train")[1]
+        assert float(summary["train"]["bos_share"]) == pytest.approx((documents - 1) / len(train_tokens), abs=1e-5)
+
+
+def test_txt_documents_refuses_other_values(corpus, tmp_path, capsys):
+    _, inputs, _ = corpus
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(["--input", *inputs, "--txt-documents", "sentence", "--output", tmp_path / "out",
+                  "--tokenizer-out", tmp_path / "t.model", "--val-docs", 5])
+    assert exit_info.value.code == 2 and "invalid choice: 'sentence'" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -1,4 +1,7 @@
-"""make_record.py and check_record.py on real (tiny) runs: a valid record passes, every kind of false claim fails."""
+"""make_record.py and check_record.py on real (tiny) runs: a valid record passes, every kind of false claim fails,
+a record-track folder must show the challenge's setting, and every problem is listed."""
+import argparse
+import contextlib
 import json
 import math
 import shutil
@@ -17,7 +20,16 @@ import check_record  # noqa: E402
 import make_record  # noqa: E402
 
 NAME = "Tiny sparse MoE"
-FOLDER = f"records/track_non_record_16mb/{time.strftime('%Y-%m-%d')}_Tiny_sparse_MoE"
+RECORD, NON_RECORD = "track_10min_16mb", "track_non_record_16mb"
+FOLDER = f"records/{NON_RECORD}/{time.strftime('%Y-%m-%d')}_Tiny_sparse_MoE"
+RECORD_FOLDER = f"records/{RECORD}/{time.strftime('%Y-%m-%d')}_Tiny_sparse_MoE"
+H100 = "NVIDIA H100 80GB HBM3"  # torch.cuda.get_device_name() of the challenge's H100 SXM
+OFFICIAL_VAL = 62_021_632  # the challenge's val split at TRAIN_SEQ_LEN=1024 (source: make_record.OFFICIAL_VAL_TOKENS)
+DROP = object()
+# What a tiny CPU log says is rewritten to what an 8xH100 run on the challenge's data would have logged.
+CHALLENGE_CONFIG = dict(world_size="8", vocab_size="1024", train_seq_len="1024",
+                        data_path="./data/datasets/fineweb10B_sp1024",
+                        tokenizer_path="./data/tokenizers/fineweb_1024_bpe.model")
 
 
 @pytest.fixture(scope="module")
@@ -39,10 +51,22 @@ def workdir(finished_runs, tmp_path) -> Path:
     return tmp_path
 
 
-def make(cwd: Path, *runs: str, track="track_non_record_16mb", extra=()) -> subprocess.CompletedProcess:
+def make(cwd: Path, *runs: str, track=NON_RECORD, extra=()) -> subprocess.CompletedProcess:
     cmd = [sys.executable, str(REPO / "scripts/make_record.py"), "--runs", *runs, "--track", track, "--name", NAME,
            "--author", "Ada", "--github-id", "ada", "--blurb", "Two seeds of a tiny MoE.", *extra]
     return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=60)
+
+
+def refusals(cwd: Path, *runs: str, track=RECORD) -> list[str]:
+    """make_record in this process (no interpreter start per case): the problems it raises, [] when it wrote."""
+    args = argparse.Namespace(runs=list(runs), track=track, name=NAME, author="Ada", github_id="ada", blurb="b",
+                              baseline_loss=None, baseline_bpb=None)
+    with contextlib.chdir(cwd):
+        try:
+            make_record.make_record(args)
+        except make_record.RecordError as e:
+            return list(e.args)
+    return []
 
 
 def check_cli(folder: Path) -> subprocess.CompletedProcess:
@@ -56,6 +80,43 @@ def edit_json(path: Path, change):
     path.write_text(json.dumps(data))
 
 
+def edit_event(path: Path, event: str, **changes):
+    """Set (or DROP) fields of every `event` line of a .jsonl log."""
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    for line in lines:
+        if line["event"] == event:
+            line.update({k: v for k, v in changes.items() if v is not DROP})
+            for key in [k for k, v in changes.items() if v is DROP]:
+                line.pop(key, None)
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+
+
+def rewrite_text_log(path: Path, gpu: str | None = None, **config):
+    """Rewrite a real trainer log after its source (which stays byte-identical): with `gpu`, the environment report's
+    device lines (`cpu threads N`, or a GPU's) become `cuda 12.8 gpu <gpu>` and an nvidia-smi stand-in; each
+    `config key:` line named in `config` gets its new value (DROP removes the line)."""
+    lines = path.read_bytes().split(b"\n")
+    first, second = [i for i, line in enumerate(lines) if line == make_record.SEPARATOR][-2:]
+    tail = []
+    for line in lines[second + 1:]:
+        key = line[len(b"config "):].partition(b":")[0].decode() if line.startswith(b"config ") else None
+        if key in config:
+            if config[key] is not DROP:
+                tail.append(f"config {key}:{config[key]}".encode())
+        else:
+            tail.append(line)
+    environment = lines[first + 1:second]
+    if gpu is not None:  # the versions line stays; the device lines after it are replaced
+        environment = environment[:1] + [f"cuda 12.8 gpu {gpu}".encode(), b"| 0  " + gpu.encode() + b"  On |"]
+    path.write_bytes(b"\n".join(lines[:first + 1] + environment + lines[second:second + 1] + tail))
+
+
+def as_challenge_run(logs: Path, run_id: str, gpu: str = H100, val_tokens=OFFICIAL_VAL, **config):
+    """A tiny CPU run's logs rewritten as if it had run on 8 H100s with the challenge's data and tokenizer."""
+    rewrite_text_log(logs / f"{run_id}.txt", gpu, **{**CHALLENGE_CONFIG, **config})
+    edit_event(logs / f"{run_id}.jsonl", "model", val_tokens=val_tokens, world_size=8)
+
+
 def test_valid_record_passes(workdir):
     result = make(workdir, "s1", "logs/s2.txt", extra=["--baseline-loss", "9.0", "9.1"])
     assert result.returncode == 0, result.stderr
@@ -66,6 +127,7 @@ def test_valid_record_passes(workdir):
     sub = json.loads((folder / "submission.json").read_text())
     roundtrip = {seed: make_record.read_events(workdir / f"logs/s{seed}.jsonl")["final_roundtrip"] for seed in (1, 2)}
     assert sub["seeds"] == [1, 2] and sub["mlp_mode"] == "sparse" and sub["num_experts"] == 4 and sub["top_k"] == 2
+    assert sub["hardware"] == "1x CPU" and sub["track"] == NON_RECORD
     assert sub["val_bpb"] == pytest.approx((roundtrip[1]["val_bpb"] + roundtrip[2]["val_bpb"]) / 2, abs=1e-12)
     assert sub["improvement_nats"] == pytest.approx(9.05 - sub["val_loss"]) and 0 <= sub["p_value"] < 0.05
     readme = (folder / "README.md").read_text()
@@ -77,16 +139,204 @@ def test_valid_record_passes(workdir):
     assert again.returncode == 1 and again.stderr.startswith("error: ") and "already exists" in again.stderr
 
 
+def test_record_track_accepts_a_run_that_shows_the_challenge_setting(workdir):
+    for run_id in ("s1", "s2"):
+        as_challenge_run(workdir / "logs", run_id)
+    result = make(workdir, "s1", "s2", track=RECORD)
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+    folder = workdir / RECORD_FOLDER
+    sub = json.loads((folder / "submission.json").read_text())
+    assert sub["track"] == RECORD and sub["hardware"] == f"8x {H100}" and sub["seeds"] == [1, 2]
+    assert (folder / "train_moe.py").read_bytes() == (REPO / "train_moe.py").read_bytes()  # rewrite kept the source
+    checked = check_cli(folder)
+    assert checked.returncode == 0 and checked.stdout.startswith(f"OK {folder}: "), checked.stderr
+
+
+def test_cpu_run_is_refused_on_the_record_track_only(workdir, tiny_data):
+    """The user's report: a 2-core CPU run on a non-challenge corpus passed as a track_10min_16mb record."""
+    result = make(workdir, "s1", "s2", track=RECORD)
+    tokenizer, vocab = tiny_data["tokenizer_path"], tiny_data["vocab_size"]
+    val_tokens = make_record.read_events(workdir / "logs/s1.jsonl")["model"]["val_tokens"]
+    expected = [f"error: {run}: {problem}" for run in ("s1", "s2") for problem in (
+        "world size 1: track_10min_16mb runs on 8 GPUs (torchrun --standalone --nproc_per_node=8)",
+        "no GPU in the environment report (no `cuda ... gpu ...` line): a CPU run; track_10min_16mb runs on 8xH100",
+        f"vocab size {vocab}: the challenge's tokenizer has 1024 pieces",
+        f"tokenizer {tokenizer}: not the challenge's fineweb_1024_bpe.model",
+        f"val split of {val_tokens:,} scored tokens at TRAIN_SEQ_LEN=64: not the challenge's fineweb10B_sp1024 val "
+        "split (62,021,632 at TRAIN_SEQ_LEN=1024)")]
+    assert result.returncode == 1 and result.stdout == "" and result.stderr.splitlines() == expected
+    assert not (workdir / "records").exists()
+    # The same runs make a non-record submission.
+    assert make(workdir, "s1", "s2", track=NON_RECORD).returncode == 0 and (workdir / FOLDER).is_dir()
+
+
+# Each case changes one thing of an otherwise challenge-conform s1 (text-log changes, model-event changes) and names
+# the one problem it must give on the record track; the non-record track takes every one of them.
+TRACK_CASES = {
+    "an H200": (dict(gpu="NVIDIA H200"), {}, "GPU 'NVIDIA H200' is not an H100: track_10min_16mb runs on 8xH100"),
+    "an H800": (dict(gpu="NVIDIA H800"), {}, "GPU 'NVIDIA H800' is not an H100: track_10min_16mb runs on 8xH100"),
+    "a GH200": (dict(gpu="NVIDIA GH200 480GB"), {},
+                "GPU 'NVIDIA GH200 480GB' is not an H100: track_10min_16mb runs on 8xH100"),
+    "an A100": (dict(gpu="NVIDIA A100-SXM4-80GB"), {},
+                "GPU 'NVIDIA A100-SXM4-80GB' is not an H100: track_10min_16mb runs on 8xH100"),
+    "a CPU": (dict(gpu=None), {},
+              "no GPU in the environment report (no `cuda ... gpu ...` line): a CPU run; track_10min_16mb runs on 8xH100"),
+    "4 GPUs": (dict(world_size="4"), {},
+               "world size 4: track_10min_16mb runs on 8 GPUs (torchrun --standalone --nproc_per_node=8)"),
+    "1 GPU": (dict(world_size="1"), {},
+              "world size 1: track_10min_16mb runs on 8 GPUs (torchrun --standalone --nproc_per_node=8)"),
+    "sp8192 vocabulary": (dict(vocab_size="8192"), {}, "vocab size 8192: the challenge's tokenizer has 1024 pieces"),
+    "no vocabulary setting": (dict(vocab_size=DROP), {}, "vocab size None: the challenge's tokenizer has 1024 pieces"),
+    "another 1024 tokenizer": (dict(tokenizer_path="data/tokenizers/study_1024_bpe.model"), {},
+                               "tokenizer data/tokenizers/study_1024_bpe.model: not the challenge's fineweb_1024_bpe.model"),
+    "another corpus": ({}, dict(val_tokens=1_198_080), "val split of 1,198,080 scored tokens at TRAIN_SEQ_LEN=1024: not "
+                       "the challenge's fineweb10B_sp1024 val split (62,021,632 at TRAIN_SEQ_LEN=1024)"),
+    "pre-release export": ({}, dict(val_tokens=63_779_840), "val split of 63,779,840 scored tokens at TRAIN_SEQ_LEN=1024: "
+                           "not the challenge's fineweb10B_sp1024 val split (62,021,632 at TRAIN_SEQ_LEN=1024)"),
+    "one sequence short": ({}, dict(val_tokens=OFFICIAL_VAL - 1024), "val split of 62,020,608 scored tokens at "
+                           "TRAIN_SEQ_LEN=1024: not the challenge's fineweb10B_sp1024 val split (62,021,632 at TRAIN_SEQ_LEN=1024)"),
+    "official count, wrong sequence length": (dict(train_seq_len="16384"), {}, "val split of 62,021,632 scored tokens at "
+                                              "TRAIN_SEQ_LEN=16384: not the challenge's fineweb10B_sp1024 val split "
+                                              "(62,021,632 at TRAIN_SEQ_LEN=1024)"),
+    "no val count": ({}, dict(val_tokens=DROP), "model event val_tokens is null, not a count of val tokens: the val "
+                     "split cannot be shown to be the challenge's"),
+    "no sequence length": (dict(train_seq_len=DROP), {}, "config train_seq_len:None is not a positive integer: the val "
+                           "split cannot be shown to be the challenge's"),
+}
+
+
+@pytest.mark.parametrize("text_changes, model_changes, problem", TRACK_CASES.values(), ids=TRACK_CASES)
+def test_record_track_requires_the_challenge_setting(text_changes, model_changes, problem, workdir):
+    as_challenge_run(workdir / "logs", "s1", **text_changes, **model_changes)
+    assert refusals(workdir, "s1", track=RECORD) == [f"s1: {problem}"]
+    assert not (workdir / "records").exists()
+    assert refusals(workdir, "s1", track=NON_RECORD) == [] and (workdir / FOLDER).is_dir()
+
+
+GPU_NAMES = {  # torch.cuda.get_device_name() -> passes the record track
+    "NVIDIA H100 80GB HBM3": True, "NVIDIA H100 PCIe": True, "NVIDIA H100 NVL": True, "NVIDIA H100": True,
+    "NVIDIA H200": False, "NVIDIA H200 NVL": False, "NVIDIA H800": False, "NVIDIA H800 PCIe": False,
+    "NVIDIA GH200 480GB": False, "NVIDIA H20": False, "NVIDIA H1000": False, "NVIDIA A100-SXM4-80GB": False,
+    "NVIDIA GeForce RTX 4090": False,
+}
+
+
+@pytest.mark.parametrize("gpu, passes", GPU_NAMES.items(), ids=GPU_NAMES)
+def test_which_gpu_names_pass(gpu, passes):
+    environment = f"python 3.12.3 torch 2.11.0+cu130\ncuda 12.8 gpu {gpu}\n"
+    config = {**CHALLENGE_CONFIG, "seed": "1"}
+    problems = make_record.track_problems(RECORD, environment, config, {"model": {"val_tokens": OFFICIAL_VAL}})
+    assert problems == ([] if passes else [f"GPU {gpu!r} is not an H100: track_10min_16mb runs on 8xH100"])
+    assert make_record.track_problems(NON_RECORD, environment, config, {"model": {}}) == []
+
+
+VAL_COUNTS = [  # (val_tokens, TRAIN_SEQ_LEN, is the challenge's val split)
+    (62_021_632, 1024, True), (62_021_632, 2048, True), (62_021_632, 4096, True), (62_021_632, 8192, True),
+    (62_013_440, 16384, True), (62_020_608, 3072, True), (62_021_696, 64, True), (62_022_592, 64, True),
+    (62_020_608, 1024, False), (62_022_656, 1024, False), (62_021_633, 1024, False), (62_021_632, 16384, False),
+    (62_021_568, 64, False), (62_022_656, 64, False), (63_779_840, 1024, False), (1_198_080, 1024, False),
+]
+
+
+@pytest.mark.parametrize("val_tokens, seq_len, official", VAL_COUNTS)
+def test_which_val_counts_are_the_challenge_split(val_tokens, seq_len, official):
+    assert make_record.is_official_val_split(val_tokens, seq_len) is official
+
+
+def test_check_record_reports_track_problems(workdir):
+    for run_id in ("s1", "s2"):
+        as_challenge_run(workdir / "logs", run_id)
+    assert make(workdir, "s1", "s2", track=RECORD).returncode == 0
+    folder = workdir / RECORD_FOLDER
+    rewrite_text_log(folder / "s1.txt", gpu="NVIDIA H200")
+    edit_event(folder / "s2.jsonl", "model", val_tokens=1_198_080)
+    assert sorted(check_record.check(folder)[0]) == sorted([
+        "s1.txt: GPU 'NVIDIA H200' is not an H100: track_10min_16mb runs on 8xH100",
+        f"submission.json: hardware claimed '8x {H100}', s1.txt ran on '8x NVIDIA H200'",
+        "s2.txt: val split of 1,198,080 scored tokens at TRAIN_SEQ_LEN=1024: not the challenge's fineweb10B_sp1024 "
+        "val split (62,021,632 at TRAIN_SEQ_LEN=1024)"])
+    rewrite_text_log(folder / "s2.txt", world_size="4")
+    result = check_cli(folder)
+    assert result.returncode == 1 and result.stdout == ""
+    assert sorted(result.stderr.splitlines()) == sorted(f"error: {folder}: {problem}" for problem in [
+        "s1.txt: GPU 'NVIDIA H200' is not an H100: track_10min_16mb runs on 8xH100",
+        "s2.txt: world size 4: track_10min_16mb runs on 8 GPUs (torchrun --standalone --nproc_per_node=8)",
+        "s2.txt: val split of 1,198,080 scored tokens at TRAIN_SEQ_LEN=1024: not the challenge's fineweb10B_sp1024 "
+        "val split (62,021,632 at TRAIN_SEQ_LEN=1024)",
+        "s1.txt and s2.txt differ in settings: world_size 8 vs 4",
+        f"submission.json: hardware claimed '8x {H100}', s1.txt ran on '8x NVIDIA H200'",
+        f"submission.json: hardware claimed '8x {H100}', s2.txt ran on '4x {H100}'"])
+
+
+def test_check_record_refuses_a_cpu_record_moved_into_the_record_track(workdir):
+    assert make(workdir, "s1", "s2").returncode == 0
+    folder = workdir / RECORD_FOLDER
+    shutil.copytree(workdir / FOLDER, folder)
+    edit_json(folder / "submission.json", lambda s: s.update(track=RECORD))
+    problems = check_record.check(folder)[0]
+    assert len(problems) == 10 and all(p.startswith(("s1.txt: ", "s2.txt: ")) for p in problems)
+    for start in ("world size 1:", "no GPU in the environment report", "vocab size ", "tokenizer ", "val split of "):
+        assert sorted(p.partition(": ")[0] for p in problems if p.partition(": ")[2].startswith(start)) == \
+            ["s1.txt", "s2.txt"], (start, problems)
+    assert check_record.check(workdir / FOLDER)[0] == []  # where it was, it passes
+
+
+def test_every_problem_of_every_run_is_listed(workdir):
+    """Over time, over the cap, a wrong size, a wrong GPU, a seed twice, a different source and settings: all told."""
+    logs = workdir / "logs"
+    as_challenge_run(logs, "s1")
+    as_challenge_run(logs, "s2", gpu="NVIDIA H200", seed="1", num_layers="3")
+    edit_event(logs / "s1.jsonl", "train_done", train_time_ms=600_001)
+    code_bytes = make_record.read_events(logs / "s2.jsonl")["artifact"]["code_bytes"]
+    edit_event(logs / "s2.jsonl", "artifact", model_bytes=16_000_000, artifact_bytes=16_000_000 + code_bytes, status="OVER")
+    (logs / "s2.txt").write_bytes((logs / "s2.txt").read_bytes().replace(b"import", b"import ", 1))
+    real_size = (workdir / "artifacts/s2.moe.zst").stat().st_size
+    result = make(workdir, "s1", "s2", track=RECORD)
+    s1, s2 = Path("logs/s1.txt"), Path("logs/s2.txt")
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr.splitlines() == [
+        "error: s1: trained 600001 ms, over track_10min_16mb's 600000 ms",
+        f"error: s2: artifact {16_000_000 + code_bytes:,} bytes is over the 16,000,000-byte cap",
+        f"error: s2: {Path('artifacts/s2.moe.zst')} is {real_size} bytes, the log says 16000000",
+        "error: s2: GPU 'NVIDIA H200' is not an H100: track_10min_16mb runs on 8xH100",
+        f"error: {s1} and {s2} ran the same seed 1; give each seed once",
+        f"error: {s2} and {s1} ran different train_moe.py sources",
+        f"error: {s1} and {s2} differ in settings: num_layers 2 vs 3",
+    ]
+    assert not (workdir / "records").exists()
+
+
+def test_same_seed_and_different_settings_are_both_told(workdir):
+    """The user's report: two runs of different settings and one seed were refused for the seed only."""
+    (workdir / "logs/s2.txt").write_bytes((workdir / "logs/s2.txt").read_bytes()
+                                          .replace(b"\nconfig seed:2\n", b"\nconfig seed:1\n")
+                                          .replace(b"\nconfig top_k:2\n", b"\nconfig top_k:1\n"))
+    assert refusals(workdir, "s1", "s2", track=NON_RECORD) == [
+        f"{Path('logs/s1.txt')} and {Path('logs/s2.txt')} ran the same seed 1; give each seed once",
+        f"{Path('logs/s1.txt')} and {Path('logs/s2.txt')} differ in settings: top_k 2 vs 1"]
+
+
+def test_missing_events_of_every_run_are_listed(workdir):
+    for run_id, event in (("s1", "final_roundtrip"), ("s2", "artifact")):
+        path = workdir / f"logs/{run_id}.jsonl"
+        path.write_text("".join(line + "\n" for line in path.read_text().splitlines()
+                                if json.loads(line)["event"] != event))
+    assert refusals(workdir, "s1", "s2", track=NON_RECORD) == [
+        f"{Path('logs/s1.jsonl')}: no final_roundtrip event: the run did not finish",
+        f"{Path('logs/s2.jsonl')}: no artifact event: the run did not finish"]
+
+
 def test_make_refuses_over_cap_and_unfinished_runs(workdir):
     edit_log = workdir / "logs/s2.jsonl"
     lines = [json.loads(line) for line in edit_log.read_text().splitlines()]
     for line in lines:
         if line["event"] == "artifact":
             line.update(model_bytes=16_000_000, artifact_bytes=16_000_000 + line["code_bytes"], status="OVER")
-    (workdir / "artifacts/s2.moe.zst").unlink()  # else its real size contradicts the edited log first
+    (workdir / "artifacts/s2.moe.zst").unlink()  # else its real size contradicts the edited log too
     edit_log.write_text("".join(json.dumps(line) + "\n" for line in lines))
     result = make(workdir, "s1", "s2")
     assert result.returncode == 1 and result.stderr.startswith("error: ") and "over the 16,000,000-byte cap" in result.stderr
+    assert len(result.stderr.splitlines()) == 1
     edit_log.write_text("".join(json.dumps(line) + "\n" for line in lines if line["event"] != "final_roundtrip"))
     result = make(workdir, "s2")
     assert result.returncode == 1 and result.stderr.startswith("error: ") and "no final_roundtrip event" in result.stderr
@@ -109,6 +359,8 @@ def test_false_claims_fail(workdir):
     assert len(problems) == 1 and problems[0].startswith("seed 2: val_bpb claimed")
     edit_json(folder / "submission.json", lambda s: s.update(bytes_total=16_000_001))
     assert any("bytes_total 16,000,001 is over" in p for p in check_record.check(folder)[0])
+    edit_json(folder / "submission.json", lambda s: s.update(hardware="8x NVIDIA H100 80GB HBM3"))
+    assert "submission.json: hardware claimed '8x NVIDIA H100 80GB HBM3', s1.txt ran on '1x CPU'" in check_record.check(folder)[0]
 
 
 def test_claimed_size_recomputed_from_script_and_model_bytes(workdir):
@@ -142,13 +394,12 @@ def test_missing_log_and_changed_script_all_reported(workdir):
 
 
 def test_ten_minute_track_limit(workdir):
-    lines = [json.loads(line) for line in (workdir / "logs/s1.jsonl").read_text().splitlines()]
-    for line in lines:
-        if line["event"] == "train_done":
-            line["train_time_ms"] = 600_001
-    (workdir / "logs/s1.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
-    result = make(workdir, "s1", track="track_10min_16mb")
+    as_challenge_run(workdir / "logs", "s1")
+    edit_event(workdir / "logs/s1.jsonl", "train_done", train_time_ms=600_001)
+    result = make(workdir, "s1", track=RECORD)
     assert result.returncode == 1 and result.stderr == "error: s1: trained 600001 ms, over track_10min_16mb's 600000 ms\n"
+    edit_event(workdir / "logs/s1.jsonl", "train_done", train_time_ms=600_000)
+    assert refusals(workdir, "s1", track=RECORD) == []
 
 
 def test_source_extraction_is_byte_exact():
@@ -160,16 +411,14 @@ def test_source_extraction_is_byte_exact():
 
 
 def test_welch_p_value_known_values():
-    # Student t tails in closed form: df=1 is Cauchy, P(T>1) = 1/4; df=2, P(T>t) = 1/2 - t/(2 sqrt(2+t^2)).
-    assert make_record.student_t_sf(1.0, 1) == pytest.approx(0.25, abs=1e-12)
-    assert make_record.student_t_sf(2.0, 2) == pytest.approx(0.5 - 1 / math.sqrt(6), abs=1e-12)
-    assert make_record.student_t_sf(-2.0, 2) == pytest.approx(0.5 + 1 / math.sqrt(6), abs=1e-12)
-    # ours [1,2,3] vs baseline [4,5,6]: t = 3/sqrt(2/3), df = 4; scipy.stats.ttest_ind(..., equal_var=False,
-    # alternative="less") gives p = 0.010655820564378...; by hand: P(T4>t) = 1/2 - (3/4)u(1 - u^2/3), u = t/sqrt(4+t^2).
+    # ours [1,2,3] vs baseline [4,5,6]: t = -3/sqrt(2/3), df = 4; scipy.stats.ttest_ind(..., equal_var=False,
+    # alternative="less") gives p = 0.010655820564378...; by hand: P(T4 > |t|) = 1/2 - (3/4)u(1 - u^2/3), u = |t|/sqrt(4+t^2).
     t = 3 / math.sqrt(2 / 3)
     u = t / math.sqrt(4 + t * t)
     assert make_record.welch_p_value([1, 2, 3], [4, 5, 6]) == pytest.approx(0.5 - 0.75 * u * (1 - u * u / 3), abs=1e-12)
     assert make_record.welch_p_value([1, 2, 3], [4, 5, 6]) == pytest.approx(0.0106558205643, abs=1e-10)
+    # One-sided, ours lower: the other way round is the complement.
+    assert make_record.welch_p_value([4, 5, 6], [1, 2, 3]) == pytest.approx(1 - 0.0106558205643, abs=1e-10)
     # Unequal sizes and variances, non-integer df: against a fine numerical integral of the t density.
     ours, base = [2.01, 2.03, 2.02, 2.05], [2.06, 2.04, 2.09]
     n1, n2 = len(ours), len(base)
@@ -183,3 +432,6 @@ def test_welch_p_value_known_values():
     p = make_record.welch_p_value(ours, base)
     assert p == pytest.approx(0.5 - integral, abs=1e-10) and 0.01 < p < 0.1
     assert make_record.welch_p_value(base, ours) == pytest.approx(1 - p, abs=1e-12)
+    # Neither side varies: nothing to test; scipy's NaN would not go into submission.json.
+    assert make_record.welch_p_value([2.0, 2.0], [3.0, 3.0]) == 0.0
+    assert make_record.welch_p_value([3.0, 3.0], [2.0, 2.0]) == 1.0

@@ -13,7 +13,7 @@ from test_moe import SMALL
 def test_stats_of_a_uniform_routing():
     s = tm.router_stats([25.0] * 4, [10.0] * 4, [4 * math.log(4) * 10, 40.0, 0.3, 0.1, 2.0], None)
     assert s["load"] == [0.25] * 4 and s["importance"] == [0.25] * 4
-    assert s["load_entropy"] == pytest.approx(math.log(4)) and s["token_entropy"] == pytest.approx(math.log(4))
+    assert s["load_entropy"] == pytest.approx(1.0) and s["token_entropy"] == pytest.approx(math.log(4))  # normalized
     assert (s["max_over_mean"], s["min_over_mean"], s["maxvio"], s["dead"]) == (1.0, 1.0, 0.0, 0)
     assert s["aux"] == pytest.approx(0.15) and s["z"] == pytest.approx(0.05)  # per forward call
     assert s["bias_min"] is None
@@ -30,7 +30,7 @@ def test_stats_of_a_collapsed_routing():
 def test_stats_with_one_dead_expert_and_hash_routing():
     s = tm.router_stats([30.0, 30.0, 40.0, 0.0], [0.0] * 4, [0.0, 50.0, 0.0, 0.0, 1.0], None)
     want_entropy = -(2 * 0.3 * math.log(0.3) + 0.4 * math.log(0.4))
-    assert s["load_entropy"] == pytest.approx(want_entropy)
+    assert s["load_entropy"] == pytest.approx(want_entropy / math.log(4))
     assert s["dead"] == 1 and s["min_over_mean"] == 0.0 and s["max_over_mean"] == pytest.approx(1.6)
     assert s["importance"] is None and s["token_entropy"] is None  # hash routing has no probabilities
 

@@ -1,6 +1,7 @@
-"""Every tool ends every bad input with `error:` lines on stderr (exactly one, except check_record's list of a
-readable folder's problems) and exit status 1, without a traceback, and writes nothing: one table per tool, each
-case run as a user would, with the folder it runs in compared byte for byte before and after."""
+"""Every tool ends every bad input with `error:` lines on stderr (one per problem: a single fault gives one line;
+make_record and check_record list every problem they find) and exit status 1, without a traceback, and writes
+nothing: one table per tool, each case run as a user would (a single fault each), with the folder it runs in
+compared byte for byte before and after."""
 import argparse
 import gzip
 import json
