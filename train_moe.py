@@ -351,9 +351,10 @@ class Hyperparameters:
         """Weights, gradients, optimizer state and EMA (~20 bytes per parameter) must fit the device."""
         with torch.device("meta"):
             params = sum(p.numel() for p in GPT(self).parameters())
-        cuda = torch.cuda.is_available()
-        device = torch.cuda.get_device_name(self.local_rank) if cuda else "this machine's memory"
-        capacity = torch.cuda.get_device_properties(self.local_rank).total_memory if cuda else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        if torch.cuda.is_available():
+            device, capacity = torch.cuda.get_device_name(self.local_rank), torch.cuda.get_device_properties(self.local_rank).total_memory
+        else:
+            device, capacity = "this machine's memory", os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
         if 20 * params > capacity:
             raise ConfigError(f"MODEL_DIM={self.model_dim}: this model has {params:,} parameters; their weights, gradients "
                               f"and optimizer state need ~{20 * params / 2**30:,.0f} GiB, more than the "
@@ -1831,7 +1832,6 @@ def run(cfg, sp, val_tokens, device, distributed, log, artifact_path: Path, fp32
     code_bytes = len(Path(__file__).read_bytes())
     levels, failure, calibration_ms = None, None, 0.0
     if master:
-        t = time.perf_counter()
         try:
             nonfinite = [n for n, w in export_model.state_dict().items() if not torch.isfinite(w).all()]
             if nonfinite:
@@ -1840,6 +1840,7 @@ def run(cfg, sp, val_tokens, device, distributed, log, artifact_path: Path, fp32
                 buffer = io.BytesIO()
                 torch.save({"settings": cfg.settings, "state": export_model.state_dict()}, buffer)
                 write_artifact(fp32_path, buffer.getvalue())
+            t = time.perf_counter()
             bits, levels = export_levels(export_model, cfg, loader, code_bytes, log)
             calibration_ms = 1000 * (time.perf_counter() - t) if cfg.calibrates else 0.0
             log.metrics("export_bits", **{f"{c}_bits": b for c, b in bits.items()}, method=cfg.quant_method,
