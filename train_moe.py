@@ -46,6 +46,7 @@ ROUTERS = ("softmax", "sigmoid", "hash")
 QUANT_BITS = (4, 5, 6, 7, 8)
 # Read outside Hyperparameters: not misspellings of a setting.
 OTHER_SETTINGS = ("WANDB_PROJECT",)
+SOURCE = Path(__file__).read_bytes()  # what the log embeds and what counts against the cap
 
 
 class ConfigError(ValueError):
@@ -339,9 +340,8 @@ class Hyperparameters:
             path = Path(folder)
             if (path.exists() and not path.is_dir()) or not os.access(path if path.exists() else ".", os.W_OK | os.X_OK):
                 raise ConfigError(f"RUN_ID={self.run_id!r}: {path.resolve()} is not a writable folder for this run's files")
-        code_bytes = len(Path(__file__).read_bytes())
-        if self.artifact_limit_bytes <= code_bytes:
-            raise ConfigError(f"ARTIFACT_LIMIT_BYTES={self.artifact_limit_bytes}: train_moe.py alone is {code_bytes} bytes")
+        if self.artifact_limit_bytes <= len(SOURCE):
+            raise ConfigError(f"ARTIFACT_LIMIT_BYTES={self.artifact_limit_bytes}: train_moe.py alone is {len(SOURCE)} bytes")
         if torch.cuda.is_available() and self.local_rank >= torch.cuda.device_count():
             raise ConfigError(f"LOCAL_RANK={self.local_rank}: this machine has {torch.cuda.device_count()} GPUs")
         self._check_memory()
@@ -571,7 +571,7 @@ def gptq(w: Tensor, hessian: Tensor, scale: Tensor, qmax: int, block: int = 128)
         errors = torch.empty(b, rows, i2 - i1, device=w.device)
         for i in range(i1, i2):
             column = w[..., i : i + 1]
-            q[..., i : i + 1] = torch.clamp(torch.round(column / step), -qmax, qmax)
+            q[..., i : i + 1] = round_to_grid(column, scale, qmax)
             error = (column - q[..., i : i + 1] * step) / u[:, None, i, i : i + 1]
             w[..., i:i2] -= error * u[:, None, i, i:i2]
             errors[..., i - i1 : i - i1 + 1] = error
@@ -1713,7 +1713,7 @@ def train(cfg: Hyperparameters, sp: spm.SentencePieceProcessor, val_tokens: Tens
 
 def run(cfg, sp, val_tokens, device, distributed, log, artifact_path: Path, fp32_path: Path):
     master = cfg.rank == 0
-    log.text(Path(__file__).read_bytes().decode("utf-8"), echo=False)  # bytes: the source exactly as counted
+    log.text(SOURCE.decode("utf-8"), echo=False)  # bytes: the source exactly as counted
     log.text("=" * 100, echo=False)
     log.text(environment_report(device), echo=False)
     log.text("=" * 100, echo=False)
@@ -1829,7 +1829,7 @@ def run(cfg, sp, val_tokens, device, distributed, log, artifact_path: Path, fp32
     export_model = copy.deepcopy(model)
     if ema is not None:
         ema.copy_to(export_model)
-    code_bytes = len(Path(__file__).read_bytes())
+    code_bytes = len(SOURCE)
     levels, failure, calibration_ms = None, None, 0.0
     if master:
         try:

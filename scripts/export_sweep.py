@@ -60,7 +60,7 @@ def sweep(checkpoint: Path, variants: list[tuple[str, dict]], log=PrintLog()) ->
     sp, val_tokens = base.check_inputs()
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     tables = tm.build_byte_tables(sp, device)
-    code_bytes = len(Path(tm.__file__).read_bytes())
+    code_bytes = len(tm.SOURCE)
 
     def score(cfg, state) -> float:
         model = tm.GPT(cfg).to(device)
