@@ -16,7 +16,6 @@ import json
 import pickle
 import re
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -73,12 +72,8 @@ def sweep(checkpoint: Path, variants: list[tuple[str, dict]], log=PrintLog()) ->
     for (name, settings), cfg in zip(variants, configs):
         model = tm.GPT(cfg).to(device)
         model.load_state_dict(saved["state"])
-        t = time.perf_counter()
-        bits, levels = tm.export_levels(model, cfg, tm.DistributedTokenLoader(cfg, device), code_bytes, log)
-        tm.synchronize(device)
-        quantize_seconds, t = time.perf_counter() - t, time.perf_counter()
-        blob = tm.pack_artifact(*tm.quantize_state(model.state_dict(), levels))
-        pack_seconds = time.perf_counter() - t
+        bits, blob, quantize_seconds, pack_seconds = tm.export_artifact(model, cfg, tm.DistributedTokenLoader(cfg, device),
+                                                                         code_bytes, log)
         val_bpb = score(cfg, tm.unpack_artifact(blob))
         row = dict(variant=name, settings=settings, **{f"{c}_bits": b for c, b in bits.items()},
                    model_bytes=len(blob), artifact_bytes=code_bytes + len(blob),
@@ -93,7 +88,9 @@ def table(rows: list[dict]) -> str:
     lines = ["| variant | bits (embed/attn/mlp/experts) | artifact bytes | roundtrip val_bpb | gap | quantize s | pack s |",
              "|---|---|---|---|---|---|---|"]
     for r in rows[1:]:
-        bits = "/".join(str(r.get(f"{c}_bits", "-")) for c in tm.QUANTIZED)
+        bits = "/".join(str(r[f"{c}_bits"]) if f"{c}_bits" in r else  # QUANT_FIT chose each block's experts' bits
+                        ",".join(str(b) for k, b in r.items() if k.startswith(f"{c}.") and k.endswith("_bits")) or "-"
+                        for c in tm.QUANTIZED)
         lines.append(f"| {r['variant']} | {bits} | {r['artifact_bytes']:,} {r['status']} | {r['val_bpb']:.5f} | "
                      f"{r['gap']:+.5f} | {r['quantize_seconds']:.1f} | {r['pack_seconds']:.1f} |")
     return f"pre-export val_bpb {rows[0]['val_bpb']:.5f}\n\n" + "\n".join(lines)

@@ -40,7 +40,8 @@ PREPARE = [sys.executable, "-m", "data.prepare", "--input", str(SHARED / "finewe
 COMMON = dict(DATA_PATH=DATA_PATH, TOKENIZER_PATH=TOKENIZER_PATH, TRAIN_BATCH_TOKENS="131072", GRAD_ACCUM_STEPS="2",
               WARMDOWN_ITERS="250", WARMUP_STEPS="10", VAL_LOSS_EVERY="0", TRAIN_LOG_EVERY="50",
               MUON_MOMENTUM_WARMUP_STEPS="100", MLP_MODE="dense", MOE_LAYERS="all", EXPERT_HIDDEN="0",
-              QUANT_ATTN_BITS="8", QUANT_MLP_BITS="6", QUANT_EXPERT_BITS="6", QUANT_METHOD="rtn", QUANT_CLIP_SIGMAS="0")
+              QUANT_ATTN_BITS="8", QUANT_MLP_BITS="6", QUANT_EXPERT_BITS="6", QUANT_METHOD="rtn", QUANT_CLIP_SIGMAS="0",
+              NUM_EXPERTS="8", QUANT_FIT="0")
 # Each configuration: the trainer's env vars on top of COMMON. Every one must end OK on the artifact line: under the
 # cap, bytes spent on experts a token does not use come out of attention's bits and the experts' width.
 MOE_FIT = dict(QUANT_ATTN_BITS="6", QUANT_MLP_BITS="5", QUANT_EXPERT_BITS="5")

@@ -33,7 +33,7 @@ def tiny_data(tmp_path_factory) -> dict:
 # The MLP and export knobs as they were before docs/study.md made an MoE the default: the tests of the dense
 # model and of each MoE mode set what they test on top of these, so the default can move without changing them.
 DENSE = dict(MLP_MODE="dense", MOE_LAYERS="all", EXPERT_HIDDEN="0", QUANT_ATTN_BITS="8", QUANT_MLP_BITS="6",
-             QUANT_EXPERT_BITS="6")
+             QUANT_EXPERT_BITS="6", QUANT_FIT="0")
 
 
 def tiny_env(tiny_data, **overrides) -> dict:

@@ -330,6 +330,8 @@ MODES = {
     "sparse_hash": {"MLP_MODE": "sparse", "ROUTER": "hash"},
     "shared_routed": {"MLP_MODE": "shared_routed", "EXPERT_ACT": "swiglu"},
     "soft": {"MLP_MODE": "soft"},
+    "deepseek_v4": {"MLP_MODE": "sparse", "ROUTER": "sqrtsoftplus", "HASH_LAYERS": "1", "ROUTE_SCALE": "1.5",
+                    "EXPERT_ACT": "swiglu", "SWIGLU_LIMIT": "10"},
 }
 
 
@@ -373,6 +375,8 @@ def test_every_mode_trains_exports_and_roundtrips(tiny_data, tmp_path, mode):
     assert final["model"]["experts"] > 0 and final["model"]["active_params"] <= final["model"]["params"]
     assert final["artifact"]["status"] == "OK"
     assert abs(final["final_roundtrip"]["val_bpb"] - final["final_ema"]["val_bpb"]) < 0.02
-    state = tm.unpack_artifact((tmp_path / final["artifact"]["path"]).read_bytes())
+    cfg, state = tm.load_artifact(tmp_path / final["artifact"]["path"])
+    assert cfg.model_settings == tm.Hyperparameters(env).model_settings and cfg.num_experts == 4
+    tm.GPT(cfg).load_state_dict(state)  # strict: the stored settings rebuild this exact model
     if MODES[mode].get("ROUTER") == "sigmoid":
         assert state["blocks.0.mlp.router_bias"].abs().sum() > 0  # the trained balancing bias was saved

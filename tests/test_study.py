@@ -28,13 +28,17 @@ def test_every_configuration_is_a_valid_trainer_config():
 
 
 def test_the_trainer_default_is_the_studys_winner():
-    """docs/study.md's rule made moe_alternate the default: a bare run must be that configuration's model and export."""
-    keys = ("mlp_mode", "moe_layers", "num_experts", "top_k", "expert_hidden", "router", "mlp_mult",
-            "quant_embed_bits", "quant_attn_bits", "quant_mlp_bits", "quant_expert_bits", "num_layers", "model_dim")
-    winner = train_moe.Hyperparameters(study.run_env("moe_alternate", 1337, 65))
+    """docs/study.md's rule made moe16_fit the default: a bare run must be that configuration's model and export
+    (GPTQ where a GPU is, as in the study; bits fitted to the cap, so QUANT_*_BITS do not apply)."""
+    keys = ("mlp_mode", "moe_layers", "num_experts", "top_k", "expert_hidden", "router", "mlp_mult", "quant_fit",
+            "quant_clip_sigmas", "quant_embed_bits", "num_layers", "model_dim", "calibration_seconds", "calibration_tokens")
+    winner = train_moe.Hyperparameters(study.run_env("moe16_fit", 1337, 65))
     default = train_moe.Hyperparameters({})
     assert {k: getattr(default, k) for k in keys} == {k: getattr(winner, k) for k in keys}
-    assert default.moe_layers == (1, 3, 5, 7) and default.mlp_mode == "sparse"
+    assert default.moe_layers == (1, 3, 5, 7) and default.mlp_mode == "sparse" and default.num_experts == 16
+    assert default.quant_fit and winner.quant_method == "gptq"
+    # the earlier configurations stay the runs they were
+    assert train_moe.Hyperparameters(study.run_env("moe_gptq", 1337, 65)).num_experts == 8
     # and the pinned baseline is still the challenge's dense model
     base = train_moe.Hyperparameters(study.run_env("dense_base", 1337, 65))
     assert (base.mlp_mode, base.quant_attn_bits, base.quant_mlp_bits) == ("dense", 8, 6)

@@ -346,7 +346,7 @@ def test_muon_split_across_two_ranks_matches_one_process(tmp_path):
     ({"ITERATIONS": "30", "MAX_WALLCLOCK_SECONDS": "0"}, 28, 1e9, 0.2, 2 * 1e9 / 28 / 1000),  # no cap
 ])
 def test_warmdown_ends_at_whichever_limit_comes_first(overrides, step, elapsed_ms, scale, eta_s):
-    cfg = tm.Hyperparameters({"WARMDOWN_ITERS": "10", "QUANT_METHOD": "rtn", **overrides})
+    cfg = tm.Hyperparameters({"WARMDOWN_ITERS": "10", "QUANT_METHOD": "rtn", "QUANT_FIT": "0", **overrides})
     assert tm.lr_scale(cfg, step, elapsed_ms) == pytest.approx(scale)
     assert tm.eta_seconds(cfg, step, elapsed_ms) == pytest.approx(eta_s)
 

@@ -1,0 +1,150 @@
+"""Export a moe-golf artifact as a Hugging Face transformers model folder.
+
+    python scripts/export_hf.py artifacts/<RUN_ID>.moe.zst --out hf/<RUN_ID> [--layout fused|per-expert|mlx]
+
+writes model.safetensors (the dequantized weights, fp32), config.json and modeling_moe_golf.py, which loads offline:
+
+    AutoModelForCausalLM.from_pretrained("hf/<RUN_ID>", trust_remote_code=True)
+
+--layout is how the routed experts are stored (names in scripts/hf_layouts.py and modeling_moe_golf.py): fused, one
+[E, 2F, D] gate_up_proj bank per layer, as transformers v5; per-expert, one set of Linear weights per expert, as
+transformers v4 and most tools; mlx, mlx-lm's switch_mlp banks. Hash-routed layers' tables are written as tensors
+(mlp.gate.tid2eid). Before the folder appears, the written files are loaded back and must give train_moe's logits on
+random tokens: what the modeling file cannot reproduce is refused, with nothing written. So is an --out that exists
+and is not empty.
+"""
+import argparse
+import json
+import re
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+import transformers
+from safetensors.torch import save_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import train_moe as tm  # noqa: E402
+from hf_layouts import LAYOUTS, check_new_folder, convert, new_folder  # noqa: E402
+from modeling_moe_golf import MoeGolfForCausalLM  # noqa: E402
+from sample import load_model  # noqa: E402
+
+MODELING = Path(__file__).with_name("modeling_moe_golf.py")
+# fp32 on both sides; what is left is summation order (~1e-6). A wrong routing weight or a swapped gate is >1e-2.
+LOGIT_TOLERANCE = 1e-3
+RENAMES = [
+    (r"tok_emb\.weight", "model.embed_tokens.weight"),
+    (r"lm_head\.weight", "lm_head.weight"),
+    (r"skip_weights", "model.skip_weights"),
+    (r"blocks\.(\d+)\.(attn_scale|mlp_scale|resid_mix)", r"model.layers.\1.\2"),
+    (r"blocks\.(\d+)\.attn\.([qkv])\.weight", r"model.layers.\1.self_attn.\2_proj.weight"),
+    (r"blocks\.(\d+)\.attn\.out\.weight", r"model.layers.\1.self_attn.o_proj.weight"),
+    (r"blocks\.(\d+)\.attn\.q_gain", r"model.layers.\1.self_attn.q_gain"),
+    (r"blocks\.(\d+)\.mlp\.fc\.weight", r"model.layers.\1.mlp.up_proj.weight"),  # dense MLPs are relu^2
+    (r"blocks\.(\d+)\.mlp\.proj\.weight", r"model.layers.\1.mlp.down_proj.weight"),
+    (r"blocks\.(\d+)\.mlp\.router", r"model.layers.\1.mlp.gate.weight"),
+    (r"blocks\.(\d+)\.mlp\.router_bias", r"model.layers.\1.mlp.gate.e_score_correction_bias"),
+    (r"blocks\.(\d+)\.mlp\.hash_table", r"model.layers.\1.mlp.gate.tid2eid"),
+    (r"blocks\.(\d+)\.mlp\.shared_gate", r"model.layers.\1.mlp.shared_expert_gate.weight"),
+    (r"blocks\.(\d+)\.mlp\.shared\.proj\.weight", r"model.layers.\1.mlp.shared_expert.down_proj.weight"),
+    (r"blocks\.(\d+)\.mlp\.experts\.w_out", r"model.layers.\1.mlp.experts.down_proj"),
+]
+
+
+def hf_state(model: tm.GPT, cfg: tm.Hyperparameters) -> dict[str, torch.Tensor]:
+    """The model's tensors under the modeling file's names, experts fused; hash tables (rebuilt from SEED by
+    train_moe, so not in its state dict) included."""
+    tensors = {**model.state_dict(), **{n: b for n, b in model.named_buffers() if n.endswith(".mlp.hash_table")}}
+    swiglu = cfg.expert_act == "swiglu"
+    out = {}
+    for name, t in tensors.items():
+        t = t.detach().cpu()
+        if m := re.fullmatch(r"blocks\.(\d+)\.mlp\.experts\.w_in", name):
+            out[f"model.layers.{m[1]}.mlp.experts.{'gate_up_proj' if swiglu else 'up_proj'}"] = t  # rows: [gate; up]
+        elif m := re.fullmatch(r"blocks\.(\d+)\.mlp\.shared\.fc\.weight", name):
+            shared = f"model.layers.{m[1]}.mlp.shared_expert"
+            if swiglu:
+                out[f"{shared}.gate_proj.weight"], out[f"{shared}.up_proj.weight"] = t.chunk(2, dim=0)
+            else:
+                out[f"{shared}.up_proj.weight"] = t
+        else:
+            for pattern, target in RENAMES:
+                if re.fullmatch(pattern, name):
+                    out[re.sub(pattern, target, name)] = t
+                    break
+            else:
+                raise ValueError(f"{name}: export_hf.py has no Hugging Face name for this tensor; extend RENAMES and "
+                                 "modeling_moe_golf.py together")
+    return out
+
+
+def hf_config(cfg: tm.Hyperparameters, layout: str) -> dict:
+    return {
+        "architectures": ["MoeGolfForCausalLM"], "model_type": "moe_golf",
+        "auto_map": {"AutoConfig": "modeling_moe_golf.MoeGolfConfig",
+                     "AutoModelForCausalLM": "modeling_moe_golf.MoeGolfForCausalLM"},
+        "vocab_size": cfg.vocab_size, "hidden_size": cfg.model_dim, "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads, "num_key_value_heads": cfg.num_kv_heads,
+        "intermediate_size": cfg.mlp_mult * cfg.model_dim, "mlp_mode": cfg.mlp_mode,
+        "moe_layers": [] if cfg.mlp_mode == "dense" else list(cfg.moe_layers), "num_experts": cfg.num_experts,
+        "num_experts_per_tok": cfg.top_k, "moe_intermediate_size": cfg.expert_hidden, "expert_act": cfg.expert_act,
+        "shared_expert_intermediate_size": cfg.shared_hidden, "shared_expert_gate": bool(cfg.shared_gate),
+        "router": cfg.router, "norm_topk_prob": bool(cfg.norm_topk_prob), "hash_layers": cfg.hash_layers,
+        "routed_scaling_factor": cfg.route_scale, "swiglu_limit": cfg.swiglu_limit, "rope_theta": cfg.rope_base,
+        "final_logit_softcapping": cfg.logit_softcap, "expert_layout": layout,
+        "tie_word_embeddings": bool(cfg.tie_embeddings), "dtype": "float32",
+        "train_moe_settings": cfg.model_settings,  # what the artifact was trained with, for the record
+    }
+
+
+@torch.no_grad()
+def logit_gap(folder: Path, model: tm.GPT, cfg: tm.Hyperparameters) -> float:
+    """Max |logit difference| between train_moe's model and the folder loaded by its modeling file, on random tokens."""
+    loaded, info = MoeGolfForCausalLM.from_pretrained(folder, output_loading_info=True)
+    problems = [f"{kind.replace('_', ' ')} {', '.join(sorted(map(str, info[kind])))}"
+                for kind in ("missing_keys", "unexpected_keys", "mismatched_keys") if info.get(kind)]
+    if problems:
+        raise ValueError(f"the exported weights do not fit modeling_moe_golf.py: {'; '.join(problems)}")
+    ids = torch.randint(0, cfg.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
+    expected, _ = model.logits(ids)
+    return (loaded.eval()(ids).logits - expected).abs().max().item()
+
+
+def export(artifact: Path, out: Path, layout: str) -> float:
+    """Write the folder; returns the max |logit difference| it was checked with."""
+    check_new_folder(out)  # before the work of loading
+    cfg, model = load_model(artifact)
+    config = hf_config(cfg, layout)
+    state = convert(hf_state(model, cfg), layout, cfg.num_experts)
+    with new_folder(out) as folder:
+        save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+        (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        shutil.copy2(MODELING, folder / MODELING.name)
+        gap = logit_gap(folder, model, cfg)
+        if not gap < LOGIT_TOLERANCE:
+            raise ValueError(f"{artifact}: the exported model's logits differ from train_moe's by up to {gap:.3g} "
+                             f"(> {LOGIT_TOLERANCE:g}); modeling_moe_golf.py does not reproduce this model, "
+                             "not exported")
+    return gap
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("artifact", type=Path, help="artifacts/<RUN_ID>.moe.zst written by train_moe.py")
+    parser.add_argument("--out", required=True, type=Path, help="a new (or empty) folder")
+    parser.add_argument("--layout", choices=LAYOUTS, default="fused", help="how the routed experts are stored")
+    args = parser.parse_args(argv)
+    transformers.utils.logging.disable_progress_bar()  # the check's "Loading weights" bar, on stderr with the errors
+    try:
+        gap = export(args.artifact, args.out, args.layout)
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"exported {args.artifact} to {args.out} (layout {args.layout}; max |logit difference| from train_moe "
+          f"{gap:.1e})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,163 @@
+"""Generate text from a moe-golf artifact, printed as it is produced.
+
+    python scripts/sample.py artifacts/<RUN_ID>.moe.zst --prompt "The history of" [--tokens 200] [--temperature 0.8]
+        [--seed 0] [--tokenizer data/tokenizers/fineweb_1024_bpe.model]
+
+The artifact's own model (train_moe.py's GPT on the dequantized weights, CPU, fp32) with a KV cache: each new token
+costs one position of attention instead of the whole sequence again. The prompt starts a document, as every
+training document does (after BOS), and generation stops early where the model starts the next one (emits BOS).
+Temperature 0 picks the likeliest token (greedy); above 0 it samples, reproducibly for a --seed. Past the run's
+TRAIN_SEQ_LEN the model sees positions it never trained on. The tokenizer defaults to the TOKENIZER_PATH default.
+"""
+import argparse
+import contextlib
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import sentencepiece as spm
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import train_moe as tm  # noqa: E402
+
+
+def load_model(path: Path) -> tuple[tm.Hyperparameters, tm.GPT]:
+    """The artifact's model in eval mode; every way a file can fail to be one is a ValueError naming it."""
+    if not Path(path).is_file():
+        raise ValueError(f"{path}: no such artifact")
+    cfg, state = tm.load_artifact(path)
+    model = tm.GPT(cfg)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise ValueError(f"{path}: its tensors do not fit train_moe.py's model for its settings "
+                         f"({str(e).splitlines()[1].strip()})") from None
+    return cfg, model.eval()
+
+
+def rotary_from(x: torch.Tensor, base: float, start: int) -> torch.Tensor:
+    """tm.rotary at positions start, start + 1, ... instead of 0, 1, ..."""
+    half = x.size(-1) // 2
+    inv_freq = base ** (-torch.arange(half, device=x.device, dtype=torch.float32) / half)
+    angles = torch.arange(start, start + x.size(-2), device=x.device, dtype=torch.float32)[:, None] * inv_freq
+    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1)
+
+
+class CachedAttention(nn.Module):
+    """tm.Attention (its weights) over the new positions only (the prompt, then one token per call), attending to the
+    keys and values kept from earlier calls. Attention is the only part of the model that mixes positions, so with it swapped in, GPT.logits of the
+    new tokens alone is the forward of the whole sequence at those positions."""
+
+    def __init__(self, attn: tm.Attention):
+        super().__init__()
+        self.attn, self.keys, self.values = attn, None, None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.attn
+        B, T, D = x.shape
+        start = 0 if self.keys is None else self.keys.size(2)
+        if start and T > 1:
+            raise ValueError("CachedAttention continues one token at a time after the prompt")
+        q = a.q(x).view(B, T, a.num_heads, a.head_dim).transpose(1, 2)
+        k = a.k(x).view(B, T, a.num_kv_heads, a.head_dim).transpose(1, 2)
+        v = a.v(x).view(B, T, a.num_kv_heads, a.head_dim).transpose(1, 2)
+        q = rotary_from(tm.rms_norm(q), a.rope_base, start) * a.q_gain.to(x.dtype)[:, None, None]
+        k = rotary_from(tm.rms_norm(k), a.rope_base, start)
+        self.keys = k if self.keys is None else torch.cat([self.keys, k], dim=2)
+        self.values = v if self.values is None else torch.cat([self.values, v], dim=2)
+        y = F.scaled_dot_product_attention(q, self.keys, self.values, is_causal=T > 1, enable_gqa=a.num_kv_heads != a.num_heads)
+        return a.out(y.transpose(1, 2).reshape(B, T, D))
+
+
+@contextlib.contextmanager
+def kv_cache(model: tm.GPT):
+    """While open, model.logits(ids) continues the sequence fed so far instead of starting a new one."""
+    originals = [block.attn for block in model.blocks]
+    for block in model.blocks:
+        block.attn = CachedAttention(block.attn)
+    try:
+        yield model
+    finally:
+        for block, attn in zip(model.blocks, originals):
+            block.attn = attn
+
+
+@torch.no_grad()
+def generate(model: tm.GPT, prompt: list[int], max_tokens: int, temperature: float = 0.0, seed: int = 0,
+             stop: int | None = None) -> Iterator[int]:
+    """Up to max_tokens ids after `prompt`, one at a time; ends before `stop`."""
+    generator = torch.Generator().manual_seed(seed)
+    with kv_cache(model):
+        ids = torch.tensor([prompt])
+        for _ in range(max_tokens):
+            logits = model.logits(ids)[0][0, -1]
+            if temperature == 0:
+                token = int(logits.argmax())
+            else:
+                token = int(torch.multinomial((logits / temperature).softmax(-1), 1, generator=generator))
+            if token == stop:
+                return
+            yield token
+            ids = torch.tensor([[token]])
+
+
+def text_pieces(sp: spm.SentencePieceProcessor, prompt: list[int], tokens: Iterator[int]) -> Iterator[str]:
+    """The text each token adds. Decoded with everything before it (a piece's leading space depends on its place);
+    held back while it ends inside a character whose bytes are still coming (byte-fallback pieces)."""
+    ids, shown = list(prompt), sp.decode(prompt)
+    for token in tokens:
+        ids.append(token)
+        text = sp.decode(ids)
+        if not text.endswith("\ufffd") and text.startswith(shown):
+            yield text[len(shown):]
+            shown = text
+    text = sp.decode(ids)
+    if text.startswith(shown) and text != shown:
+        yield text[len(shown):]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("artifact", type=Path, help="artifacts/<RUN_ID>.moe.zst written by train_moe.py")
+    parser.add_argument("--prompt", required=True, help="the text to continue")
+    parser.add_argument("--tokens", type=int, default=200, help="how many tokens to generate at most")
+    parser.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tokenizer", type=Path, help="the run's SentencePiece model (default: TOKENIZER_PATH's default)")
+    args = parser.parse_args(argv)
+    try:
+        if not args.prompt:
+            raise ValueError("--prompt is empty; give some text to continue")
+        if args.tokens < 1:
+            raise ValueError(f"--tokens {args.tokens}: generate at least 1")
+        if not args.temperature >= 0 or args.temperature == float("inf"):
+            raise ValueError(f"--temperature {args.temperature}: a finite number >= 0")
+        cfg, model = load_model(args.artifact)
+        tokenizer = args.tokenizer or Path(cfg.tokenizer_path)
+        if not tokenizer.is_file():
+            raise ValueError(f"{tokenizer}: no such tokenizer; pass the run's with --tokenizer")
+        try:
+            sp = spm.SentencePieceProcessor(model_file=str(tokenizer))
+        except (RuntimeError, OSError) as e:
+            raise ValueError(f"{tokenizer}: not a SentencePiece model ({e})") from None
+        if sp.vocab_size() != cfg.vocab_size:
+            raise ValueError(f"{tokenizer}: {sp.vocab_size()} pieces, but the model has VOCAB_SIZE={cfg.vocab_size}")
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    bos = sp.bos_id() if sp.bos_id() >= 0 else None
+    prompt = ([bos] if bos is not None else []) + sp.encode(args.prompt)
+    print(sp.decode(prompt), end="", flush=True)
+    for piece in text_pieces(sp, prompt, generate(model, prompt, args.tokens, args.temperature, args.seed, stop=bos)):
+        print(piece, end="", flush=True)
+    print()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
