@@ -38,16 +38,6 @@ def load_model(path: Path) -> tuple[tm.Hyperparameters, tm.GPT]:
     return cfg, model.eval()
 
 
-def rotary_from(x: torch.Tensor, base: float, start: int) -> torch.Tensor:
-    """tm.rotary at positions start, start + 1, ... instead of 0, 1, ..."""
-    half = x.size(-1) // 2
-    inv_freq = base ** (-torch.arange(half, device=x.device, dtype=torch.float32) / half)
-    angles = torch.arange(start, start + x.size(-2), device=x.device, dtype=torch.float32)[:, None] * inv_freq
-    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
-    x1, x2 = x[..., :half], x[..., half:]
-    return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1)
-
-
 class CachedAttention(nn.Module):
     """tm.Attention (its weights) over the new positions only (the prompt, then one token per call), attending to the
     keys and values kept from earlier calls. Attention is the only part of the model that mixes positions, so with it swapped in, GPT.logits of the
@@ -66,8 +56,8 @@ class CachedAttention(nn.Module):
         q = a.q(x).view(B, T, a.num_heads, a.head_dim).transpose(1, 2)
         k = a.k(x).view(B, T, a.num_kv_heads, a.head_dim).transpose(1, 2)
         v = a.v(x).view(B, T, a.num_kv_heads, a.head_dim).transpose(1, 2)
-        q = rotary_from(tm.rms_norm(q), a.rope_base, start) * a.q_gain.to(x.dtype)[:, None, None]
-        k = rotary_from(tm.rms_norm(k), a.rope_base, start)
+        q = tm.rotary(tm.rms_norm(q), a.rope_base, start) * a.q_gain.to(x.dtype)[:, None, None]
+        k = tm.rotary(tm.rms_norm(k), a.rope_base, start)
         self.keys = k if self.keys is None else torch.cat([self.keys, k], dim=2)
         self.values = v if self.values is None else torch.cat([self.values, v], dim=2)
         y = F.scaled_dot_product_attention(q, self.keys, self.values, is_causal=T > 1, enable_gqa=a.num_kv_heads != a.num_heads)
