@@ -38,12 +38,6 @@ from torch import Tensor, nn
 from tqdm import tqdm
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-try:  # QuACK (requirements-gpu.txt): Hopper grouped GEMMs for the experts; absent on CPU machines
-    from quack import gemm_interface as quack
-    QUACK_IMPORT_ERROR = ""
-except Exception as e:  # ImportError, or a CUTLASS DSL that finds no CUDA toolkit it can load
-    quack, QUACK_IMPORT_ERROR = None, f"{type(e).__name__}: {e}"
-
 # -----------------------------------------------------------------------------
 # HYPERPARAMETERS
 # -----------------------------------------------------------------------------
@@ -179,9 +173,6 @@ class Hyperparameters:
         self.val_batch_size = get.integer("VAL_BATCH_SIZE", 524288, 1, 2**30)
         self.eval_stride = get.integer("EVAL_STRIDE", 0, 0)
         self.compile = get.flag("COMPILE", 1)
-        # auto: QuACK's expert GEMMs where they run (sm90 and the package), else torch._grouped_mm, the CPU and
-        # reference path. Not a model setting: both compute the same model.
-        self.expert_kernel = get.choice("EXPERT_KERNEL", "auto", ("auto", "quack", "torch"))
         self.wandb = get.flag("WANDB", 0)
         # Model.
         model_start = len(get.texts)
@@ -277,7 +268,6 @@ class Hyperparameters:
         self._check_shapes()
         self._check_moe()
         self._check_export()
-        self._resolve_expert_kernel()
 
     def _check_shapes(self):
         if self.model_dim % self.num_heads:
@@ -332,15 +322,6 @@ class Hyperparameters:
         for name in ("model_dim", "expert_hidden", "shared_hidden"):
             if getattr(self, name) % 8:
                 raise ConfigError(f"{name.upper()}={getattr(self, name)}: must be a multiple of 8 for the expert matmuls")
-
-    def _resolve_expert_kernel(self):
-        unusable = ("needs a CUDA GPU of compute capability 9.0 (Hopper)" if not torch.cuda.is_available()
-                    or torch.cuda.get_device_capability() != (9, 0) else
-                    f"needs the quack-kernels package (pip install -r requirements-gpu.txt): {QUACK_IMPORT_ERROR}"
-                    if quack is None else "QuACK's SwiGLU has no clamp for SWIGLU_LIMIT" if self.swiglu_limit else "")
-        if self.expert_kernel == "quack" and unusable:
-            raise ConfigError(f"EXPERT_KERNEL=quack: {unusable}")
-        self.expert_kernel = "torch" if unusable or self.expert_kernel == "torch" else "quack"
 
     def _check_export(self):
         if self.calibrates and self.max_wallclock_seconds > 0 and self.training_seconds <= 0:
@@ -990,46 +971,6 @@ class Fp32Logits(torch.autograd.Function):
         return grad.to(x.dtype) @ w.to(x.dtype), (grad.T.to(x.dtype) @ x).to(w.dtype)
 
 
-class QuackExperts(torch.autograd.Function):
-    """ExpertBank.grouped's function through QuACK's grouped GEMMs (sm90): x [N, D], w_in [E, rows, D], w_out
-    [E, D, F], weights [N, K] and the expert-sorted slot order -> [N, D] fp32. The first GEMM gathers each slot's
-    token row in its loads and writes the activation in its epilogue; the backward's first GEMM gathers the output
-    gradient the same way and its epilogue gives the activation's gradient scaled by the routing weight, the
-    weighted hidden units (W2's gradient input) and, as a row reduction, each routing weight's gradient. Only the
-    slot outputs and the slot input gradients are [N*K, D]; the torch path also permutes its inputs and outputs."""
-
-    @staticmethod
-    def forward(ctx, x, w_in, w_out, weights, order, inverse, offsets, cuts, cut_expert, act):
-        n, k = weights.shape
-        token = (order // k).to(torch.int32)  # the row of x each sorted slot reads
-        bounds, cut_bounds = F.pad(offsets, (1, 0)), F.pad(cuts, (1, 0))
-        preact, hidden = quack.gemm_act(x, w_in.mT, activation=act, cu_seqlens_m=bounds, A_idx=token, tuned=False)
-        y = quack.gemm(hidden, w_out.mT, cu_seqlens_m=bounds, tuned=False)
-        ctx.save_for_backward(x, w_in, w_out, weights, order, inverse, preact, token, bounds, cut_bounds, cut_expert)
-        ctx.act = act
-        # The routing weight scales the slot's output here, in the combine pass that runs anyway: the same product
-        # as scaling its hidden units, which the backward does.
-        return (y[inverse].view(n, k, -1).float() * weights[..., None]).sum(dim=1)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        x, w_in, w_out, weights, order, inverse, preact, token, bounds, cut_bounds, cut_expert = ctx.saved_tensors
-        n, k = weights.shape
-        grad = grad.to(x.dtype).contiguous()
-        grad_pre, hidden, grad_weights = quack.gemm_dact(
-            grad, w_out, preact, activation=ctx.act, colvec_scale=weights.flatten()[order], colvec_reduce=True,
-            cu_seqlens_m=bounds, A_idx=token, tuned=False)
-
-        def per_expert(rows: Tensor, b: Tensor) -> Tensor:
-            """sum over each expert's slots of rows[token]^T b, cut as GroupedMatmul cuts it: [E, D, b's width]."""
-            cut_sums = quack.gemm(rows.T, b, cu_seqlens_k=cut_bounds, A_idx=token, out_dtype=torch.float32, tuned=False)
-            return torch.zeros((len(w_in), *cut_sums.shape[1:]), device=x.device).index_add_(0, cut_expert, cut_sums)
-
-        grad_x = quack.gemm(grad_pre, w_in, cu_seqlens_m=bounds, tuned=False)[inverse].view(n, k, -1).float().sum(dim=1)
-        return (grad_x.to(x.dtype), per_expert(x, grad_pre).mT.to(w_in.dtype), per_expert(grad, hidden).to(w_out.dtype),
-                grad_weights[inverse].view(n, k), None, None, None, None, None, None)
-
-
 def expert_groups(counts: Tensor, chunks: int) -> tuple[Tensor, Tensor, Tensor]:
     """Group ends of the expert-sorted rows (int32 [E]), and the finer cuts for the weight gradient (every expert
     end and every rows/chunks-th row, [E + chunks]) with each cut group's expert."""
@@ -1046,9 +987,9 @@ class ExpertBank(nn.Module):
     """E experts as two stacked fp32 weights stored [E, out, in]: Muon orthogonalises each expert's matrix on
     its own, export quantizes each expert's rows."""
 
-    def __init__(self, num_experts: int, dim: int, hidden: int, act: str, limit: float = 0.0, kernel: str = "torch"):
+    def __init__(self, num_experts: int, dim: int, hidden: int, act: str, limit: float = 0.0):
         super().__init__()
-        self.act, self.limit, self.kernel = act, limit, kernel
+        self.act, self.limit = act, limit
         rows = 2 * hidden if act == "swiglu" else hidden
         bound = 1 / math.sqrt(dim)  # nn.Linear's default init, per expert
         self.w_in = nn.Parameter(torch.empty(num_experts, rows, dim).uniform_(-bound, bound))
@@ -1061,8 +1002,8 @@ class ExpertBank(nn.Module):
 
     def grouped(self, x: Tensor, expert_idx: Tensor, weights: Tensor, counts: Tensor) -> Tensor:
         """Dropless top-k: x [N, D], expert_idx and weights [N, K] -> the weighted sum of each token's experts, fp32
-        [N, D]. Slots are sorted by expert and run through two grouped matmuls (QuACK's in bf16 when EXPERT_KERNEL
-        resolved to quack, else torch._grouped_mm); static shapes and no host sync, so it compiles whole."""
+        [N, D]. Slots are sorted by expert and run through two grouped matmuls; static shapes and no host sync, so
+        it compiles whole."""
         n, k = expert_idx.shape
         # uint8 keys (NUM_EXPERTS <= 256) sort in one radix pass where int64 keys take eight.
         order = torch.argsort(expert_idx.flatten().to(torch.uint8), stable=True)
@@ -1071,12 +1012,6 @@ class ExpertBank(nn.Module):
         # load's E. On an H100 (8 experts, 131072 slots) 4E ran it 11% faster than 2E, balanced or not too skewed.
         groups = expert_groups(counts, 4 * len(counts))
         dtype = matmul_dtype(x)
-        if self.kernel == "quack" and dtype == torch.bfloat16:
-            w_in = self.w_in.to(dtype)
-            if self.act == "swiglu":  # QuACK pairs gate and up in adjacent columns: [g0, u0, g1, u1, ...]
-                w_in = w_in.unflatten(1, (2, -1)).transpose(1, 2).flatten(1, 2)
-            return QuackExperts.apply(x.to(dtype), w_in, self.w_out.to(dtype), weights, order, inverse, *groups,
-                                      "swiglu" if self.act == "swiglu" else "relu_sq")
         slots = x.to(dtype)[:, None, :].expand(n, k, x.size(-1)).reshape(n * k, -1)
         h = GroupedMatmul.apply(Permute.apply(slots, order, inverse), self.w_in.to(dtype), *groups)
         # Each slot's routing weight scales its hidden units, ahead of the linear second matmul: the same sum, and
@@ -1128,8 +1063,7 @@ class MoEMLP(nn.Module):
         self.aux_coef, self.z_coef, self.route_scale = cfg.moe_aux_coef, cfg.router_z_coef, cfg.route_scale
         # HASH_LAYERS: the token-id table picks, the router's scores weigh (its selection bias has no use here).
         self.hashed = self.mode != "soft" and (cfg.router == "hash" or layer in cfg.moe_layers[: cfg.hash_layers])
-        self.experts = ExpertBank(cfg.num_experts, cfg.model_dim, cfg.expert_hidden, cfg.expert_act, cfg.swiglu_limit,
-                                  cfg.expert_kernel)
+        self.experts = ExpertBank(cfg.num_experts, cfg.model_dim, cfg.expert_hidden, cfg.expert_act, cfg.swiglu_limit)
         if self.mode == "soft" or self.router_kind != "hash":
             self.router = nn.Parameter(torch.randn(cfg.num_experts, cfg.model_dim) * 0.02)
         if self.mode != "soft" and not self.hashed and self.router_kind in ("sigmoid", "sqrtsoftplus"):
@@ -1892,7 +1826,7 @@ def run(cfg, sp, val_tokens, device, distributed, log, artifact_path: Path, fp32
     params = parameter_report(model)
     log.metrics("model", params=params.pop("total"), active_params=params.pop("active"), **params,
                 muon_matrices=len(muon_params(model)), val_tokens=val_tokens.numel() - 1, world_size=cfg.world_size,
-                grad_accum_steps=cfg.grad_accum_steps, expert_kernel=cfg.expert_kernel)
+                grad_accum_steps=cfg.grad_accum_steps)
 
     def set_schedule(step: int, scale: float):
         frac = min(step / cfg.muon_momentum_warmup_steps, 1.0) if cfg.muon_momentum_warmup_steps else 1.0

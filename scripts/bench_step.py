@@ -2,26 +2,24 @@
 
     python scripts/bench_step.py                                   # every mode at the trainer's default shape
     python scripts/bench_step.py --modes dense sparse:sigmoid --steps 30 --json bench.json
-    python scripts/bench_step.py --modes dense sparse@torch sparse@quack default@torch default@quack   # the kernels
     torchrun --standalone --nproc_per_node=2 scripts/bench_step.py --modes dense sparse   # per-GPU under DDP
     python scripts/bench_step.py --modes sparse --profile prof/    # plus a kernel table per mode
 
-A mode is MLP_MODE[:ROUTER][@EXPERT_KERNEL] (sparse = sparse:softmax, kernel as EXPERT_KERNEL says), or
-`default`: the trainer's own MLP (16 half-size experts in every other block). Shapes and every other knob come
-from the trainer's env vars (NUM_LAYERS, MODEL_DIM, TRAIN_BATCH_TOKENS, NUM_EXPERTS, EXPERT_HIDDEN, ...), so
-the other MoE modes run in every block at the dense MLP's active FLOPs unless told otherwise. Each mode builds a fresh model and runs
-train_moe.train_step, the trainer's own step (every micro-batch, the optimizers, the router biases), on
-random tokens. Modes run one after another in one process because timings of identical runs on shared
-machines drift by ~15%: only ratios measured together are comparable. Per mode it reports the median step
-time after warm-up, tokens/s (per GPU), peak memory, compile time (the first step minus the median), graph
-breaks, recompiles, whether a step runs with no host sync (torch.cuda.set_sync_debug_mode), and the ratio to
-the dense row. A table on stdout (rank 0) and the same rows as JSON.
+A mode is MLP_MODE[:ROUTER] (sparse = sparse:softmax), or `default`: the trainer's own MLP (16 half-size
+experts in every other block). Shapes and every other knob come from the trainer's env vars (NUM_LAYERS,
+MODEL_DIM, TRAIN_BATCH_TOKENS, NUM_EXPERTS, EXPERT_HIDDEN, ...), so the other MoE modes run in every block at
+the dense MLP's active FLOPs unless told otherwise. Each mode builds a fresh model and runs
+train_moe.train_step, the trainer's own step (every micro-batch, the optimizers, the router biases), on random
+tokens. Modes run one after another in one process because timings of identical runs on shared machines drift
+by ~15%: only ratios measured together are comparable. Per mode it reports the median step time after warm-up,
+tokens/s (per GPU), peak memory, compile time (the first step minus the median), graph breaks, recompiles,
+whether a step runs with no host sync (torch.cuda.set_sync_debug_mode), and the ratio to the dense row. A
+table on stdout (rank 0) and the same rows as JSON.
 """
 import argparse
 import json
 import logging
 import os
-import re
 import statistics
 import sys
 import time
@@ -73,15 +71,12 @@ def watch_recompiles() -> RecompileCounter:
 
 
 def mode_env(base: dict, mode: str) -> dict:
-    mode, _, kernel = mode.partition("@")
     mlp_mode, _, router = mode.partition(":")
     # Every mode in every block at the dense MLP's active FLOPs, unless the env says otherwise (the trainer's own
     # default, `default`, has half-size experts in every other block).
     env = dict(base) if mode == "default" else {"MOE_LAYERS": "all", "EXPERT_HIDDEN": "0", **base, "MLP_MODE": mlp_mode}
     if router:
         env["ROUTER"] = router
-    if kernel:
-        env["EXPERT_KERNEL"] = kernel
     return env
 
 
@@ -153,7 +148,7 @@ def profile(mode: str, step, device, out_dir: Path):
     out_dir.mkdir(parents=True, exist_ok=True)
     if not dist.is_initialized() or dist.get_rank() == 0:
         table = prof.key_averages().table(sort_by=sort, row_limit=45, max_name_column_width=90)
-        (out_dir / f"profile_{re.sub(r'[^A-Za-z0-9_]', '_', mode)}.txt").write_text(table)
+        (out_dir / f"profile_{mode.replace(':', '_')}.txt").write_text(table)
 
 
 def format_table(rows: list[dict]) -> str:
