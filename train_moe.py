@@ -731,17 +731,6 @@ def unpack_artifact(blob: bytes) -> dict[str, Tensor]:
     return read_artifact(blob)[1]
 
 
-def load_artifact(path: Path) -> tuple["Hyperparameters", dict[str, Tensor]]:
-    """The model an artifact holds, for tools: its settings (as Hyperparameters) and its dequantized weights."""
-    try:
-        settings, state = read_artifact(Path(path).read_bytes())
-    except (ValueError, zstandard.ZstdError) as e:
-        raise ValueError(f"{path}: {e}") from None
-    if not settings:
-        raise ValueError(f"{path}: the artifact has no model settings to rebuild its model from")
-    return Hyperparameters(settings), state
-
-
 def write_artifact(path: Path, blob: bytes) -> None:
     """Through a temporary file: a crash mid-write never leaves a file that looks like a finished artifact."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -1732,8 +1721,8 @@ def calibration_batches(cfg: Hyperparameters, loader: "DistributedTokenLoader") 
 
 
 def export_artifact(model: GPT, cfg: Hyperparameters, loader, code_bytes: int, log: "RunLog") -> tuple[dict, bytes, float, float]:
-    """The bits per category (or QUANT_FIT's group) and the packed artifact of `model`, a copy holding the weights to export, with the seconds
-    spent calibrating (training time: it reads training batches) and packing."""
+    """The bits per category (or QUANT_FIT's group) and the packed artifact of `model`, a copy holding the weights to
+    export, with the seconds spent calibrating (training time: it reads training batches) and packing."""
     bits = {"embed": cfg.quant_embed_bits, "attn": cfg.quant_attn_bits, "mlp": cfg.quant_mlp_bits,
             "experts": cfg.quant_expert_bits}
     start, pack_seconds = time.perf_counter(), 0.0

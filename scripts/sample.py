@@ -18,17 +18,29 @@ from pathlib import Path
 import sentencepiece as spm
 import torch
 import torch.nn.functional as F
+import zstandard
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import train_moe as tm  # noqa: E402
 
 
+def load_artifact(path: Path) -> tuple[tm.Hyperparameters, dict[str, torch.Tensor]]:
+    """The model an artifact holds: its settings (as Hyperparameters) and its dequantized weights."""
+    try:
+        settings, state = tm.read_artifact(Path(path).read_bytes())
+    except (ValueError, zstandard.ZstdError) as e:
+        raise ValueError(f"{path}: {e}") from None
+    if not settings:
+        raise ValueError(f"{path}: the artifact has no model settings to rebuild its model from")
+    return tm.Hyperparameters(settings), state
+
+
 def load_model(path: Path) -> tuple[tm.Hyperparameters, tm.GPT]:
     """The artifact's model in eval mode; every way a file can fail to be one is a ValueError naming it."""
     if not Path(path).is_file():
         raise ValueError(f"{path}: no such artifact")
-    cfg, state = tm.load_artifact(path)
+    cfg, state = load_artifact(path)
     model = tm.GPT(cfg)
     try:
         model.load_state_dict(state)

@@ -14,6 +14,7 @@ from conftest import REPO
 
 sys.path.insert(0, str(REPO / "scripts"))
 import export_hf  # noqa: E402
+import sample  # noqa: E402
 import hf_layouts  # noqa: E402
 import modeling_moe_golf  # noqa: E402
 
@@ -60,7 +61,7 @@ def make_artifact(path, mode: str, seed: int = 0, **overrides):
 
 
 def reference(artifact) -> tm.GPT:
-    cfg, state = tm.load_artifact(artifact)
+    cfg, state = sample.load_artifact(artifact)
     model = tm.GPT(cfg).eval()
     model.load_state_dict(state)
     return model
@@ -99,7 +100,7 @@ def test_exported_model_gives_train_moes_logits(artifacts, tmp_path, capsys, mod
     else:
         assert expert_names and all(hf_layouts.PATTERNS[layout].fullmatch(n) for n in expert_names)
     if "HASH_LAYERS" in MODES[mode] or MODES[mode].get("ROUTER") == "hash":
-        cfg, _ = tm.load_artifact(artifacts[mode])
+        cfg, _ = sample.load_artifact(artifacts[mode])
         table = tm.balanced_hash_table(cfg.vocab_size, cfg.num_experts, cfg.top_k, cfg.seed, cfg.moe_layers[0])
         assert torch.equal(names["model.layers.1.mlp.gate.tid2eid"], table)
 
@@ -285,7 +286,7 @@ def test_bad_inputs_are_one_error_line_and_write_nothing(artifacts, tmp_path, ca
     (tmp_path / "garbage.moe.zst").write_bytes(b"not an artifact")
     state = reference(artifacts["softmax"]).state_dict()
     (tmp_path / "no_settings.moe.zst").write_bytes(tm.pack_artifact(*tm.quantize_state(state, {})))
-    cfg, _ = tm.load_artifact(artifacts["softmax"])
+    cfg, _ = sample.load_artifact(artifacts["softmax"])
     (tmp_path / "extra_tensor.moe.zst").write_bytes(
         tm.pack_artifact(*tm.quantize_state({**state, "blocks.1.mlp.mystery": torch.ones(3)}, {}), cfg.model_settings))
     (tmp_path / "full").mkdir()

@@ -202,7 +202,7 @@ def test_text_waits_for_the_last_byte_of_a_character(tiny_data):
 def test_bad_inputs_are_one_error_line(tiny_data, tiny_artifact, artifacts, tmp_path, monkeypatch, capsys, case, message):
     monkeypatch.chdir(tmp_path)
     values = dict(artifact=tiny_artifact, small=artifacts["softmax"], tokenizer=tiny_data["tokenizer_path"],
-                  vocab=tiny_data["vocab_size"], default=Path(tm.load_artifact(tiny_artifact)[0].tokenizer_path))
+                  vocab=tiny_data["vocab_size"], default=Path(sample.load_artifact(tiny_artifact)[0].tokenizer_path))
     assert sample.main([arg.format(**values) for arg in case]) == 1
     captured = capsys.readouterr()
     assert captured.err.startswith(f"error: {message.format(**values)}") and captured.err.count("\n") == 1, captured.err
