@@ -480,8 +480,9 @@ def test_two_processes_match_one_and_warmup_is_rolled_back(tiny_data, tmp_path):
     assert only(results["two"], "model")["grad_accum_steps"] == 4
     assert losses("one", "train", "train_loss") == pytest.approx(losses("two", "train", "train_loss"), abs=2e-3)
     assert losses("one", "val", "val_loss") == pytest.approx(losses("two", "val", "val_loss"), abs=2e-3)
-    # Compiled CPU kernels sum in a thread-dependent order (1e-7 here); two steps not rolled back would move it by 0.1+.
-    assert losses("one", "train", "train_loss") == pytest.approx(losses("nowarm", "train", "train_loss"), abs=1e-5)
+    # The two compiled runs agree to float32 rounding, not bitwise, and six steps grow it: 1e-7 here, 1.05e-5 once on CI.
+    # Two steps not rolled back would move the losses by 0.1+, so 1e-3 still catches them.
+    assert losses("one", "train", "train_loss") == pytest.approx(losses("nowarm", "train", "train_loss"), abs=1e-3)
     assert only(results["one"], "warmup")["steps"] == 2 and not losses("two", "warmup", "steps")
     assert only(results["two"], "artifact")["status"] == "OVER"
     assert only(results["two"], "final_roundtrip")["val_bpb"] == pytest.approx(
