@@ -727,10 +727,6 @@ def read_artifact(blob: bytes) -> tuple[dict[str, str], dict[str, Tensor]]:
     return meta["model"], state
 
 
-def unpack_artifact(blob: bytes) -> dict[str, Tensor]:
-    return read_artifact(blob)[1]
-
-
 def write_artifact(path: Path, blob: bytes) -> None:
     """Through a temporary file: a crash mid-write never leaves a file that looks like a finished artifact."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -1955,7 +1951,7 @@ def run(cfg, sp, val_tokens, device, distributed, log, artifact_path: Path, fp32
     if distributed:
         dist.barrier()
     fresh = GPT(cfg).to(device)
-    fresh.load_state_dict(unpack_artifact(artifact_path.read_bytes()))
+    fresh.load_state_dict(read_artifact(artifact_path.read_bytes())[1])
     roundtrip = final_eval(compiled(fresh.token_losses, cfg))
     if master:
         model_bytes = artifact_path.stat().st_size

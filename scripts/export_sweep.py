@@ -74,7 +74,7 @@ def sweep(checkpoint: Path, variants: list[tuple[str, dict]], log=PrintLog()) ->
         model.load_state_dict(saved["state"])
         bits, blob, quantize_seconds, pack_seconds = tm.export_artifact(model, cfg, tm.DistributedTokenLoader(cfg, device),
                                                                          code_bytes, log)
-        val_bpb = score(cfg, tm.unpack_artifact(blob))
+        val_bpb = score(cfg, tm.read_artifact(blob)[1])
         row = dict(variant=name, settings=settings, **{f"{c}_bits": b for c, b in bits.items()},
                    model_bytes=len(blob), artifact_bytes=code_bytes + len(blob),
                    status="OK" if code_bytes + len(blob) <= cfg.artifact_limit_bytes else "OVER",

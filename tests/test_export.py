@@ -95,7 +95,7 @@ def test_calibration_routes_as_the_exported_model_and_beats_rounding(mode):
     calibrated = copy.deepcopy(model)
     levels = tm.calibrated_levels(calibrated, cfg, batches, BITS)
     assert set(levels) == {n for n, t in model.state_dict().items() if tm.is_quantized(n, t)}
-    loaded = tm.unpack_artifact(tm.pack_artifact(*tm.quantize_state(model.state_dict(), levels)))
+    loaded = tm.read_artifact(tm.pack_artifact(*tm.quantize_state(model.state_dict(), levels)))[1]
     for name, t in calibrated.state_dict().items():
         assert torch.equal(loaded[name], t.float()), name
 
@@ -104,7 +104,7 @@ def test_calibration_routes_as_the_exported_model_and_beats_rounding(mode):
         fresh.load_state_dict(state)
         return sum((fresh.logits(x)[0] - model.logits(x)[0]).square().mean().item() for x, _ in batches)
 
-    rounded = tm.unpack_artifact(tm.pack_artifact(*tm.quantize_state(model.state_dict(), tm.rounded_levels(model.state_dict(), BITS, 0.0))))
+    rounded = tm.read_artifact(tm.pack_artifact(*tm.quantize_state(model.state_dict(), tm.rounded_levels(model.state_dict(), BITS, 0.0))))[1]
     assert logits_error(loaded) < 0.8 * logits_error(rounded)
 
 

@@ -21,14 +21,14 @@ def test_gpu_calibration_routes_as_the_exported_model(mode):
     batches = [(x, torch.roll(x, -1, 1)) for x in torch.randint(0, 64, (3, 32, 16), device="cuda")]
     calibrated = copy.deepcopy(model)
     levels = tm.calibrated_levels(calibrated, cfg, batches, BITS)
-    loaded = tm.unpack_artifact(tm.pack_artifact(*tm.quantize_state(model.state_dict(), levels)))
+    loaded = tm.read_artifact(tm.pack_artifact(*tm.quantize_state(model.state_dict(), levels)))[1]
     for name, t in calibrated.state_dict().items():
         assert torch.equal(loaded[name].cuda(), t.float()), name
     fresh = tm.GPT(cfg).cuda()
     fresh.load_state_dict(loaded)
     rounded = tm.GPT(cfg).cuda()
-    rounded.load_state_dict(tm.unpack_artifact(tm.pack_artifact(*tm.quantize_state(
-        model.state_dict(), tm.rounded_levels(model.state_dict(), BITS, 0.0)))))
+    rounded.load_state_dict(tm.read_artifact(tm.pack_artifact(*tm.quantize_state(
+        model.state_dict(), tm.rounded_levels(model.state_dict(), BITS, 0.0))))[1])
     with torch.no_grad(), tm.autocast(torch.device("cuda")):
         reference = [model.logits(x)[0].float() for x, _ in batches]
         errors = [sum((m.logits(x)[0].float() - r).square().mean().item() for (x, _), r in zip(batches, reference))

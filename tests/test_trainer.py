@@ -185,7 +185,7 @@ def test_values_past_fp16_are_stored_in_fp32():
     state = {"blocks.0.attn_scale": torch.tensor([1.0, 1e6]), "blocks.0.mlp.fc.weight": torch.randn(4, 8) * 1e9}
     header, arrays = tm.quantize_state(state, tm.rounded_levels(state, {"mlp": 5}, 0.0))
     assert arrays["blocks.0.attn_scale"].dtype == np.float32 and arrays["blocks.0.mlp.fc.weight.scale"].dtype == np.float32
-    loaded = tm.unpack_artifact(tm.pack_artifact(header, arrays))
+    loaded = tm.read_artifact(tm.pack_artifact(header, arrays))[1]
     assert torch.isfinite(loaded["blocks.0.mlp.fc.weight"]).all()
     assert loaded["blocks.0.attn_scale"][1].item() == 1e6
     assert torch.allclose(loaded["blocks.0.mlp.fc.weight"], state["blocks.0.mlp.fc.weight"], rtol=0.15, atol=0.1 * 1e9)
@@ -209,7 +209,7 @@ def test_artifact_roundtrip_and_byte_accounting(tmp_path):
     path = tmp_path / "a" / "model.zst"
     tm.write_artifact(path, blob)
     assert path.stat().st_size == len(blob) and not list(path.parent.glob("*.tmp"))
-    loaded = tm.unpack_artifact(path.read_bytes())
+    loaded = tm.read_artifact(path.read_bytes())[1]
     assert set(loaded) == set(state)
     for name, t in state.items():
         if header[name]["kind"] == "int":
@@ -218,7 +218,7 @@ def test_artifact_roundtrip_and_byte_accounting(tmp_path):
         else:
             assert torch.equal(loaded[name], t.half().float())
     with pytest.raises(Exception):
-        tm.unpack_artifact(blob[: len(blob) // 2])
+        tm.read_artifact(blob[: len(blob) // 2])
 
 
 # ---------------------------------------------------------------- config errors
