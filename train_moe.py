@@ -7,6 +7,8 @@ with `error:` and exit 3, an artifact over the cap with exit 4 after it is score
 """
 from __future__ import annotations
 
+import base64
+import bz2
 import copy
 import difflib
 import glob
@@ -26,6 +28,7 @@ import traceback
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import sentencepiece as spm
@@ -47,7 +50,24 @@ ROUTERS = ("softmax", "sigmoid", "sqrtsoftplus", "hash")
 QUANT_BITS = (4, 5, 6, 7, 8)
 # Read outside Hyperparameters: not misspellings of a setting.
 OTHER_SETTINGS = ("WANDB_PROJECT",)
-SOURCE = Path(__file__).read_bytes()  # what the log embeds and what counts against the cap
+# The trainer as a record ships it (train_gpt.py): a script that decompresses this exact source and runs it, as the
+# records' code wrappers do (PR #1412: 78,688 code bytes to 23,095). The artifact counts the script's bytes. bz2 came
+# smallest of the standard library's compressors on this file (108,273 bytes: bz2 29,345, lzma-9e 30,474, zlib 33,631).
+CODE_HEAD, CODE_TAIL = b'import bz2,base64\nexec(compile(bz2.decompress(base64.b85decode(b"', b'")),"train_moe.py","exec"))\n'
+
+
+def pack_code(source: bytes) -> bytes:
+    return CODE_HEAD + base64.b85encode(bz2.compress(source, 9)) + CODE_TAIL
+
+
+def unpack_code(script: bytes) -> bytes:
+    """The source a pack_code script holds; any other file is its own source."""
+    if script.startswith(CODE_HEAD) and script.endswith(CODE_TAIL):
+        return bz2.decompress(base64.b85decode(script[len(CODE_HEAD) : -len(CODE_TAIL)]))
+    return script
+
+
+SOURCE = unpack_code(Path(__file__).read_bytes())  # what the log embeds; pack_code(SOURCE) counts against the cap
 
 
 class ConfigError(ValueError):
@@ -243,12 +263,9 @@ class Hyperparameters:
         self.quant_fit_margin_bytes = get.integer("QUANT_FIT_MARGIN_BYTES", 50_000, 0)
         self.gptq_damp = get.number("GPTQ_DAMP", 0.01, above=0.0, hi=10.0)
         self.calibration_tokens = get.integer("CALIBRATION_TOKENS", 131072, 1, 2**24)
-        self.calibration_seconds = get.number("CALIBRATION_SECONDS", 10.0, 0.0, 3600.0)
         self.save_fp32 = get.flag("SAVE_FP32", 0)
-        # The training loop's share of the cap: calibration draws training batches, so its time counts as training.
+        # Calibration draws training batches, so its time counts as training: the loop stops early by its measured time.
         self.calibrates = self.quant_method == "gptq" or bool(self.quant_fit)
-        reserve = self.calibration_seconds if self.calibrates and self.max_wallclock_seconds > 0 else 0.0
-        self.training_seconds = self.max_wallclock_seconds - reserve
         # Set by torchrun; the global batch is split over WORLD_SIZE x GRAD_ACCUM micro-batches, as in the
         # baseline, so 1, 2, 4 or 8 GPUs see the same batches in the same order. A smaller global batch on
         # one GPU wants fewer, fuller micro-batches: 16K-token ones leave an H100 a third idle.
@@ -324,9 +341,6 @@ class Hyperparameters:
                 raise ConfigError(f"{name.upper()}={getattr(self, name)}: must be a multiple of 8 for the expert matmuls")
 
     def _check_export(self):
-        if self.calibrates and self.max_wallclock_seconds > 0 and self.training_seconds <= 0:
-            raise ConfigError(f"CALIBRATION_SECONDS={self.calibration_seconds:g}: reserved from MAX_WALLCLOCK_SECONDS="
-                              f"{self.max_wallclock_seconds:g}, so it must be less (or QUANT_METHOD=rtn QUANT_FIT=0)")
         if self.calibrates and self.calibration_tokens < self.train_seq_len:
             raise ConfigError(f"CALIBRATION_TOKENS={self.calibration_tokens}: at least one sequence, TRAIN_SEQ_LEN={self.train_seq_len}")
 
@@ -360,8 +374,9 @@ class Hyperparameters:
             path = Path(folder)
             if (path.exists() and not path.is_dir()) or not os.access(path if path.exists() else ".", os.W_OK | os.X_OK):
                 raise ConfigError(f"RUN_ID={self.run_id!r}: {path.resolve()} is not a writable folder for this run's files")
-        if self.artifact_limit_bytes <= len(SOURCE):
-            raise ConfigError(f"ARTIFACT_LIMIT_BYTES={self.artifact_limit_bytes}: train_moe.py alone is {len(SOURCE)} bytes")
+        if self.artifact_limit_bytes <= len(pack_code(SOURCE)):
+            raise ConfigError(f"ARTIFACT_LIMIT_BYTES={self.artifact_limit_bytes}: the packed trainer alone is "
+                              f"{len(pack_code(SOURCE))} bytes")
         if torch.cuda.is_available() and self.local_rank >= torch.cuda.device_count():
             raise ConfigError(f"LOCAL_RANK={self.local_rank}: this machine has {torch.cuda.device_count()} GPUs")
         self._check_memory()
@@ -683,21 +698,13 @@ def rounded_levels(state: dict[str, Tensor], bits: dict[str, int], clip_sigmas: 
 ZSTD_FRAME_BYTES = 1 << 20
 
 
-def pack_artifact(header: dict, arrays: dict[str, np.ndarray], model_settings: dict[str, str] | None = None) -> bytes:
-    """MAGIC, header length, JSON header (the tensors, the arrays' layout, the model settings), then raw little-endian
-    arrays in header order; zstd level 22. A flat layout instead of torch.save: no pickle or zip padding for the
-    compressor to carry."""
-    layout = {name: {"dtype": a.dtype.str, "shape": list(a.shape)} for name, a in arrays.items()}
-    meta = json.dumps({"tensors": header, "arrays": layout, "model": model_settings or {}}, separators=(",", ":")).encode()
-    body = b"".join(np.ascontiguousarray(a).tobytes() for a in arrays.values())
-    raw = ARTIFACT_MAGIC + len(meta).to_bytes(4, "little") + meta + body
+def compress_payload(raw: bytes) -> bytes:
     with ThreadPoolExecutor(os.cpu_count()) as pool:
         return b"".join(pool.map(lambda i: zstandard.ZstdCompressor(level=22).compress(raw[i : i + ZSTD_FRAME_BYTES]),
                                  range(0, len(raw), ZSTD_FRAME_BYTES)))
 
 
-def read_artifact(blob: bytes) -> tuple[dict[str, str], dict[str, Tensor]]:
-    """(the model settings it was packed with, the dequantized state dict)."""
+def decompress_payload(blob: bytes) -> bytes:
     frames, rest = [], blob
     while rest:
         frame = zstandard.ZstdDecompressor().decompressobj()
@@ -705,7 +712,21 @@ def read_artifact(blob: bytes) -> tuple[dict[str, str], dict[str, Tensor]]:
         if not frame.eof:
             raise ValueError("artifact is truncated (its last zstd frame is incomplete)")
         rest = frame.unused_data
-    raw = b"".join(frames)
+    return b"".join(frames)
+
+
+def pack_artifact(header: dict, arrays: dict[str, np.ndarray], model_settings: dict[str, str] | None = None) -> bytes:
+    """MAGIC, header length, JSON header (the tensors, the arrays' layout, the model settings), then raw little-endian
+    arrays in header order, compressed. A flat layout instead of torch.save: no pickle or zip padding for the
+    compressor to carry."""
+    layout = {name: {"dtype": a.dtype.str, "shape": list(a.shape)} for name, a in arrays.items()}
+    meta = json.dumps({"tensors": header, "arrays": layout, "model": model_settings or {}}, separators=(",", ":")).encode()
+    body = b"".join(np.ascontiguousarray(a).tobytes() for a in arrays.values())
+    return compress_payload(ARTIFACT_MAGIC + len(meta).to_bytes(4, "little") + meta + body)
+
+
+def payload_arrays(raw: bytes) -> tuple[dict, dict[str, np.ndarray]]:
+    """An artifact's decompressed payload -> (its JSON header, its arrays by name)."""
     if raw[:8] != ARTIFACT_MAGIC:
         raise ValueError("not a moe-golf artifact (bad magic)")
     n = int.from_bytes(raw[8:12], "little")
@@ -718,6 +739,12 @@ def read_artifact(blob: bytes) -> tuple[dict[str, str], dict[str, Tensor]]:
         offset += count * dtype.itemsize
     if offset != len(raw):
         raise ValueError(f"artifact body is {len(raw) - offset} bytes longer than its header says")
+    return meta, arrays
+
+
+def read_artifact(blob: bytes) -> tuple[dict[str, str], dict[str, Tensor]]:
+    """(the model settings it was packed with, the dequantized state dict)."""
+    meta, arrays = payload_arrays(decompress_payload(blob))
     state = {}
     for name, spec in meta["tensors"].items():
         a = torch.from_numpy(arrays[name].copy())
@@ -1422,12 +1449,74 @@ def stage_hook(kind: str, hessians: Hessians, last: bool):
     return observe
 
 
+class CalibrationBatches(list):
+    """Calibration's training batches. Each full pass over them is timed: that part of calibration grows with
+    CALIBRATION_TOKENS, the rest (GPTQ's solves, the roundings) does not."""
+
+    def __init__(self, batches: list[tuple[Tensor, Tensor]], device):
+        super().__init__(batches)
+        self.device, self.pass_seconds = device, 0.0
+
+    def __iter__(self):
+        start = time.perf_counter()
+        yield from super().__iter__()
+        synchronize(self.device)
+        self.pass_seconds += time.perf_counter() - start
+
+    def tokens(self) -> int:
+        return sum(x.numel() for x, _ in super().__iter__())
+
+
+class CalibrationCost(NamedTuple):
+    """One calibration phase's time: a part that does not depend on the token count, and one per token."""
+    fixed: float
+    per_token: float
+
+    @staticmethod
+    def total(costs) -> "CalibrationCost":
+        return CalibrationCost(*map(sum, zip(*costs))) if costs else CalibrationCost(0.0, 0.0)
+
+    def seconds(self, tokens: int) -> float:
+        """The predicted time with its margin: what is reserved for `tokens`."""
+        return CALIBRATION_MARGIN[0] * (self.fixed + self.per_token * tokens) + CALIBRATION_MARGIN[1]
+
+    def tokens_within(self, seconds: float, most: int, seq_len: int) -> int:
+        """Whole sequences, at most `most` tokens, whose time with its margin fits `seconds` (0: not even one)."""
+        fits = ((seconds - CALIBRATION_MARGIN[1]) / CALIBRATION_MARGIN[0] - self.fixed) / max(self.per_token, 1e-12)
+        return most if fits >= most else max(0, int(fits) // seq_len * seq_len)
+
+
+# The margin on a rehearsed time, (factor, seconds): the default MoE's calibration took 10.3 and 10.9 s in two
+# identical H100 runs (6% apart), and a CPU's timings of well under a second vary by a tenth of one.
+CALIBRATION_MARGIN = (1.05, 0.25)
+
+
+def first_sequences(batches: list[tuple[Tensor, Tensor]], sequences: int) -> list[tuple[Tensor, Tensor]]:
+    subset = []
+    for x, y in batches:
+        if sequences > 0:
+            subset.append((x[:sequences], y[:sequences]))
+            sequences -= len(x)
+    return subset
+
+
+class StageSchedule(NamedTuple):
+    """GPTQ's stages against a deadline (time.perf_counter seconds), each given an equal share of the rehearsed cost
+    (`cost`, for all stages); `cut` collects (stage, sequences) of each stage that ran behind and took fewer."""
+    cost: CalibrationCost
+    deadline: float
+    cut: list
+
+
 @torch.no_grad()
-def calibrated_levels(model: GPT, cfg: Hyperparameters, batches: list[tuple[Tensor, Tensor]], bits: dict[str, int]) -> dict:
+def calibrated_levels(model: GPT, cfg: Hyperparameters, batches: list[tuple[Tensor, Tensor]], bits: dict[str, int],
+                      schedule: StageSchedule | None = None) -> dict:
     """GPTQ levels of every quantized tensor, stage by stage, from Hessians of the inputs each matrix sees on training
     batches: an expert's from the tokens the router sent it, weighted by their routing weights. `model` must be a copy:
     it ends holding exactly what the artifact dequantizes to, and routes as the exported model does throughout (float
-    tensors rounded to their storage first, each stage's matrices replaced by their dequantized levels)."""
+    tensors rounded to their storage first, each stage's matrices replaced by their dequantized levels). Behind its
+    `schedule`, a stage calibrates on fewer sequences, or with none rounds to nearest: the wall holds on a machine
+    that slowed down since the rehearsal."""
     state = model.state_dict()
     for name, t in state.items():
         if not is_quantized(name, t):
@@ -1436,7 +1525,15 @@ def calibrated_levels(model: GPT, cfg: Hyperparameters, batches: list[tuple[Tens
     if model.lm_head is not None:  # untied, the embedding is a lookup: no input to weigh its rows by
         levels = rounded_levels({"tok_emb.weight": state["tok_emb.weight"]}, bits, cfg.quant_clip_sigmas)
         state["tok_emb.weight"].copy_(dequantize(*levels["tok_emb.weight"][1:], state["tok_emb.weight"].shape))
-    for stage in calibration_stages(model):
+    stages, sequences = calibration_stages(model), sum(len(x) for x, _ in batches)
+    for s, stage in enumerate(stages):
+        stage_batches = batches
+        if schedule is not None:
+            share = (schedule.deadline - time.perf_counter()) / (len(stages) - s)
+            fits = int((share - schedule.cost.fixed / len(stages)) * len(stages) / max(schedule.cost.per_token, 1e-12))
+            if fits // cfg.train_seq_len < sequences:
+                stage_batches = first_sequences(batches, fits // cfg.train_seq_len)
+                schedule.cut.append((s, max(fits // cfg.train_seq_len, 0)))
         watched = []
         for i, (kind, module, params) in enumerate(stage):
             groups = state[params[0]].shape[0] if kind.startswith("experts") else 1
@@ -1444,7 +1541,7 @@ def calibrated_levels(model: GPT, cfg: Hyperparameters, batches: list[tuple[Tens
             hook = stage_hook(kind, hessians, last=i == len(stage) - 1)
             handle = module.register_forward_hook(hook) if kind == "head" else module.register_forward_pre_hook(hook)
             watched.append((params, hessians, handle))
-        for x, _ in batches:
+        for x, _ in stage_batches:
             try:
                 with autocast(x.device):
                     model.logits(x)
@@ -1454,7 +1551,8 @@ def calibrated_levels(model: GPT, cfg: Hyperparameters, batches: list[tuple[Tens
             handle.remove()
             b = group_bits(bits, params[0])
             joint = torch.cat([state[p] for p in params]) if len(params) > 1 else state[params[0]]
-            q, scale = quantize_matrix(joint, b, cfg.quant_clip_sigmas, hessians.damped(cfg.gptq_damp))
+            hessian = hessians.damped(cfg.gptq_damp) if stage_batches else None  # none: GPTQ would only round
+            q, scale = quantize_matrix(joint, b, cfg.quant_clip_sigmas, hessian)
             start = 0
             for p in params:  # split q, k, v back apart by their row counts
                 rows = state[p].numel() // state[p].shape[-1]
@@ -1474,7 +1572,7 @@ def levels_bytes(levels: dict) -> dict[str, float]:
 
 
 @torch.no_grad()
-def fit_options(model: GPT, cfg: Hyperparameters, batches: list[tuple[Tensor, Tensor]], log: "RunLog") -> dict:
+def fit_options(model: GPT, cfg: Hyperparameters, batches: list[tuple[Tensor, Tensor]]) -> dict:
     """QUANT_FIT's options: per quant group and bits, (bytes of its rounded levels, loss increase on the calibration
     batches with only that group rounded). Loss increases are measured with round-to-nearest, which GPTQ then
     lowers; bytes and losses are taken as additive over groups."""
@@ -1496,11 +1594,34 @@ def fit_options(model: GPT, cfg: Hyperparameters, batches: list[tuple[Tensor, Te
             for n, (_, q, scale) in levels.items():
                 state[n].copy_(dequantize(q, scale, state[n].shape))
             options[group][b] = (levels_bytes(levels)[group], loss() - base)
-            log.metrics("quant_fit_option", group=group, bits=b, est_bytes=round(options[group][b][0]),
-                        loss_increase=options[group][b][1])
         for n, t in original.items():
             state[n].copy_(t)
     return options
+
+
+def timed_phase(batches: CalibrationBatches, run) -> CalibrationCost:
+    """run()'s cost, split into its passes over `batches` and the rest."""
+    start, passes = time.perf_counter(), batches.pass_seconds
+    run()
+    synchronize(batches.device)
+    forward = batches.pass_seconds - passes
+    return CalibrationCost(time.perf_counter() - start - forward, forward / max(batches.tokens(), 1))
+
+
+def rehearse_calibration(model: GPT, cfg: Hyperparameters, device) -> dict[str, CalibrationCost]:
+    """Calibration's cost per phase, measured once before the clock starts, as the compile warm-up is: the export's
+    fit and GPTQ on a copy of the untrained model and the first training batches (its time does not depend on the
+    weights). A fixed reserve could not hold it: the default MoE's calibration took 10.3-10.9 s of the 10 s reserved
+    on an H100 at 65 s, dense's 4.4-6.9 s; on a busy 2-core CPU the quick start's took 106 s."""
+    batches = CalibrationBatches(calibration_batches(cfg, DistributedTokenLoader(cfg, device), cfg.calibration_tokens), device)
+    model = copy.deepcopy(model)
+    costs = {}
+    if cfg.quant_fit:
+        costs["fit"] = timed_phase(batches, lambda: fit_options(model, cfg, batches))
+    if cfg.quant_method == "gptq":
+        bits = {"embed": cfg.quant_embed_bits, "attn": cfg.quant_attn_bits, "mlp": cfg.quant_mlp_bits, "experts": cfg.quant_expert_bits}
+        costs["gptq"] = timed_phase(batches, lambda: calibrated_levels(copy.deepcopy(model), cfg, batches, bits))
+    return costs
 
 
 def choose_bits(options: dict, budget: float, cfg: Hyperparameters, log: "RunLog") -> dict[str, int]:
@@ -1657,25 +1778,22 @@ def environment_report(device) -> str:
     return "\n".join(lines)
 
 
-def lr_scale(cfg: Hyperparameters, step: int, elapsed_ms: float) -> float:
-    """1 until the warmdown, then linear to 0 at whichever limit comes first: ITERATIONS, or the wallclock cap with
-    the remaining steps estimated from the mean step time. (Timed to the cap alone, as the challenge's script does,
-    a run that ends by ITERATIONS first never decays.)"""
+def lr_scale(cfg: Hyperparameters, step: int, elapsed_ms: float, loop_ms: float) -> float:
+    """1 until the warmdown, then linear to 0 at whichever limit comes first: ITERATIONS, or the loop's share of the
+    wallclock cap (loop_ms, inf for none) with the remaining steps estimated from the mean step time. (Timed to the cap
+    alone, as the challenge's script does, a run that ends by ITERATIONS first never decays.)"""
     if cfg.warmdown_iters <= 0:
         return 1.0
     remaining = max(cfg.iterations - step, 0) / cfg.warmdown_iters
-    if cfg.max_wallclock_seconds > 0:
+    if math.isfinite(loop_ms):
         warmdown_ms = cfg.warmdown_iters * elapsed_ms / max(step, 1)
-        remaining = min(remaining, max(1000 * cfg.training_seconds - elapsed_ms, 0.0) / max(warmdown_ms, 1e-9))
+        remaining = min(remaining, max(loop_ms - elapsed_ms, 0.0) / max(warmdown_ms, 1e-9))
     return min(1.0, remaining)
 
 
-def eta_seconds(cfg: Hyperparameters, step: int, elapsed_ms: float) -> float:
+def eta_seconds(cfg: Hyperparameters, step: int, elapsed_ms: float, loop_ms: float) -> float:
     """Training time left at the mean step time so far, to whichever limit comes first."""
-    left_ms = max(cfg.iterations - step, 0) * elapsed_ms / max(step, 1)
-    if cfg.max_wallclock_seconds > 0:
-        left_ms = min(left_ms, max(1000 * cfg.training_seconds - elapsed_ms, 0.0))
-    return left_ms / 1000
+    return min(max(cfg.iterations - step, 0) * elapsed_ms / max(step, 1), max(loop_ms - elapsed_ms, 0.0)) / 1000
 
 
 def main():
@@ -1705,23 +1823,29 @@ def master_decides(value, distributed: bool):
     return value
 
 
-def calibration_batches(cfg: Hyperparameters, loader: "DistributedTokenLoader") -> list[tuple[Tensor, Tensor]]:
-    """CALIBRATION_TOKENS of the training stream, continuing where training stopped: never the val split."""
-    batches, tokens = [], 0
-    while tokens < cfg.calibration_tokens:
+def calibration_batches(cfg: Hyperparameters, loader: "DistributedTokenLoader", tokens: int) -> list[tuple[Tensor, Tensor]]:
+    """`tokens` of the training stream (whole sequences), continuing where training stopped: never the val split."""
+    batches, taken = [], 0
+    while taken < tokens:
         x, y = loader.next_batch()
-        keep = min(len(x), -(-(cfg.calibration_tokens - tokens) // cfg.train_seq_len))
+        keep = min(len(x), -(-(tokens - taken) // cfg.train_seq_len))
         batches.append((x[:keep], y[:keep]))
-        tokens += keep * cfg.train_seq_len
+        taken += keep * cfg.train_seq_len
     return batches
 
 
-def export_artifact(model: GPT, cfg: Hyperparameters, loader, code_bytes: int, log: "RunLog") -> tuple[dict, bytes, float, float]:
+def export_artifact(model: GPT, cfg: Hyperparameters, loader, code_bytes: int, log: "RunLog",
+                    costs: dict[str, CalibrationCost], seconds: float) -> tuple[dict, bytes, float, float]:
     """The bits per category (or QUANT_FIT's group) and the packed artifact of `model`, a copy holding the weights to
-    export, with the seconds spent calibrating (training time: it reads training batches) and packing."""
+    export, with the seconds spent calibrating (training time: it reads training batches) and packing. Calibration
+    gets `seconds` at most: where the rehearsed `costs` say CALIBRATION_TOKENS would not fit, it runs on fewer, and
+    with no time for one sequence it falls back to rounding at QUANT_*_BITS."""
     bits = {"embed": cfg.quant_embed_bits, "attn": cfg.quant_attn_bits, "mlp": cfg.quant_mlp_bits,
             "experts": cfg.quant_expert_bits}
     start, pack_seconds = time.perf_counter(), 0.0
+
+    def seconds_left() -> float:
+        return seconds - (time.perf_counter() - start - pack_seconds)
 
     def pack(levels) -> bytes:
         nonlocal pack_seconds
@@ -1730,26 +1854,50 @@ def export_artifact(model: GPT, cfg: Hyperparameters, loader, code_bytes: int, l
         pack_seconds += time.perf_counter() - t
         return blob
 
-    batches = calibration_batches(cfg, loader) if cfg.calibrates else []
+    def calibrated_seconds() -> float:
+        return time.perf_counter() - start - pack_seconds if cfg.calibrates else 0.0
 
-    def quantize(bits):
-        if cfg.quant_method == "rtn":
+    def cut(phases: tuple[str, ...], most: int) -> int:
+        """The tokens the named phases can still calibrate on, logged when fewer than `most`."""
+        cost = CalibrationCost.total([costs[p] for p in phases if p in costs])
+        tokens = cost.tokens_within(seconds_left(), most, cfg.train_seq_len) if math.isfinite(seconds) else most
+        if tokens < most:
+            log.metrics("calibration_cut", phases="+".join(phases), tokens=tokens, wanted=most,
+                        seconds_left=seconds_left(), predicted_s=cost.seconds(most), method="rtn" if not tokens else cfg.quant_method)
+        return tokens
+
+    tokens = cut(("fit", "gptq"), cfg.calibration_tokens) if cfg.calibrates else 0
+    batches = calibration_batches(cfg, loader, tokens)
+
+    def quantize(bits, refit: bool = False):
+        """GPTQ on the batches; a refit of QUANT_FIT's gets what time is left, which may be fewer of them."""
+        wanted = sum(x.numel() for x, _ in batches) if cfg.quant_method == "gptq" else 0
+        gptq_tokens = cut(("gptq",), wanted) if refit and wanted else wanted
+        if not gptq_tokens:
             return rounded_levels(model.state_dict(), bits, cfg.quant_clip_sigmas)
-        return calibrated_levels(copy.deepcopy(model), cfg, batches, bits)
+        schedule = StageSchedule(costs["gptq"], time.perf_counter() + seconds_left(), []) if "gptq" in costs else None
+        levels = calibrated_levels(copy.deepcopy(model), cfg, first_sequences(batches, -(-gptq_tokens // cfg.train_seq_len)),
+                                   bits, schedule)
+        if schedule is not None and schedule.cut:
+            log.metrics("calibration_cut", phases="gptq_stages", stages=len(schedule.cut), fewest_tokens=
+                        min(n for _, n in schedule.cut) * cfg.train_seq_len, wanted=gptq_tokens, seconds_left=seconds_left())
+        return levels
 
-    if not cfg.quant_fit:
-        blob = pack(quantize(bits))
-        return bits, blob, (time.perf_counter() - start - pack_seconds) if cfg.calibrates else 0.0, pack_seconds
+    if not cfg.quant_fit or not tokens:
+        return bits, pack(quantize(bits)), calibrated_seconds(), pack_seconds
     floats = quantize_state({n: t for n, t in model.state_dict().items() if not is_quantized(n, t)}, {})
     fixed_bytes = code_bytes + len(json.dumps(floats[0])) + sum(a.nbytes for a in floats[1].values())
     budget = cfg.artifact_limit_bytes - cfg.quant_fit_margin_bytes - fixed_bytes
-    options = fit_options(model, cfg, batches, log)
-    for _ in range(3):
+    options = fit_options(model, cfg, batches)
+    for group, choices in options.items():
+        for b, (size, loss) in choices.items():
+            log.metrics("quant_fit_option", group=group, bits=b, est_bytes=round(size), loss_increase=loss)
+    for fit in range(3):
         bits = choose_bits(options, budget, cfg, log)
-        levels = quantize(bits)
+        levels = quantize(bits, refit=fit > 0)
         blob = pack(levels)
         if code_bytes + len(blob) <= cfg.artifact_limit_bytes - cfg.quant_fit_margin_bytes:
-            return bits, blob, time.perf_counter() - start - pack_seconds, pack_seconds
+            return bits, blob, calibrated_seconds(), pack_seconds
         # The fit's sizes are estimates: zstd-22 lands 1-12% above the levels' entropy, the most for heavy-tailed rows
         # under the least-squares clip (a seed-1337 artifact once came 384 KB over, docs/study.md). So the packed
         # bytes decide; refit with each group's estimates scaled by what its levels came to.
@@ -1844,6 +1992,25 @@ def run(cfg, sp, val_tokens, device, distributed, log, artifact_path: Path, fp32
         if first_nonfinite.item():
             raise RunFailed(f"non-finite train loss (first at step {first_nonfinite.item()})", 3)
 
+    # The hard wall: training plus calibration within MAX_WALLCLOCK_SECONDS. The loop gets what calibration's rehearsed
+    # time (with its margin) leaves; every rank gets rank 0's measurement, so all stop on the same step.
+    cap_ms = 1000 * cfg.max_wallclock_seconds if cfg.max_wallclock_seconds > 0 else math.inf
+    costs = {}
+    if cfg.calibrates and math.isfinite(cap_ms):
+        t0 = time.perf_counter()
+        costs = master_decides(rehearse_calibration(model, cfg, device) if master else None, distributed)
+        reserve_ms = 1000 * CalibrationCost.total(list(costs.values())).seconds(cfg.calibration_tokens)
+        phases = {f"{p}_{part}_s": v for p, c in costs.items() for part, v in (("fixed", c.fixed), ("tokens", c.per_token * cfg.calibration_tokens))}
+        log.metrics("calibration_rehearsal", **phases, tokens=cfg.calibration_tokens, reserve_ms=round(reserve_ms),
+                    seconds=time.perf_counter() - t0)
+        if reserve_ms >= cap_ms:
+            raise ConfigError(f"MAX_WALLCLOCK_SECONDS={cfg.max_wallclock_seconds:g}: calibration on CALIBRATION_TOKENS="
+                              f"{cfg.calibration_tokens} was measured at {reserve_ms / 1000:.1f} s with its margin, which "
+                              f"leaves no time to train; lower CALIBRATION_TOKENS, or QUANT_METHOD=rtn QUANT_FIT=0")
+        loop_ms = cap_ms - reserve_ms
+    else:
+        loop_ms = cap_ms
+
     loader = DistributedTokenLoader(cfg, device)
     ema = EMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
     telemetry = RouterTelemetry(model, cfg.router_alert_min_load, cfg.router_alert_patience)
@@ -1866,7 +2033,7 @@ def run(cfg, sp, val_tokens, device, distributed, log, artifact_path: Path, fp32
         if last:
             break
         elapsed_ms = train_ms + 1000 * (time.perf_counter() - t0)
-        scale = lr_scale(cfg, step, elapsed_ms)
+        scale = lr_scale(cfg, step, elapsed_ms, loop_ms)
         set_schedule(step, scale)
         train_loss = train_step(cfg, model, train_model, optimizers, loader)
         telemetry.accumulate()
@@ -1875,7 +2042,7 @@ def run(cfg, sp, val_tokens, device, distributed, log, artifact_path: Path, fp32
         step += 1
         first_nonfinite = torch.where((first_nonfinite == 0) & ~torch.isfinite(train_loss), step, first_nonfinite)
         elapsed_ms = train_ms + 1000 * (time.perf_counter() - t0)
-        eta = eta_seconds(cfg, step, elapsed_ms)
+        eta = eta_seconds(cfg, step, elapsed_ms, loop_ms)
         progress.total = step + round(1000 * eta * step / elapsed_ms)
         progress.update()
         if step % cfg.train_log_every == 0 or step <= 10 or step == cfg.iterations:
@@ -1886,8 +2053,9 @@ def run(cfg, sp, val_tokens, device, distributed, log, artifact_path: Path, fp32
                         step_avg_ms=elapsed_ms / step, tokens_per_s=round(step * cfg.train_batch_tokens / (elapsed_ms / 1000)),
                         eta_s=round(eta))
             telemetry.report(log, step)
-        reached_cap = cfg.max_wallclock_seconds > 0 and elapsed_ms >= 1000 * cfg.training_seconds
-        if distributed and cfg.max_wallclock_seconds > 0:
+        # Stop before a step that would end past the loop's share, not after it: at most one step early.
+        reached_cap = elapsed_ms + elapsed_ms / step > loop_ms
+        if distributed and math.isfinite(loop_ms):
             # Every rank must stop at the same step or the next collective deadlocks.
             flag = torch.tensor(int(reached_cap), device=device)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
@@ -1902,11 +2070,11 @@ def run(cfg, sp, val_tokens, device, distributed, log, artifact_path: Path, fp32
     if step % cfg.train_log_every and step > 10 and step != cfg.iterations:
         telemetry.report(log, step)  # the steps since the last report, so the final balance is always logged
 
-    # Calibration draws training batches, so its time counts as training time (the reserved CALIBRATION_SECONDS).
+    # Calibration draws training batches, so its time counts as training time: it gets what the loop left of the cap.
     export_model = copy.deepcopy(model)
     if ema is not None:
         ema.copy_to(export_model)
-    code_bytes = len(SOURCE)
+    code_bytes = len(pack_code(SOURCE))
     failure, calibration_ms = None, 0.0
     if master:
         try:
@@ -1917,11 +2085,12 @@ def run(cfg, sp, val_tokens, device, distributed, log, artifact_path: Path, fp32
                 buffer = io.BytesIO()
                 torch.save({"settings": cfg.settings, "state": export_model.state_dict()}, buffer)
                 write_artifact(fp32_path, buffer.getvalue())
-            bits, blob, calibration_seconds, export_seconds = export_artifact(export_model, cfg, loader, code_bytes, log)
+            bits, blob, calibration_seconds, export_seconds = export_artifact(export_model, cfg, loader, code_bytes, log,
+                                                                              costs, (cap_ms - train_ms) / 1000)
             calibration_ms = 1000 * calibration_seconds
             log.metrics("export_bits", **{f"{c}_bits": b for c, b in bits.items()}, method=cfg.quant_method,
                         clip_sigmas=cfg.quant_clip_sigmas, calibration_ms=round(calibration_ms),
-                        reserved_ms=round(1000 * cfg.calibration_seconds) if cfg.calibrates else 0)
+                        predicted_ms=round(1000 * sum(c.fixed + c.per_token * cfg.calibration_tokens for c in costs.values())))
         except RunFailed as e:
             failure = (str(e), e.status)
     failure = master_decides(failure, distributed)
@@ -1931,6 +2100,7 @@ def run(cfg, sp, val_tokens, device, distributed, log, artifact_path: Path, fp32
     stream = loader.stream
     log.metrics("train_done", steps=step, train_time_ms=round(train_ms), step_avg_ms=(train_ms - calibration_ms) / max(step, 1),
                 calibration_ms=round(calibration_ms), stopped_by="wallclock" if stop_at is not None else "iterations",
+                cap_slack_ms=round(cap_ms - train_ms) if math.isfinite(cap_ms) else None,
                 tokens_seen=stream.tokens_read, data_passes=stream.tokens_read / stream.total_tokens,
                 peak_memory_mib=round(torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda"
                                       else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))  # Linux: KiB

@@ -2,10 +2,11 @@
 
     python scripts/check_record.py records/track_10min_16mb/2026-05-01_sparse_moe
 
-Checks: README.md, submission.json, train_moe.py and at least one log pair (<RUN_ID>.txt + <RUN_ID>.jsonl) are
-present; submission.json has the challenge's fields with the right types; every claimed score and byte count (per
-seed and mean) equals what the logs say; train_moe.py is byte-identical to the source at the top of every log; each
-artifact, recomputed as len(train_moe.py) + the log's model_bytes, fits in 16,000,000 bytes; each run trained within
+Checks: README.md, submission.json, train_gpt.py, train_moe.py and at least one log pair (<RUN_ID>.txt +
+<RUN_ID>.jsonl) are present; submission.json has the challenge's fields with the right types; every claimed score and
+byte count (per seed and mean) equals what the logs say; train_gpt.py unpacks to the source at the top of every log
+byte for byte, and train_moe.py is that source; each artifact, recomputed as len(train_gpt.py) + the log's
+model_bytes, fits in 16,000,000 bytes; each run trained within
 the track's time limit; the runs share their settings (but RUN_ID, SEED and the launch line); the claimed hardware
 is the logs'; and, in track_10min_16mb, each run shows the challenge's setting (8 GPUs of the H100 family, the
 challenge's sp1024 val split and tokenizer; see make_record.track_problems). Prints every problem to stderr, one
@@ -22,6 +23,7 @@ from pathlib import Path
 
 from make_record import (CAP_BYTES, TRACK_LIMIT_MS, RecordError, check_events, config_differences, hardware,
                          pre_export_bpb, read_events, read_log, track_problems)
+from train_moe import unpack_code
 
 NUMBER, INTEGER, TEXT = "number", "integer", "string"
 FIELDS = {"author": TEXT, "github_id": TEXT, "name": TEXT, "blurb": TEXT, "date": TEXT, "track": TEXT,
@@ -45,18 +47,32 @@ def same(claimed, actual) -> bool:
 
 def check(folder: Path) -> tuple[list[str], dict]:
     problems = []
-    for name in ("README.md", "submission.json", "train_moe.py"):
+    for name in ("README.md", "submission.json", "train_gpt.py", "train_moe.py"):
         if not (folder / name).is_file():
             problems.append(f"missing {name}")
     track = folder.resolve().parent.name
     if track not in TRACK_LIMIT_MS:
         problems.append(f"folder is not inside one of records/{{{','.join(sorted(TRACK_LIMIT_MS))}}}")
-    shipped = None
-    if (folder / "train_moe.py").is_file():
+    shipped = source = readable = None  # the counted script, the source it unpacks to, train_moe.py
+    for name in ("train_gpt.py", "train_moe.py"):
         try:
-            shipped = (folder / "train_moe.py").read_bytes()
+            data = (folder / name).read_bytes() if (folder / name).is_file() else None
         except OSError as e:
-            problems.append(f"train_moe.py: cannot be read ({e.strerror})")
+            problems.append(f"{name}: cannot be read ({e.strerror})")
+            continue
+        if name == "train_moe.py":
+            readable = data
+        elif data is not None:
+            shipped = data
+            try:
+                source = unpack_code(shipped)
+            except (ValueError, OSError) as e:  # base85 or bz2 refused what it holds
+                problems.append(f"train_gpt.py: its packed source does not unpack ({e})")
+            if source == shipped:
+                source = None
+                problems.append("train_gpt.py is not a packed trainer (the self-extracting script make_record writes)")
+    if source is not None and readable is not None and readable != source:
+        problems.append("train_moe.py differs from the source train_gpt.py unpacks to")
 
     # The logs: every <RUN_ID>.jsonl with its <RUN_ID>.txt, by seed.
     runs = {}
@@ -72,8 +88,8 @@ def check(folder: Path) -> tuple[list[str], dict]:
             log = read_log(text_path)
         except RecordError as e:
             unusable += [str(problem).removeprefix(f"{folder}/") for problem in e.args]
-        if log is not None and shipped is not None and log[0] != shipped:
-            problems.append(f"{name}: train_moe.py differs from the source this run logged")
+        if log is not None and source is not None and log[0] != source:
+            problems.append(f"{name}: train_gpt.py does not unpack to the source this run logged")
         try:
             events = read_events(jsonl_path)
         except RecordError as e:
@@ -133,7 +149,7 @@ def check(folder: Path) -> tuple[list[str], dict]:
     if isinstance(sub.get("track"), str) and sub["track"] != track:
         problems.append(f"submission.json: track {sub['track']!r} but the folder is in {track}")
     if shipped is not None and sub.get("bytes_code") != len(shipped):
-        problems.append(f"submission.json: bytes_code {sub.get('bytes_code')} but train_moe.py is {len(shipped)} bytes")
+        problems.append(f"submission.json: bytes_code {sub.get('bytes_code')} but train_gpt.py is {len(shipped)} bytes")
     if has_type(sub.get("bytes_total"), INTEGER) and sub["bytes_total"] > CAP_BYTES:
         problems.append(f"submission.json: bytes_total {sub['bytes_total']:,} is over the {CAP_BYTES:,}-byte cap")
     for r in logged:

@@ -13,6 +13,7 @@ compile per variant) at the run's EVAL_STRIDE. A table on stdout, the same rows 
 """
 import argparse
 import json
+import math
 import pickle
 import re
 import sys
@@ -73,7 +74,7 @@ def sweep(checkpoint: Path, variants: list[tuple[str, dict]], log=PrintLog()) ->
         model = tm.GPT(cfg).to(device)
         model.load_state_dict(saved["state"])
         bits, blob, quantize_seconds, pack_seconds = tm.export_artifact(model, cfg, tm.DistributedTokenLoader(cfg, device),
-                                                                         code_bytes, log)
+                                                                         code_bytes, log, {}, math.inf)
         val_bpb = score(cfg, tm.read_artifact(blob)[1])
         row = dict(variant=name, settings=settings, **{f"{c}_bits": b for c, b in bits.items()},
                    model_bytes=len(blob), artifact_bytes=code_bytes + len(blob),

@@ -5,8 +5,9 @@
         --blurb "..." [--baseline-loss 2.07 2.06 2.08] [--baseline-bpb 1.224 1.223 1.225]
 
 Writes records/<track>/<YYYY-MM-DD>_<name>/ (relative to the current directory, normally the repo root) with
-train_moe.py exactly as run (taken from the logs, never from the working tree), each seed's .txt and .jsonl log,
-README.md and submission.json. Refuses runs that are unfinished, failed, over the size cap, over the track's time
+train_gpt.py, the trainer exactly as run (taken from the logs, never from the working tree) packed into the
+self-extracting script whose bytes the artifact counts, the same source readable as train_moe.py (not counted),
+each seed's .txt and .jsonl log, README.md and submission.json. Refuses runs that are unfinished, failed, over the size cap, over the track's time
 limit, whose logs are not train_moe.py's or hold a missing, mistyped or non-finite figure, whose sources or settings
 differ, that share a seed, or, on track_10min_16mb, that did not run the challenge's setting (8 GPUs of the H100
 family, the challenge's sp1024 val split and tokenizer). Every problem of every run is printed as its own `error:`
@@ -21,6 +22,9 @@ import statistics
 import sys
 import time
 from pathlib import Path, PurePosixPath
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from train_moe import pack_code  # noqa: E402
 
 SEPARATOR = b"=" * 100
 CAP_BYTES = 16_000_000
@@ -388,8 +392,9 @@ def readme(runs: list[dict], sub: dict) -> str:
                              + " ".join(f"{x:.3f}" for x in layer["load"]) + " |")
     lines += ["", "## Configuration", "", "```"]
     lines += [f"{k}:{v}" for k, v in config.items() if k not in PER_RUN_CONFIG]
-    lines += ["```", "", "Files: `train_moe.py` exactly as run (byte-identical to the source at the top of each log), "
-              "and each seed's `<RUN_ID>.txt` / `<RUN_ID>.jsonl` log.", ""]
+    lines += ["```", "", "Files: `train_gpt.py`, the trainer exactly as run (it unpacks to the source at the top of each "
+              "log, byte for byte) in the self-extracting form whose bytes the artifact counts; `train_moe.py`, the same "
+              "source readable (not counted); and each seed's `<RUN_ID>.txt` / `<RUN_ID>.jsonl` log.", ""]
     return "\n".join(lines)
 
 
@@ -451,8 +456,15 @@ def make_record(args: argparse.Namespace) -> tuple[Path, dict]:
         raise RecordError(*problems)
 
     first = runs[0]
-    sub = submission(runs, args, len(first["source"]), date)
-    files = {"train_moe.py": first["source"], "submission.json": (json.dumps(sub, indent=2) + "\n").encode(),
+    script = pack_code(first["source"])
+    for r in runs:  # the bytes each run counted are the script's
+        if r["events"]["artifact"]["code_bytes"] != len(script):
+            problems.append(f"{r['run']}: counted {r['events']['artifact']['code_bytes']} code bytes, but its source packs "
+                            f"to {len(script)}: not a train_moe.py that counts its packed script")
+    if problems:
+        raise RecordError(*problems)
+    sub = submission(runs, args, len(script), date)
+    files = {"train_gpt.py": script, "train_moe.py": first["source"], "submission.json": (json.dumps(sub, indent=2) + "\n").encode(),
              "README.md": readme(runs, sub).encode(), **{path.name: path.read_bytes() for path in logs}}
     # Written under a temporary name and renamed when complete, so a failure never leaves a half record.
     partial = folder.with_name(f".{folder.name}.partial")

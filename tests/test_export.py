@@ -2,6 +2,7 @@
 import copy
 import itertools
 import json
+import math
 import random
 
 import pytest
@@ -155,7 +156,7 @@ def test_calibration_reads_the_train_stream_after_training_never_val(tiny_data, 
     loader.next_batch()
     read = []
     monkeypatch.setattr(tm, "load_data_shard", lambda path, load=tm.load_data_shard: read.append(str(path)) or load(path))
-    batches = tm.calibration_batches(cfg, loader)
+    batches = tm.calibration_batches(cfg, loader, cfg.calibration_tokens)
     assert sum(x.numel() for x, _ in batches) == 3008  # whole sequences of 64
     stream = tm.TokenStream(sorted(tiny_data["data_path"].glob("fineweb_train_*.bin")), cfg.vocab_size)
     stream.take(4096 // 8 + 1)
@@ -172,7 +173,7 @@ def test_quant_fit_lands_under_the_limit_with_gptq(tiny_data, tmp_path):
     env = tiny_env(tiny_data, RUN_ID="fit", MLP_MODE="sparse", MOE_LAYERS="1", NUM_EXPERTS=4, EXPERT_HIDDEN=64,
                    QUANT_EMBED_BITS=8, QUANT_ATTN_BITS=8, QUANT_MLP_BITS=8, QUANT_EXPERT_BITS=8, QUANT_METHOD="gptq", CALIBRATION_TOKENS=4096,
                    QUANT_CLIP_SIGMAS=4, QUANT_FIT=1, QUANT_FIT_MARGIN_BYTES=2000)
-    code_bytes = len((tm.Path(tm.__file__)).read_bytes())
+    code_bytes = len(tm.pack_code(tm.SOURCE))
     env["ARTIFACT_LIMIT_BYTES"] = str(code_bytes + 60_000)
     result = run_trainer(tmp_path, env)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -186,7 +187,7 @@ def test_quant_fit_lands_under_the_limit_with_gptq(tiny_data, tmp_path):
 
 
 def test_quant_fit_fails_clearly_when_nothing_fits(tiny_data, tmp_path):
-    code_bytes = len((tm.Path(tm.__file__)).read_bytes())
+    code_bytes = len(tm.pack_code(tm.SOURCE))
     env = tiny_env(tiny_data, RUN_ID="nofit", QUANT_FIT=1, CALIBRATION_TOKENS=4096, ARTIFACT_LIMIT_BYTES=code_bytes + 5000)
     result = run_trainer(tmp_path, env)
     assert result.returncode == 4
@@ -214,13 +215,13 @@ def test_quant_fit_refits_when_the_artifact_comes_out_bigger_than_estimated(tiny
     # Estimates half the rounded levels' sizes, and a loss that always prefers more bits (a random model's is noise).
     monkeypatch.setattr(tm, "fit_options", lambda *args: {g: {b: (sizes[b][g] / 2, 2.0**-b) for b in tm.QUANT_BITS}
                                                           for g in sizes[8]})
-    code_bytes = len(tm.Path(tm.__file__).read_bytes())
+    code_bytes = len(tm.pack_code(tm.SOURCE))
     floats = tm.quantize_state({n: t for n, t in model.state_dict().items() if not tm.is_quantized(n, t)}, {})
     fixed = code_bytes + len(json.dumps(floats[0])) + sum(a.nbytes for a in floats[1].values())
     cfg.artifact_limit_bytes = fixed + round(1.05 * sum(sizes[5].values()))
     log = Metrics()
-    bits, blob, _, _ = tm.export_artifact(model, cfg, tm.DistributedTokenLoader(cfg, torch.device("cpu")), code_bytes, log)
-    events = [e for e, _ in log.lines]
+    bits, blob, _, _ = tm.export_artifact(model, cfg, tm.DistributedTokenLoader(cfg, torch.device("cpu")), code_bytes, log, {}, math.inf)
+    events = [e for e, _ in log.lines if e != "quant_fit_option"]
     assert events[:3] == ["quant_fit", "quant_fit_over", "quant_fit"] and events[-1] == "quant_fit", events
     fits = [v for e, v in log.lines if e == "quant_fit"]
     assert sum(fits[0][f"{c}_bits"] for c in bits) > sum(fits[-1][f"{c}_bits"] for c in bits) >= 4 * 5

@@ -69,7 +69,7 @@ CHECKS = {
     "run_id_with_a_path": (lambda d, t: {"RUN_ID": "../../x"}, "config_error: RUN_ID="),
     "run_id_too_long": (lambda d, t: {"RUN_ID": "x" * 300}, "config_error: RUN_ID="),
     "world_size_without_torchrun": (lambda d, t: {"WORLD_SIZE": "2"}, "config_error: WORLD_SIZE=2: set by torchrun"),
-    "limit_below_the_code": (lambda d, t: {"ARTIFACT_LIMIT_BYTES": "1000"}, "config_error: ARTIFACT_LIMIT_BYTES=1000: train_moe.py alone"),
+    "limit_below_the_code": (lambda d, t: {"ARTIFACT_LIMIT_BYTES": "1000"}, "config_error: ARTIFACT_LIMIT_BYTES=1000: the packed trainer alone"),
     "beta2_one": (lambda d, t: {"BETA2": "1"}, "config_error: BETA2="),
     "adam_eps_zero": (lambda d, t: {"ADAM_EPS": "0"}, "config_error: ADAM_EPS="),
     "qk_gain_huge": (lambda d, t: {"QK_GAIN_INIT": "1e300"}, "config_error: QK_GAIN_INIT="),
@@ -136,7 +136,7 @@ def test_a_non_finite_loss_ends_the_run_with_status_3_and_no_artifact(tiny_data,
 
 
 def test_an_artifact_over_the_limit_is_scored_then_exits_4(tiny_data, tmp_path):
-    limit = len((REPO / "train_moe.py").read_bytes()) + 1000
+    limit = len(tm.pack_code((REPO / "train_moe.py").read_bytes())) + 1000
     result = run_trainer(tmp_path, tiny_env(tiny_data, RUN_ID="over", ITERATIONS=5, ARTIFACT_LIMIT_BYTES=limit))
     assert result.returncode == 4
     lines = result.stderr.strip().splitlines()

@@ -4,6 +4,7 @@ import argparse
 import contextlib
 import json
 import math
+import os
 import shutil
 import statistics
 import subprocess
@@ -18,6 +19,7 @@ from conftest import REPO, run_trainer, tiny_env
 sys.path.insert(0, str(REPO / "scripts"))
 import check_record  # noqa: E402
 import make_record  # noqa: E402
+import train_moe as tm  # noqa: E402
 
 NAME = "Tiny sparse MoE"
 RECORD, NON_RECORD = "track_10min_16mb", "track_non_record_16mb"
@@ -122,9 +124,12 @@ def test_valid_record_passes(workdir):
     assert result.returncode == 0, result.stderr
     folder = workdir / FOLDER
     assert sorted(p.name for p in folder.iterdir()) == ["README.md", "s1.jsonl", "s1.txt", "s2.jsonl", "s2.txt",
-                                                      "submission.json", "train_moe.py"]
-    assert (folder / "train_moe.py").read_bytes() == (REPO / "train_moe.py").read_bytes()
+                                                      "submission.json", "train_gpt.py", "train_moe.py"]
+    source = (REPO / "train_moe.py").read_bytes()
+    script = (folder / "train_gpt.py").read_bytes()
+    assert (folder / "train_moe.py").read_bytes() == source and tm.unpack_code(script) == source != script
     sub = json.loads((folder / "submission.json").read_text())
+    assert sub["bytes_code"] == len(script) < len(source) / 2
     roundtrip = {seed: make_record.read_events(workdir / f"logs/s{seed}.jsonl")["final_roundtrip"] for seed in (1, 2)}
     assert sub["seeds"] == [1, 2] and sub["mlp_mode"] == "sparse" and sub["num_experts"] == 4 and sub["top_k"] == 2
     assert sub["hardware"] == "1x CPU" and sub["track"] == NON_RECORD
@@ -381,16 +386,44 @@ def test_missing_log_and_changed_script_all_reported(workdir):
     assert make(workdir, "s1", "s2").returncode == 0
     folder = workdir / FOLDER
     (folder / "s2.txt").unlink()
-    with open(folder / "train_moe.py", "ab") as f:
-        f.write(b"\n")
+    (folder / "train_gpt.py").write_bytes(tm.pack_code((folder / "train_moe.py").read_bytes() + b"\n"))
     result = check_cli(folder)
     lines = result.stderr.splitlines()
     assert result.returncode == 1 and result.stdout == ""
     assert all(line.startswith(f"error: {folder}: ") for line in lines)
-    assert any("s1.txt: train_moe.py differs from the source this run logged" in line for line in lines)
+    assert any("s1.txt: train_gpt.py does not unpack to the source this run logged" in line for line in lines)
+    assert any("train_moe.py differs from the source train_gpt.py unpacks to" in line for line in lines)
     assert any("s2.jsonl: its text log s2.txt is missing" in line for line in lines)
     assert any("seed 2: claimed, but no finished log" in line for line in lines)
-    assert any("bytes_code" in line for line in lines) and len(lines) >= 4
+    assert any("bytes_code" in line for line in lines) and len(lines) >= 5
+
+
+@pytest.mark.parametrize("script,problem", [
+    (b"print('hello')\n", "train_gpt.py is not a packed trainer"),
+    (tm.CODE_HEAD + b"not base85 ~~~" + tm.CODE_TAIL, "train_gpt.py: its packed source does not unpack"),
+    (tm.CODE_HEAD + b"VPRomVPRom" + tm.CODE_TAIL, "train_gpt.py: its packed source does not unpack"),  # base85, not bz2
+])
+def test_a_script_that_is_not_the_packed_trainer_is_refused(workdir, script, problem):
+    assert make(workdir, "s1").returncode == 0
+    folder = workdir / FOLDER
+    (folder / "train_gpt.py").write_bytes(script)
+    assert any(p.startswith(problem) for p in check_record.check(folder)[0])
+
+
+def test_the_packed_trainer_runs_as_the_trainer_and_logs_the_source_it_holds(tiny_data, tmp_path):
+    """train_gpt.py as a record ships it trains, exports and scores like train_moe.py, embeds train_moe.py's exact
+    source in its log, and counts its own bytes."""
+    script = tm.pack_code((REPO / "train_moe.py").read_bytes())
+    (tmp_path / "train_gpt.py").write_bytes(script)
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update(tiny_env(tiny_data, RUN_ID="packed", ITERATIONS=4), OMP_NUM_THREADS="1")
+    result = subprocess.run([sys.executable, "train_gpt.py"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    source, _, config = make_record.split_log((tmp_path / "logs" / "packed.txt").read_bytes())
+    assert source == (REPO / "train_moe.py").read_bytes() and config["mlp_mode"] == "dense"
+    artifact = make_record.read_events(tmp_path / "logs" / "packed.jsonl")["artifact"]
+    assert artifact["code_bytes"] == len(script) and artifact["status"] == "OK"
 
 
 def test_ten_minute_track_limit(workdir):

@@ -31,7 +31,7 @@ def test_the_trainer_default_is_the_studys_winner():
     """docs/study.md's rule made moe16_fit the default: a bare run must be that configuration's model and export
     (GPTQ where a GPU is, as in the study; bits fitted to the cap, so QUANT_*_BITS do not apply)."""
     keys = ("mlp_mode", "moe_layers", "num_experts", "top_k", "expert_hidden", "router", "mlp_mult", "quant_fit",
-            "quant_clip_sigmas", "quant_embed_bits", "num_layers", "model_dim", "calibration_seconds", "calibration_tokens")
+            "quant_clip_sigmas", "quant_embed_bits", "num_layers", "model_dim", "calibration_tokens")
     winner = train_moe.Hyperparameters(study.run_env("moe16_fit", 1337, 65))
     default = train_moe.Hyperparameters({})
     assert {k: getattr(default, k) for k in keys} == {k: getattr(winner, k) for k in keys}

@@ -21,6 +21,7 @@ from data.shards import read_shard
 
 sys.path.insert(0, str(REPO / "scripts"))
 import make_record  # noqa: E402
+from train_moe import pack_code  # noqa: E402
 
 TOKENIZER = "<the tiny_data tokenizer>"  # stands for that file's bytes in a table, which fixtures cannot reach
 DROP = "<drop this field>"
@@ -224,7 +225,7 @@ def write_run(logs: Path, run_id: str, seed: int) -> None:
               dict(event="train_done", steps=10, train_time_ms=900, step_avg_ms=90.0),
               dict(event="final_raw", val_loss=2.6, val_bpb=bpb - 0.02),
               dict(event="final_ema", val_loss=2.6, val_bpb=bpb - 0.01),
-              dict(event="artifact", code_bytes=len(SOURCE), model_bytes=5000, artifact_bytes=5000 + len(SOURCE),
+              dict(event="artifact", code_bytes=len(pack_code(SOURCE)), model_bytes=5000, artifact_bytes=5000 + len(pack_code(SOURCE)),
                    status="OK", path=f"artifacts/{run_id}.moe.zst"),
               dict(event="final_roundtrip", val_loss=2.6, val_bpb=bpb)]
     (logs / f"{run_id}.txt").write_bytes(text)

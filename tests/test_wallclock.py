@@ -1,0 +1,132 @@
+"""The wallclock as a hard wall: training plus calibration never past MAX_WALLCLOCK_SECONDS, with calibration's time
+measured (rehearsed before the clock starts), not reserved by a constant."""
+import copy
+import json
+import math
+
+import pytest
+import torch
+
+import train_moe as tm
+from conftest import run_trainer, tiny_env
+from test_moe import randomize
+
+
+def events(run_dir, run_id):
+    return [json.loads(line) for line in (run_dir / "logs" / f"{run_id}.jsonl").read_text().splitlines()]
+
+
+def only(evs, name):
+    found = [e for e in evs if e["event"] == name]
+    assert len(found) == 1, (name, found)
+    return found[0]
+
+
+def test_calibration_cost_sums_phases_and_plans_whole_sequences():
+    fit, gptq = tm.CalibrationCost(1.0, 1e-4), tm.CalibrationCost(2.0, 2e-4)
+    total = tm.CalibrationCost.total([fit, gptq])
+    assert total == (3.0, pytest.approx(3e-4))
+    factor, extra = tm.CALIBRATION_MARGIN
+    assert total.seconds(1000) == pytest.approx(factor * 3.3 + extra)
+    # Everything fits: all the tokens asked for, even when they are not whole sequences.
+    assert total.tokens_within(100.0, 1000, 64) == 1000
+    # 2 s of tokens fit after the fixed 3 s and the margin: 6666 tokens, cut to whole sequences of 64.
+    assert total.tokens_within(factor * 5.0 + extra, 10_000, 64) == 6656
+    assert total.tokens_within(factor * 3.0 + extra, 10_000, 64) == 0  # the fixed part alone fills it
+    assert total.tokens_within(1.0, 10_000, 64) == 0
+    assert tm.CalibrationCost.total([]) == (0.0, 0.0)
+
+
+# 512 calibration tokens (QUANT_FIT scores 21 roundings of the model on them) keep calibration to seconds on 2 cores.
+@pytest.mark.parametrize("overrides", [
+    dict(QUANT_METHOD="gptq", CALIBRATION_TOKENS=512),  # dense
+    dict(QUANT_METHOD="gptq", CALIBRATION_TOKENS=512, MLP_MODE="sparse", MOE_LAYERS="1", NUM_EXPERTS=4, EXPERT_HIDDEN=64),
+    dict(QUANT_METHOD="rtn", QUANT_FIT=1, CALIBRATION_TOKENS=512, MLP_MODE="sparse", MOE_LAYERS="1", NUM_EXPERTS=4,
+         EXPERT_HIDDEN=64),
+], ids=["dense_gptq", "sparse_gptq", "sparse_quant_fit"])
+def test_a_tiny_cap_holds_training_plus_calibration(tiny_data, tmp_path, overrides):
+    cap_ms = 12_000
+    env = tiny_env(tiny_data, RUN_ID="wall", ITERATIONS=10**6, MAX_WALLCLOCK_SECONDS=cap_ms / 1000, TRAIN_LOG_EVERY=1000,
+                   **overrides)
+    result = run_trainer(tmp_path, env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    evs = events(tmp_path, "wall")
+    done, rehearsal, exported = only(evs, "train_done"), only(evs, "calibration_rehearsal"), only(evs, "export_bits")
+    assert done["stopped_by"] == "wallclock"
+    assert done["train_time_ms"] <= cap_ms and done["cap_slack_ms"] == cap_ms - done["train_time_ms"]
+    assert done["calibration_ms"] == exported["calibration_ms"] > 0
+    # The reserve is the rehearsed prediction with its margin.
+    phases = [k for k in rehearsal if k.endswith(("_fixed_s", "_tokens_s"))]
+    assert sorted(phases) == sorted(f"{p}_{part}_s" for p in (["fit"] if overrides.get("QUANT_FIT") else [])
+                                    + (["gptq"] if overrides["QUANT_METHOD"] == "gptq" else []) for part in ("fixed", "tokens"))
+    predicted_s = sum(rehearsal[k] for k in phases)
+    assert exported["predicted_ms"] == round(1000 * predicted_s)
+    factor, extra = tm.CALIBRATION_MARGIN
+    assert rehearsal["reserve_ms"] == round(1000 * (factor * predicted_s + extra))
+
+
+def test_a_cap_that_calibration_alone_fills_is_a_config_error(tiny_data, tmp_path):
+    env = tiny_env(tiny_data, RUN_ID="nowall", ITERATIONS=10**6, MAX_WALLCLOCK_SECONDS=0.2, QUANT_METHOD="gptq",
+                   CALIBRATION_TOKENS=4096)
+    result = run_trainer(tmp_path, env)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("config_error: MAX_WALLCLOCK_SECONDS=0.2: calibration on CALIBRATION_TOKENS=4096")
+    assert not list((tmp_path / "artifacts").glob("*")) if (tmp_path / "artifacts").exists() else True
+
+
+class Metrics:
+    def __init__(self):
+        self.lines = []
+
+    def metrics(self, event, **values):
+        self.lines.append((event, values))
+
+
+@pytest.mark.parametrize("seconds,tokens", [(1.4, 1088), (0.2, 0)])
+def test_a_slow_calibration_is_cut_short_and_logged(tiny_data, monkeypatch, seconds, tokens):
+    """Calibration rehearsed at 1 ms a token (4096 tokens: 4 s) with `seconds` left: it runs on the whole sequences that
+    fit after the margin, and with none it rounds to nearest at QUANT_*_BITS."""
+    cfg = tm.Hyperparameters(tiny_env(tiny_data, QUANT_METHOD="gptq", CALIBRATION_TOKENS=4096))
+    torch.manual_seed(0)
+    model = tm.GPT(cfg)
+    randomize(model)
+    seen = []
+    calibrate = tm.calibrated_levels
+    monkeypatch.setattr(tm, "calibrated_levels", lambda m, c, batches, bits, schedule: seen.append(
+        sum(x.numel() for x, _ in batches)) or calibrate(m, c, batches, bits, schedule))
+    log = Metrics()
+    costs = {"gptq": tm.CalibrationCost(0.0, 1e-3)}
+    bits, blob, calibration_seconds, _ = tm.export_artifact(model, cfg, tm.DistributedTokenLoader(cfg, torch.device("cpu")),
+                                                            1000, log, costs, seconds)
+    cut = [v for e, v in log.lines if e == "calibration_cut" and v["phases"] == "fit+gptq"]  # the plan, not the stages
+    assert len(cut) == 1 and cut[0]["tokens"] == tokens and cut[0]["wanted"] == 4096
+    assert cut[0]["method"] == ("gptq" if tokens else "rtn")
+    assert seen == ([tokens] if tokens else [])
+    if not tokens:  # exactly the rounded levels of the QUANT_*_BITS
+        rounded = tm.rounded_levels(model.state_dict(), bits, cfg.quant_clip_sigmas)
+        state = tm.read_artifact(blob)[1]
+        for name, (_, q, scale) in rounded.items():
+            assert torch.equal(state[name], tm.dequantize(q, scale, state[name].shape))
+        assert bits == {"embed": 8, "attn": 8, "mlp": 6, "experts": 6}
+
+
+def test_a_stage_behind_schedule_calibrates_on_fewer_sequences_or_rounds(tiny_data):
+    """Each GPTQ stage gets an equal share of the time left: a deadline already past leaves every stage rounding to
+    nearest (exactly the rounded levels); a schedule with room for all cuts none."""
+    cfg = tm.Hyperparameters(tiny_env(tiny_data, QUANT_METHOD="gptq", CALIBRATION_TOKENS=1024))
+    torch.manual_seed(0)
+    model = tm.GPT(cfg)
+    randomize(model)
+    batches = tm.calibration_batches(cfg, tm.DistributedTokenLoader(cfg, torch.device("cpu")), 1024)
+    bits = {"embed": 8, "attn": 6, "mlp": 5, "experts": 5}
+    stages = len(tm.calibration_stages(model))
+    late = tm.StageSchedule(tm.CalibrationCost(1.0, 1e-3), 0.0, [])
+    levels = tm.calibrated_levels(copy.deepcopy(model), cfg, batches, bits, late)
+    assert late.cut == [(s, 0) for s in range(stages)]
+    for name, (b, q, scale) in tm.rounded_levels(model.state_dict(), bits, cfg.quant_clip_sigmas).items():
+        assert torch.equal(levels[name][1], q) and torch.equal(levels[name][2], scale)
+    on_time = tm.StageSchedule(tm.CalibrationCost(0.0, 1e-9), math.inf, [])
+    calibrated = tm.calibrated_levels(copy.deepcopy(model), cfg, batches, bits, on_time)
+    assert on_time.cut == []
+    assert any(not torch.equal(calibrated[n][1], levels[n][1]) for n in levels)  # GPTQ moved some levels
