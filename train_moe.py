@@ -47,6 +47,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 MLP_MODES = ("dense", "sparse", "shared_routed", "soft")
 ROUTERS = ("softmax", "sigmoid", "sqrtsoftplus", "hash")
+ACTIVATIONS = ("relu2", "leaky_relu2", "swiglu")  # of MLPs and experts (swiglu: experts only)
 QUANT_BITS = (4, 5, 6, 7, 8)
 # Read outside Hyperparameters: not misspellings of a setting.
 OTHER_SETTINGS = ("WANDB_PROJECT",)
@@ -141,13 +142,13 @@ def _round8(x: float) -> int:
     return max(8, int(x) // 8 * 8)
 
 
-def parse_layers(spec: str, num_layers: int) -> tuple[int, ...]:
-    """MOE_LAYERS: "all", "odd" (1, 3, 5, ...), or indices and ranges such as "1,3,5-8" (0-based, inclusive)."""
-    if spec == "all":
-        return tuple(range(num_layers))
+def parse_layers(name: str, spec: str, num_layers: int) -> tuple[int, ...]:
+    """A set of blocks: "all", "none", "odd" (1, 3, 5, ...), or indices and ranges such as "1,3,5-8" (0-based, inclusive)."""
+    if spec in ("all", "none"):
+        return tuple(range(num_layers)) if spec == "all" else ()
     if spec == "odd":
         if num_layers < 2:
-            raise ConfigError(f"MOE_LAYERS=odd: NUM_LAYERS={num_layers} has no odd layer; use all or 0")
+            raise ConfigError(f"{name}=odd: NUM_LAYERS={num_layers} has no odd layer; use all or 0")
         return tuple(range(1, num_layers, 2))
     layers = set()
     try:
@@ -155,9 +156,9 @@ def parse_layers(spec: str, num_layers: int) -> tuple[int, ...]:
             lo, _, hi = part.partition("-")
             layers.update(range(int(lo), int(hi or lo) + 1))
     except ValueError:
-        raise ConfigError(f"MOE_LAYERS={spec!r}: expected all, odd, or layer indices and ranges like 1,3,5-8") from None
+        raise ConfigError(f"{name}={spec!r}: expected all, none, odd, or layer indices and ranges like 1,3,5-8") from None
     if not layers or min(layers) < 0 or max(layers) >= num_layers:
-        raise ConfigError(f"MOE_LAYERS={spec!r}: layers must lie in [0, NUM_LAYERS-1={num_layers - 1}]")
+        raise ConfigError(f"{name}={spec!r}: layers must lie in [0, NUM_LAYERS-1={num_layers - 1}]")
     return tuple(sorted(layers))
 
 
@@ -206,12 +207,13 @@ class Hyperparameters:
         # experts at 6/5/5 bits were 0.007 under it.
         self.mlp_mode = get.choice("MLP_MODE", "sparse", MLP_MODES)
         self.mlp_mult = get.integer("MLP_MULT", 2, 1, 64)
+        self.mlp_act = get.choice("MLP_ACT", "relu2", ACTIVATIONS[:2])  # of the dense MLPs
         # Mixture of experts (MLP_MODE other than dense). Sizes of 0 mean "the dense MLP's active FLOPs".
-        self.moe_layers = parse_layers(get.text("MOE_LAYERS", "odd"), self.num_layers)
+        self.moe_layers = parse_layers("MOE_LAYERS", get.text("MOE_LAYERS", "odd"), self.num_layers)
         self.num_experts = get.integer("NUM_EXPERTS", 16, 2, 256)
         self.top_k = get.integer("TOP_K", 2, 1, 256)
         self.expert_hidden = get.integer("EXPERT_HIDDEN", _round8(self.model_dim / 2), 0, 2**16)  # 256 at 512 wide
-        self.expert_act = get.choice("EXPERT_ACT", "relu2", ("relu2", "swiglu"))
+        self.expert_act = get.choice("EXPERT_ACT", "relu2", ACTIVATIONS)
         self.shared_hidden = get.integer("SHARED_HIDDEN", 0, 0, 2**16)
         self.shared_gate = get.flag("SHARED_GATE", 1)
         self.router = get.choice("ROUTER", "softmax", ROUTERS)
@@ -232,6 +234,18 @@ class Hyperparameters:
         self.logit_softcap = get.number("LOGIT_SOFTCAP", 30.0, 0.0, 1e4)
         self.qk_gain_init = get.number("QK_GAIN_INIT", 1.5, 0.0, 100.0)
         self.tied_embed_init_std = get.number("TIED_EMBED_INIT_STD", 0.005, 0.0, 10.0)
+        # The record stack's model techniques (../shared/docs/reference.md 7; each is credited where it is built).
+        self.rope_dims = get.integer("ROPE_DIMS", 0, 0, 2**16)  # rotary on the first N dims of each head; 0: all
+        self.xsa_last_n = get.integer("XSA_LAST_N", 0, 0, 256)
+        self.ln_scale = get.flag("LN_SCALE", 0)
+        self.smear_gate = get.flag("SMEAR_GATE", 0)
+        self.bos_id = get.integer("BOS_ID", 1, 0, 65535)  # where a document starts: SMEAR_GATE and BIGRAM don't cross it
+        self.bigram_buckets = get.integer("BIGRAM_BUCKETS", 0, 0, 2**20)  # 0: no BigramHash embedding
+        self.bigram_dim = get.integer("BIGRAM_DIM", 128, 1, 2**16)
+        self.attn_gate = get.flag("ATTN_GATE", 0)
+        self.parallel_layers = parse_layers("PARALLEL_LAYERS", get.text("PARALLEL_LAYERS", "none"), self.num_layers)
+        self.recur_layers = parse_layers("RECUR_LAYERS", get.text("RECUR_LAYERS", "none"), self.num_layers)
+        self.recur_loops = get.integer("RECUR_LOOPS", 1, 1, 16)
         # What rebuilds this model from its artifact, defaults included (they may change): SEED makes the hash tables.
         self.model_settings = {"SEED": get.texts["SEED"], **dict(list(get.texts.items())[model_start:])}
         # Optimizer. Learning rates have no upper bound: a run they make diverge stops at its first non-finite loss.
@@ -250,6 +264,11 @@ class Hyperparameters:
         self.adam_eps = get.number("ADAM_EPS", 1e-8, above=0.0, hi=1.0)  # 0 divides 0 by 0 where a gradient is 0
         self.grad_clip_norm = get.number("GRAD_CLIP_NORM", 0.0, 0.0)
         self.ema_decay = get.number("EMA_DECAY", 0.997, 0.0, below=1.0)
+        self.muon_wd = get.number("MUON_WD", 0.0, 0.0, 10.0)
+        self.muon_eq_r = get.flag("MUON_EQ_R", 0)
+        self.muon_polar_express = get.flag("MUON_POLAR_EXPRESS", 0)
+        self.min_lr = get.number("MIN_LR", 0.0, 0.0, 1.0)  # floor of the warmdown's LR scale
+        self.recur_start_frac = get.number("RECUR_START_FRAC", 0.35, 0.0, below=1.0)  # of training, as the warmdown counts
         # Export.
         self.quant_embed_bits = get.choice("QUANT_EMBED_BITS", 8, QUANT_BITS)
         self.quant_attn_bits = get.choice("QUANT_ATTN_BITS", 6, QUANT_BITS)
@@ -262,6 +281,8 @@ class Hyperparameters:
         self.quant_fit = get.flag("QUANT_FIT", 1)  # QUANT_*_BITS apply with QUANT_FIT=0
         self.quant_fit_margin_bytes = get.integer("QUANT_FIT_MARGIN_BYTES", 50_000, 0)
         self.gptq_damp = get.number("GPTQ_DAMP", 0.01, above=0.0, hi=10.0)
+        self.lqer_rank = get.integer("LQER_RANK", 0, 0, 64)  # 0: no low-rank correction of the quantization error
+        self.lqer_tensors = get.integer("LQER_TENSORS", 3, 1, 1024)
         self.calibration_tokens = get.integer("CALIBRATION_TOKENS", 131072, 1, 2**24)
         self.save_fp32 = get.flag("SAVE_FP32", 0)
         # Calibration draws training batches, so its time counts as training: the loop stops early by its measured time.
@@ -306,10 +327,24 @@ class Hyperparameters:
             )
         if self.eval_stride > self.train_seq_len:
             raise ConfigError(f"EVAL_STRIDE={self.eval_stride}: must be in [0, TRAIN_SEQ_LEN={self.train_seq_len}]")
+        head_dim = self.model_dim // self.num_heads
+        if self.rope_dims % 2 or self.rope_dims > head_dim:
+            raise ConfigError(f"ROPE_DIMS={self.rope_dims}: an even number of dims up to the head's {head_dim} (0: all)")
+        if self.xsa_last_n > self.num_layers:
+            raise ConfigError(f"XSA_LAST_N={self.xsa_last_n}: more than NUM_LAYERS={self.num_layers}")
+        if (self.smear_gate or self.attn_gate) and self.model_dim < GATE_INPUTS:
+            raise ConfigError(f"MODEL_DIM={self.model_dim}: SMEAR_GATE and ATTN_GATE read {GATE_INPUTS} channels")
+        if self.bigram_buckets == 1:
+            raise ConfigError("BIGRAM_BUCKETS=1: at least 2 (one is the bucket of a document's first token), or 0")
+        span = self.recur_layers
+        if span and (span != tuple(range(span[0], span[-1] + 1)) or span[-1] == self.num_layers - 1):
+            raise ConfigError(f"RECUR_LAYERS={','.join(map(str, span))}: one span of consecutive layers before the last, like 3-5")
 
     def _check_moe(self):
         if self.mlp_mode == "dense":
             return
+        if not self.moe_layers:
+            raise ConfigError(f"MOE_LAYERS=none: MLP_MODE={self.mlp_mode} needs at least one MoE layer (or MLP_MODE=dense)")
         dense_hidden = self.mlp_mult * self.model_dim
         if self.top_k > self.num_experts:
             raise ConfigError(f"TOP_K={self.top_k}: must be at most NUM_EXPERTS={self.num_experts}")
@@ -369,6 +404,8 @@ class Hyperparameters:
             raise ConfigError(
                 f"VOCAB_SIZE={self.vocab_size}: the tokenizer {self.tokenizer_path} has {sp.vocab_size()} pieces"
             )
+        if (self.smear_gate or self.bigram_buckets) and sp.bos_id() != self.bos_id:
+            raise ConfigError(f"BOS_ID={self.bos_id}: the tokenizer's BOS, which starts every document, is {sp.bos_id()}")
         val_tokens = load_val_tokens(self)
         for folder in ("logs", "artifacts"):
             path = Path(folder)
@@ -400,16 +437,24 @@ class Hyperparameters:
 # OPTIMIZER: Muon for block matrices, Adam for the rest
 # -----------------------------------------------------------------------------
 
-def newton_schulz(grad: Tensor, steps: int, eps: float = 1e-7) -> Tensor:
+# Polar Express (2026-04-23 PolarNS_MinLR record): a quintic per iteration, fitted to reach the polar factor in 5.
+POLAR_EXPRESS = ((8.156554524902461, -22.48329292557795, 15.878769915207462),
+                 (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+                 (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+                 (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+                 (2.3465413258596377, -1.7097828382687081, 0.42323551169305323))
+
+
+def newton_schulz(grad: Tensor, steps: int, polar_express: bool = False, eps: float = 1e-7) -> Tensor:
     """Approximate the nearest semi-orthogonal matrix (batched over leading dims) with a quintic iteration
-    tuned to push singular values into [0.7, 1.2] fast rather than exactly to 1."""
-    a, b, c = 3.4445, -4.7750, 2.0315
+    tuned to push singular values into [0.7, 1.2] fast rather than exactly to 1 (or Polar Express's, at most 5)."""
+    coefficients = POLAR_EXPRESS[:steps] if polar_express else ((3.4445, -4.7750, 2.0315),) * steps
     x = grad.bfloat16()
     tall = x.size(-2) > x.size(-1)
     if tall:
         x = x.mT
     x = x / (x.norm(dim=(-2, -1), keepdim=True) + eps)
-    for _ in range(steps):
+    for a, b, c in coefficients:
         gram = x @ x.mT
         x = a * x + (b * gram + c * gram @ gram) @ x
     return x.mT if tall else x
@@ -419,8 +464,10 @@ class Muon(torch.optim.Optimizer):
     """Nesterov momentum, then orthogonalised updates. Matrices of one shape are orthogonalised as one batch, split
     across GPUs (rank r takes every world_size-th of them); one all-reduce of a flat buffer shares the results."""
 
-    def __init__(self, params, lr: float, momentum: float, backend_steps: int):
-        super().__init__(params, dict(lr=lr, momentum=momentum, backend_steps=backend_steps))
+    def __init__(self, params, lr: float, momentum: float, backend_steps: int, weight_decay: float = 0.0,
+                 row_norm: bool = False, polar_express: bool = False):
+        super().__init__(params, dict(lr=lr, momentum=momentum, backend_steps=backend_steps, weight_decay=weight_decay,
+                                      row_norm=row_norm, polar_express=polar_express))
 
     @torch.no_grad()
     def step(self):
@@ -443,13 +490,18 @@ class Muon(torch.optim.Optimizer):
                 buffers = [self.state[params[i]].setdefault("momentum_buffer", torch.zeros_like(params[i])) for i in mine]
                 torch._foreach_mul_(buffers, momentum)
                 torch._foreach_add_(buffers, grads)
-                batch = newton_schulz(torch.stack(torch._foreach_add(grads, buffers, alpha=momentum)), group["backend_steps"])
+                batch = torch.stack(torch._foreach_add(grads, buffers, alpha=momentum))
+                if group["row_norm"]:  # MuonEq-R (2026-04-03 MuonEqR record, ~-0.001): each row to unit norm first
+                    batch = batch / batch.norm(dim=-1, keepdim=True).clamp_min(1e-7)
+                batch = newton_schulz(batch, group["backend_steps"], group["polar_express"])
                 # Orthogonal updates of tall matrices have small entries; rescale so all layers move alike.
                 batch = batch * max(1.0, shape[-2] / shape[-1]) ** 0.5
                 for i, update in zip(mine, batch):
                     updates[starts[i] : starts[i + 1]] = update.flatten()
             if distributed:
                 dist.all_reduce(updates)
+            if group["weight_decay"]:  # decoupled, at the scheduled LR (2026-03-20 Int6SG record; 0.095 by 04-27 LQER)
+                torch._foreach_mul_(params, 1 - group["lr"] * group["weight_decay"])
             torch._foreach_add_(params, [updates[starts[i] : starts[i + 1]].view_as(p) for i, p in enumerate(params)], alpha=-group["lr"])
 
 
@@ -540,8 +592,10 @@ QUANTIZED = ("embed", "attn", "mlp", "experts")  # the categories stored as inte
 
 def tensor_category(name: str) -> str:
     """The role of a state-dict entry: it picks the optimizer (Muon for attn/mlp/experts) and the export bits."""
-    if name in ("tok_emb.weight", "lm_head.weight"):
+    if name in ("tok_emb.weight", "lm_head.weight", "bigram.table"):
         return "embed"
+    if name == "bigram.proj.weight":
+        return "mlp"
     if ".mlp.experts." in name:
         return "experts"
     if name.endswith((".mlp.router", ".mlp.router_bias", ".mlp.shared_gate")):
@@ -671,9 +725,10 @@ def fit_bits(options: dict[str, dict[int, tuple[float, float]]], budget: float) 
     return min(frontier, key=lambda e: e[:2][::-1])[2] if frontier else None
 
 
-def quantize_state(state: dict[str, Tensor], levels: dict[str, tuple[int, Tensor, Tensor]]) -> tuple[dict, dict[str, np.ndarray]]:
+def quantize_state(state: dict[str, Tensor], levels: dict[str, tuple[int, Tensor, Tensor]],
+                   corrections: dict[str, tuple[Tensor, ...]] | None = None) -> tuple[dict, dict[str, np.ndarray]]:
     """Return (JSON-able header, named raw arrays): integers and scales for the tensors in `levels` ({name: (bits,
-    levels, scales)}), every other tensor as a float."""
+    levels, scales)}) with their LQER factors where `corrections` has them, every other tensor as a float."""
     header, arrays = {}, {}
     for name, t in state.items():
         t = t.detach().cpu()
@@ -681,10 +736,39 @@ def quantize_state(state: dict[str, Tensor], levels: dict[str, tuple[int, Tensor
             bits, q, scale = levels[name]
             header[name] = {"kind": "int", "bits": bits, "shape": list(t.shape)}
             arrays[name], arrays[name + ".scale"] = q.cpu().numpy(), scale.cpu().numpy()
+            if name in (corrections or {}):
+                header[name]["lqer"] = len(corrections[name][0])
+                for part, a in zip((".lqer_a", ".lqer_a.scale", ".lqer_b", ".lqer_b.scale"), corrections[name]):
+                    arrays[name + part] = a.cpu().numpy()
         else:
             header[name] = {"kind": "float", "shape": list(t.shape)}
             arrays[name] = stored_float(name, t).numpy()
     return header, arrays
+
+
+LQER_BITS = 4
+
+
+def lqer_corrections(state: dict[str, Tensor], levels: dict, rank: int, count: int) -> dict[str, tuple[Tensor, ...]]:
+    """LQER (PR #1797: ~0.009 of int6's quantization cost back for ~30 KB): for the `count` quantized tensors whose
+    error W - dequantized is largest, its best rank-`rank` approximation A B, A [rank, rows] per row and B [rank,
+    cols] per row at 4 bits: (levels of A, scales, levels of B, scales). The artifact reader adds A^T B back."""
+    errors = {}
+    for name, (_, q, scale) in levels.items():
+        w = state[name].detach().float().reshape(-1, state[name].shape[-1])
+        errors[name] = w - dequantize(q, scale, w.shape).to(w.device)
+    corrections = {}
+    for name in sorted(errors, key=lambda n: -float(errors[n].norm()))[:count]:
+        u, sigma, vh = torch.linalg.svd(errors[name], full_matrices=False)
+        a, b = (u[:, :rank] * sigma[:rank]).T, vh[:rank]
+        corrections[name] = (*quantize_matrix(a, LQER_BITS, 0.0), *quantize_matrix(b, LQER_BITS, 0.0))
+    return corrections
+
+
+def lqer_bytes(state: dict[str, Tensor], rank: int, count: int) -> int:
+    """At most what lqer_corrections adds to the artifact: factors of the largest quantized tensors, a byte a level."""
+    sizes = sorted((t.numel() // t.shape[-1] + t.shape[-1] for n, t in state.items() if is_quantized(n, t)), reverse=True)
+    return sum(rank * (size + 4) for size in sizes[:count]) if rank else 0
 
 
 def rounded_levels(state: dict[str, Tensor], bits: dict[str, int], clip_sigmas: float) -> dict[str, tuple[int, Tensor, Tensor]]:
@@ -750,6 +834,11 @@ def read_artifact(blob: bytes) -> tuple[dict[str, str], dict[str, Tensor]]:
         a = torch.from_numpy(arrays[name].copy())
         if spec["kind"] == "int":
             a = dequantize(a, torch.from_numpy(arrays[name + ".scale"].copy()), spec["shape"])
+            if spec.get("lqer"):
+                factor_a, factor_b = (dequantize(torch.from_numpy(arrays[f"{name}.lqer_{f}"].copy()),
+                                                 torch.from_numpy(arrays[f"{name}.lqer_{f}.scale"].copy()),
+                                                 arrays[f"{name}.lqer_{f}"].shape) for f in "ab")
+                a = a + (factor_a.T @ factor_b).reshape(spec["shape"])
         state[name] = a.float()
     return meta["model"], state
 
@@ -869,27 +958,43 @@ def rms_norm(x: Tensor) -> Tensor:
     return F.rms_norm(x, (x.size(-1),))
 
 
-def rotary(x: Tensor, base: float, start: int = 0) -> Tensor:
-    """RoPE over the last dim of [B, H, T, head_dim], at positions start, start + 1, ... (sampling continues a cache)."""
-    half = x.size(-1) // 2
+def rotary(x: Tensor, base: float, start: int = 0, dims: int = 0) -> Tensor:
+    """RoPE over the first `dims` (0: all) of the last dim of [B, H, T, head_dim], at positions start, start + 1, ...
+    (sampling continues a cache). Partial RoPE (16 of 64 dims, 2026-03-21 PartialRoPE record; with LN_SCALE -0.0023
+    there) leaves the other dims position-free."""
+    half = (dims or x.size(-1)) // 2
     inv_freq = base ** (-torch.arange(half, device=x.device, dtype=torch.float32) / half)
     angles = torch.arange(start, start + x.size(-2), device=x.device, dtype=torch.float32)[:, None] * inv_freq
     cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
-    x1, x2 = x[..., :half], x[..., half:]
-    return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1)
+    x1, x2, rest = x[..., :half], x[..., half : 2 * half], x[..., 2 * half :]
+    return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin, rest), dim=-1)
+
+
+GATE_INPUTS = 12  # channels of the block input that SMEAR_GATE and ATTN_GATE read, as the records' gates
+
+
+def exclusive(y: Tensor, v: Tensor) -> Tensor:
+    """XSA (2026-03-20 EfficientPartialXSA record, ~-0.002): each head's output y [B, H, T, D] less its component along
+    the token's own value v [B, Hkv, T, D] (the query heads of one KV head share it, by broadcasting)."""
+    b, h, t, d = y.shape
+    grouped, vn = y.view(b, v.size(1), h // v.size(1), t, d), F.normalize(v, dim=-1)[:, :, None]
+    return (grouped - (grouped * vn).sum(-1, keepdim=True) * vn).view(b, h, t, d)
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: Hyperparameters):
+    def __init__(self, cfg: Hyperparameters, layer: int):
         super().__init__()
         self.num_heads, self.num_kv_heads = cfg.num_heads, cfg.num_kv_heads
-        self.head_dim, self.rope_base = cfg.model_dim // cfg.num_heads, cfg.rope_base
+        self.head_dim, self.rope_base, self.rope_dims = cfg.model_dim // cfg.num_heads, cfg.rope_base, cfg.rope_dims
+        self.xsa = layer >= cfg.num_layers - cfg.xsa_last_n
         kv_dim = cfg.num_kv_heads * self.head_dim
         self.q = CastedLinear(cfg.model_dim, cfg.model_dim)
         self.k = CastedLinear(cfg.model_dim, kv_dim)
         self.v = CastedLinear(cfg.model_dim, kv_dim)
         self.out = CastedLinear(cfg.model_dim, cfg.model_dim, zero_init=True)
         self.q_gain = nn.Parameter(torch.full((cfg.num_heads,), cfg.qk_gain_init))
+        if cfg.attn_gate:  # sparse output gate (2026-04-23 PolarNS_MinLR record): sigmoid(W x[:12]) per head, 0.5 at init
+            self.gate = nn.Parameter(torch.zeros(cfg.num_heads, GATE_INPUTS))
 
     def forward(self, x: Tensor) -> Tensor:
         B, T, D = x.shape
@@ -897,9 +1002,13 @@ class Attention(nn.Module):
         k = self.k(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         # QK-norm fixes the logit scale; the learnable per-head gain then sets attention sharpness.
-        q = rotary(rms_norm(q), self.rope_base) * self.q_gain.to(x.dtype)[:, None, None]
-        k = rotary(rms_norm(k), self.rope_base)
+        q = rotary(rms_norm(q), self.rope_base, dims=self.rope_dims) * self.q_gain.to(x.dtype)[:, None, None]
+        k = rotary(rms_norm(k), self.rope_base, dims=self.rope_dims)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.num_kv_heads != self.num_heads)
+        if self.xsa:
+            y = exclusive(y, v)
+        if hasattr(self, "gate"):
+            y = y * torch.sigmoid(x[..., :GATE_INPUTS] @ self.gate.to(x.dtype).T).transpose(1, 2)[..., None]
         return self.out(y.transpose(1, 2).reshape(B, T, D))
 
 
@@ -909,6 +1018,8 @@ def activate(h: Tensor, act: str, limit: float = 0.0) -> Tensor:
         if limit:  # SWIGLU_LIMIT, DeepSeek-V4's experts: the gate clamped above, up both sides
             gate, up = gate.clamp(max=limit), up.clamp(-limit, limit)
         return F.silu(gate) * up
+    if act == "leaky_relu2":  # LeakyReLU(0.5)^2 (2026-03-23 LeakyReLU record: -0.0021 in its own ablation)
+        return F.leaky_relu(h, 0.5).square()
     return F.relu(h).square()
 
 
@@ -1166,26 +1277,76 @@ def build_mlp(cfg: Hyperparameters, layer: int) -> nn.Module:
     """The MLP slot of block `layer`. Every MLP takes (x, token ids) and returns (output, auxiliary loss)."""
     if cfg.mlp_mode != "dense" and layer in cfg.moe_layers:
         return MoEMLP(cfg, layer)
-    return FeedForward(cfg.model_dim, cfg.mlp_mult * cfg.model_dim)
+    return FeedForward(cfg.model_dim, cfg.mlp_mult * cfg.model_dim, cfg.mlp_act)
 
 
 class Block(nn.Module):
     def __init__(self, cfg: Hyperparameters, layer: int):
         super().__init__()
         dim = cfg.model_dim
-        self.attn = Attention(cfg)
+        self.attn = Attention(cfg, layer)
         self.mlp = build_mlp(cfg, layer)
         self.attn_scale = nn.Parameter(torch.ones(dim))
         self.mlp_scale = nn.Parameter(torch.ones(dim))
         # Learnable blend of the running residual with the block-0 input (the normalised embedding).
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(dim), torch.zeros(dim))))
+        # LN_SCALE: both norms' outputs times 1/sqrt(layer + 1) (2026-03-21 PartialRoPE record, with partial RoPE).
+        self.norm_scale = 1 / math.sqrt(layer + 1) if cfg.ln_scale else 1.0
+        # Attention and MLP read the same input, GPT-J style (2026-04-09 3LayerRecur record; -0.0022 in 2026-03-31).
+        self.parallel = layer in cfg.parallel_layers
+
+    def norm(self, x: Tensor) -> Tensor:
+        return rms_norm(x) * self.norm_scale if self.norm_scale != 1.0 else rms_norm(x)
 
     def forward(self, x: Tensor, x0: Tensor, ids: Tensor) -> tuple[Tensor, Tensor]:
         mix = self.resid_mix.to(x.dtype)
         x = mix[0] * x + mix[1] * x0
-        x = x + self.attn_scale.to(x.dtype) * self.attn(rms_norm(x))
-        y, aux = self.mlp(rms_norm(x), ids)
-        return x + self.mlp_scale.to(x.dtype) * y, aux
+        attn = self.attn_scale.to(x.dtype) * self.attn(self.norm(x))
+        y, aux = self.mlp(self.norm(x) if self.parallel else self.norm(x + attn), ids)
+        return x + attn + self.mlp_scale.to(x.dtype) * y, aux
+
+
+class SmearGate(nn.Module):
+    """x_t + lam * sigmoid(w . x_t[:12]) * x_{t-1} on the token embeddings, never across a document's first token
+    (BOS_ID): identity at init (lam = 0). The input-dependent gate of 2026-04-16 SmearGate_AttentionOutputGate; the
+    BOS mask of PR #1797, without which its score had leaked +0.00255 across packed documents."""
+
+    def __init__(self, bos_id: int):
+        super().__init__()
+        self.bos_id = bos_id
+        self.w = nn.Parameter(torch.zeros(GATE_INPUTS))
+        self.lam = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x: Tensor, ids: Tensor) -> Tensor:
+        gate = self.lam.to(x.dtype) * torch.sigmoid(x[..., :GATE_INPUTS] @ self.w.to(x.dtype)) * (ids != self.bos_id)
+        return x + gate[..., None] * F.pad(x[:, :-1], (0, 0, 1, 0))
+
+
+class BigramHash(nn.Module):
+    """scale * proj(table[hash(previous token, token)]) added to the token embedding: the bigram's own vector at the
+    cost of a table (2026-03-20 Int6_MLP3x_SmearGate_BigramHash record). A document's first token, which has no
+    previous one in it, takes the last bucket. The table starts at zero, so the sum starts as the embedding alone."""
+
+    def __init__(self, buckets: int, dim: int, model_dim: int, bos_id: int):
+        super().__init__()
+        self.bos_id = bos_id
+        self.table = nn.Parameter(torch.zeros(buckets, dim))
+        self.proj = CastedLinear(dim, model_dim)
+        self.scale = nn.Parameter(torch.tensor(0.05))
+
+    def forward(self, ids: Tensor) -> Tensor:
+        last, previous = len(self.table) - 1, F.pad(ids[:, :-1], (1, 0), value=-1)
+        bucket = torch.bitwise_xor(36313 * ids, 27191 * previous) % last
+        bucket = torch.where((previous < 0) | (ids == self.bos_id), last, bucket)
+        return self.scale.to(self.proj.weight.dtype) * self.proj(F.embedding(bucket, self.table))
+
+
+def layer_order(cfg: Hyperparameters, looped: bool) -> list[int]:
+    """The blocks in the order the forward runs them: with recurrence on, RECUR_LAYERS once more per RECUR_LOOPS."""
+    if not looped or not cfg.recur_layers:
+        return list(range(cfg.num_layers))
+    first, last = cfg.recur_layers[0], cfg.recur_layers[-1] + 1
+    return [*range(last), *list(range(first, last)) * cfg.recur_loops, *range(last, cfg.num_layers)]
 
 
 class GPT(nn.Module):
@@ -1195,21 +1356,34 @@ class GPT(nn.Module):
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.model_dim)
         if cfg.tie_embeddings:
             nn.init.normal_(self.tok_emb.weight, std=cfg.tied_embed_init_std)
+        if cfg.bigram_buckets:
+            self.bigram = BigramHash(cfg.bigram_buckets, cfg.bigram_dim, cfg.model_dim, cfg.bos_id)
+        if cfg.smear_gate:
+            self.smear = SmearGate(cfg.bos_id)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
-        # U-Net: the first half of the blocks push their outputs, the second half pop them in reverse.
-        self.num_encoder = cfg.num_layers // 2
-        self.skip_weights = nn.Parameter(torch.ones(min(self.num_encoder, cfg.num_layers - self.num_encoder), cfg.model_dim))
+        # U-Net: the first half of the layers run push their outputs, the second half pop them in reverse. Depth
+        # recurrence (RECUR_LAYERS, 2026-04-05 Loop45x2 and 2026-04-09 3LayerRecur records: ~0.003 in 2026-04-03) runs
+        # a span of blocks again with the same weights, so the halves and the skips follow the longer order; before it
+        # switches on, the shorter order uses the first of the same skip weights.
+        self.orders = [layer_order(cfg, False), layer_order(cfg, True)]
+        longest = max(self.orders, key=len)
+        self.skip_weights = nn.Parameter(torch.ones(min(len(longest) // 2, len(longest) - len(longest) // 2), cfg.model_dim))
         self.lm_head = None if cfg.tie_embeddings else CastedLinear(cfg.model_dim, cfg.vocab_size, zero_init=True)
 
-    def logits(self, ids: Tensor) -> tuple[Tensor, Tensor]:
-        x = x0 = rms_norm(self.tok_emb(ids))
-        skips, aux = [], torch.zeros((), device=ids.device)
-        for i, block in enumerate(self.blocks):
-            if i >= self.num_encoder and skips:
-                x = x + self.skip_weights[i - self.num_encoder].to(x.dtype) * skips.pop()
-            x, block_aux = block(x, x0, ids)
+    def logits(self, ids: Tensor, looped: bool = True) -> tuple[Tensor, Tensor]:
+        """looped: the order with recurrence (the trained model's; training runs the other until RECUR_START_FRAC)."""
+        x = self.tok_emb(ids)
+        if hasattr(self, "bigram"):
+            x = x + self.bigram(ids).to(x.dtype)
+        x = x0 = rms_norm(self.smear(x, ids) if hasattr(self, "smear") else x)
+        order = self.orders[looped]
+        skips, aux, encoder = [], torch.zeros((), device=ids.device), len(order) // 2
+        for i, layer in enumerate(order):
+            if i >= encoder and skips:
+                x = x + self.skip_weights[i - encoder].to(x.dtype) * skips.pop()
+            x, block_aux = self.blocks[layer](x, x0, ids)
             aux = aux + block_aux
-            if i < self.num_encoder:
+            if i < encoder:
                 skips.append(x)
         head = self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
         logits = F.linear(rms_norm(x), head.to(x.dtype)).float()
@@ -1217,12 +1391,12 @@ class GPT(nn.Module):
             logits = self.logit_softcap * torch.tanh(logits / self.logit_softcap)
         return logits, aux
 
-    def forward(self, ids: Tensor, targets: Tensor) -> Tensor:
-        logits, aux = self.logits(ids)
+    def forward(self, ids: Tensor, targets: Tensor, looped: bool = True) -> Tensor:
+        logits, aux = self.logits(ids, looped)
         return F.cross_entropy(logits.flatten(0, 1), targets.flatten()) + aux
 
-    def token_losses(self, ids: Tensor, targets: Tensor) -> Tensor:
-        logits, _ = self.logits(ids)
+    def token_losses(self, ids: Tensor, targets: Tensor, looped: bool = True) -> Tensor:
+        logits, _ = self.logits(ids, looped)
         return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
 
 
@@ -1236,13 +1410,15 @@ def build_optimizers(model: GPT, cfg: Hyperparameters) -> list[torch.optim.Optim
         by_category.setdefault(tensor_category(name), []).append(p)
     head = [] if model.lm_head is None else [model.lm_head.weight]
     embed_lr = cfg.tied_embed_lr if cfg.tie_embeddings else cfg.embed_lr
-    groups = [dict(params=[model.tok_emb.weight], lr=embed_lr), dict(params=by_category["control"], lr=cfg.scalar_lr)]
+    embeddings = [model.tok_emb.weight] + ([model.bigram.table] if hasattr(model, "bigram") else [])
+    groups = [dict(params=embeddings, lr=embed_lr), dict(params=by_category["control"], lr=cfg.scalar_lr)]
     if head:
         groups.append(dict(params=head, lr=cfg.head_lr))
     if by_category.get("router"):
         groups.append(dict(params=by_category["router"], lr=cfg.router_lr))
     adam = torch.optim.Adam(groups, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps, fused=torch.cuda.is_available())
-    muon = Muon(muon_params(model), lr=cfg.matrix_lr, momentum=cfg.muon_momentum, backend_steps=cfg.muon_backend_steps)
+    muon = Muon(muon_params(model), lr=cfg.matrix_lr, momentum=cfg.muon_momentum, backend_steps=cfg.muon_backend_steps,
+                weight_decay=cfg.muon_wd, row_norm=cfg.muon_eq_r, polar_express=cfg.muon_polar_express)
     optimizers = [adam, muon]
     for opt in optimizers:
         for group in opt.param_groups:
@@ -1521,11 +1697,13 @@ def calibrated_levels(model: GPT, cfg: Hyperparameters, batches: list[tuple[Tens
     for name, t in state.items():
         if not is_quantized(name, t):
             t.copy_(stored_float(name, t))
-    levels = {}
-    if model.lm_head is not None:  # untied, the embedding is a lookup: no input to weigh its rows by
-        levels = rounded_levels({"tok_emb.weight": state["tok_emb.weight"]}, bits, cfg.quant_clip_sigmas)
-        state["tok_emb.weight"].copy_(dequantize(*levels["tok_emb.weight"][1:], state["tok_emb.weight"].shape))
     stages, sequences = calibration_stages(model), sum(len(x) for x, _ in batches)
+    # What no stage calibrates (an untied embedding, the bigram table and its projection: lookups, no input to weigh
+    # their rows by) rounds to nearest, first: it feeds every block.
+    staged = {p for stage in stages for _, _, params in stage for p in params}
+    levels = rounded_levels({n: t for n, t in state.items() if is_quantized(n, t) and n not in staged}, bits, cfg.quant_clip_sigmas)
+    for name, (_, q, scale) in levels.items():
+        state[name].copy_(dequantize(q, scale, state[name].shape))
     for s, stage in enumerate(stages):
         stage_batches = batches
         if schedule is not None:
@@ -1675,9 +1853,9 @@ def compiled(fn, cfg: Hyperparameters):
     return torch.compile(fn, dynamic=False, fullgraph=True) if cfg.compile else fn
 
 
-def train_step(cfg: Hyperparameters, model: GPT, train_model: nn.Module, optimizers: list, loader) -> Tensor:
-    """One optimizer step over GRAD_ACCUM micro-batches (train_model: the compiled and/or DDP-wrapped model).
-    Returns the mean loss on the device: nothing here waits for the GPU."""
+def train_step(cfg: Hyperparameters, model: GPT, train_model: nn.Module, optimizers: list, loader, looped: bool = True) -> Tensor:
+    """One optimizer step over GRAD_ACCUM micro-batches (train_model: the compiled and/or DDP-wrapped model; looped:
+    with depth recurrence). Returns the mean loss on the device: nothing here waits for the GPU."""
     distributed = isinstance(train_model, DDP)
     for m in model.modules():
         if isinstance(m, MoEMLP):
@@ -1688,7 +1866,7 @@ def train_step(cfg: Hyperparameters, model: GPT, train_model: nn.Module, optimiz
             train_model.require_backward_grad_sync = micro == cfg.grad_accum_steps - 1
         x, y = loader.next_batch()
         with autocast(x.device):
-            loss = train_model(x, y)
+            loss = train_model(x, y, looped)
         (loss / cfg.grad_accum_steps).backward()
         total += loss.detach()
     if cfg.grad_clip_norm > 0:
@@ -1788,7 +1966,7 @@ def lr_scale(cfg: Hyperparameters, step: int, elapsed_ms: float, loop_ms: float)
     if math.isfinite(loop_ms):
         warmdown_ms = cfg.warmdown_iters * elapsed_ms / max(step, 1)
         remaining = min(remaining, max(loop_ms - elapsed_ms, 0.0) / max(warmdown_ms, 1e-9))
-    return min(1.0, remaining)
+    return max(min(1.0, remaining), cfg.min_lr)  # MIN_LR: 0.10 in the 2026-04-23 PolarNS_MinLR record
 
 
 def eta_seconds(cfg: Hyperparameters, step: int, elapsed_ms: float, loop_ms: float) -> float:
@@ -1850,7 +2028,8 @@ def export_artifact(model: GPT, cfg: Hyperparameters, loader, code_bytes: int, l
     def pack(levels) -> bytes:
         nonlocal pack_seconds
         t = time.perf_counter()
-        blob = pack_artifact(*quantize_state(model.state_dict(), levels), cfg.model_settings)
+        corrections = lqer_corrections(model.state_dict(), levels, cfg.lqer_rank, cfg.lqer_tensors) if cfg.lqer_rank else {}
+        blob = pack_artifact(*quantize_state(model.state_dict(), levels, corrections), cfg.model_settings)
         pack_seconds += time.perf_counter() - t
         return blob
 
@@ -1886,7 +2065,8 @@ def export_artifact(model: GPT, cfg: Hyperparameters, loader, code_bytes: int, l
     if not cfg.quant_fit or not tokens:
         return bits, pack(quantize(bits)), calibrated_seconds(), pack_seconds
     floats = quantize_state({n: t for n, t in model.state_dict().items() if not is_quantized(n, t)}, {})
-    fixed_bytes = code_bytes + len(json.dumps(floats[0])) + sum(a.nbytes for a in floats[1].values())
+    fixed_bytes = (code_bytes + len(json.dumps(floats[0])) + sum(a.nbytes for a in floats[1].values())
+                   + lqer_bytes(model.state_dict(), cfg.lqer_rank, cfg.lqer_tensors))
     budget = cfg.artifact_limit_bytes - cfg.quant_fit_margin_bytes - fixed_bytes
     options = fit_options(model, cfg, batches)
     for group, choices in options.items():
@@ -1976,9 +2156,9 @@ def run(cfg, sp, val_tokens, device, distributed, log, artifact_path: Path, fp32
         initial_model = copy.deepcopy(model.state_dict())
         initial_opts = [copy.deepcopy(opt.state_dict()) for opt in optimizers]
         warmup_loader = DistributedTokenLoader(cfg, device)
-        for _ in range(cfg.warmup_steps):
+        for i in range(cfg.warmup_steps):  # with recurrence, its graph and the one before it
             set_schedule(0, 1.0)
-            train_step(cfg, model, train_model, optimizers, warmup_loader)
+            train_step(cfg, model, train_model, optimizers, warmup_loader, looped=i % 2 == 1 or not cfg.recur_layers)
         model.load_state_dict(initial_model)
         for opt, state in zip(optimizers, initial_opts):
             opt.load_state_dict(state)
@@ -2016,6 +2196,7 @@ def run(cfg, sp, val_tokens, device, distributed, log, artifact_path: Path, fp32
     telemetry = RouterTelemetry(model, cfg.router_alert_min_load, cfg.router_alert_patience)
     first_nonfinite = torch.zeros((), dtype=torch.int64, device=device)  # step of the first non-finite loss; 0 = none
     train_ms, step, stop_at = 0.0, 0, None
+    looped = not cfg.recur_layers or cfg.recur_start_frac == 0  # depth recurrence switched on
     # A step bar on a terminal only (stderr): never in the log files, nor in redirected output.
     progress = tqdm(total=cfg.iterations, unit="step", leave=False, disable=not (master and sys.stderr.isatty()))
     synchronize(device)
@@ -2025,7 +2206,7 @@ def run(cfg, sp, val_tokens, device, distributed, log, artifact_path: Path, fp32
         if not last and cfg.val_loss_every and step % cfg.val_loss_every == 0:
             synchronize(device)
             train_ms += 1000 * (time.perf_counter() - t0)
-            val_loss, val_bpb = evaluate(eval_losses, val_tokens, tables, cfg, device, stride=0)
+            val_loss, val_bpb = evaluate(lambda x, y: eval_losses(x, y, looped), val_tokens, tables, cfg, device, stride=0)
             log.metrics("val", step=step, val_loss=val_loss, val_bpb=val_bpb, train_time_ms=round(train_ms),
                         step_avg_ms=train_ms / max(step, 1))
             synchronize(device)
@@ -2035,7 +2216,7 @@ def run(cfg, sp, val_tokens, device, distributed, log, artifact_path: Path, fp32
         elapsed_ms = train_ms + 1000 * (time.perf_counter() - t0)
         scale = lr_scale(cfg, step, elapsed_ms, loop_ms)
         set_schedule(step, scale)
-        train_loss = train_step(cfg, model, train_model, optimizers, loader)
+        train_loss = train_step(cfg, model, train_model, optimizers, loader, looped)
         telemetry.accumulate()
         if ema is not None:
             ema.update()
@@ -2055,11 +2236,15 @@ def run(cfg, sp, val_tokens, device, distributed, log, artifact_path: Path, fp32
             telemetry.report(log, step)
         # Stop before a step that would end past the loop's share, not after it: at most one step early.
         reached_cap = elapsed_ms + elapsed_ms / step > loop_ms
+        loop_next = looped or max(step / cfg.iterations, elapsed_ms / loop_ms) >= cfg.recur_start_frac
         if distributed and math.isfinite(loop_ms):
-            # Every rank must stop at the same step or the next collective deadlocks.
-            flag = torch.tensor(int(reached_cap), device=device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            reached_cap = bool(flag.item())
+            # Every rank must stop at the same step, and loop alike, or the next collective deadlocks.
+            flags = torch.tensor([int(reached_cap), int(loop_next)], device=device)
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+            reached_cap, loop_next = map(bool, flags.tolist())
+        if loop_next and not looped:
+            looped = True
+            log.metrics("recurrence", step=step, train_time_ms=round(elapsed_ms), layers=len(layer_order(cfg, True)))
         if reached_cap and stop_at is None:
             stop_at = step
     progress.close()

@@ -33,7 +33,7 @@ class PrintLog:
 
 
 # What a variant may change: the export. Anything else would not fit the checkpoint's weights.
-EXPORT_SETTINGS = re.compile(r"QUANT_\w+|GPTQ_DAMP|CALIBRATION_\w+|ARTIFACT_LIMIT_BYTES")
+EXPORT_SETTINGS = re.compile(r"QUANT_\w+|GPTQ_DAMP|CALIBRATION_\w+|LQER_\w+|ARTIFACT_LIMIT_BYTES")
 
 
 def parse_variant(spec: str) -> tuple[str, dict[str, str]]:

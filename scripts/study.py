@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from make_record import RecordError, pre_export_bpb, read_events
@@ -37,11 +39,12 @@ PREPARE = [sys.executable, "-m", "data.prepare", "--input", str(SHARED / "finewe
 # at 1.55x dense.
 # The MLP and export knobs are pinned to the trainer's defaults when the study ran (dense, 8-bit attention, 6-bit
 # MLPs), which it then replaced with its winner: every configuration stays the run it was.
-COMMON = dict(DATA_PATH=DATA_PATH, TOKENIZER_PATH=TOKENIZER_PATH, TRAIN_BATCH_TOKENS="131072", GRAD_ACCUM_STEPS="2",
-              WARMDOWN_ITERS="250", WARMUP_STEPS="10", VAL_LOSS_EVERY="0", TRAIN_LOG_EVERY="50",
-              MUON_MOMENTUM_WARMUP_STEPS="100", MLP_MODE="dense", MOE_LAYERS="all", EXPERT_HIDDEN="0",
+PROTOCOL = dict(DATA_PATH=DATA_PATH, TOKENIZER_PATH=TOKENIZER_PATH, TRAIN_BATCH_TOKENS="131072", GRAD_ACCUM_STEPS="2",
+                WARMUP_STEPS="10", VAL_LOSS_EVERY="0", TRAIN_LOG_EVERY="50", MUON_MOMENTUM_WARMUP_STEPS="100")
+COMMON = dict(PROTOCOL, MLP_MODE="dense", MOE_LAYERS="all", EXPERT_HIDDEN="0",
               QUANT_ATTN_BITS="8", QUANT_MLP_BITS="6", QUANT_EXPERT_BITS="6", QUANT_METHOD="rtn", QUANT_CLIP_SIGMAS="0",
               NUM_EXPERTS="8", QUANT_FIT="0")
+WARMDOWN_AT_65S = 250  # WARMDOWN_ITERS at 65 s, scaled with the wallclock (and 40% of a fixed-step run)
 # Each configuration: the trainer's env vars on top of COMMON. Every one must end OK on the artifact line: under the
 # cap, bytes spent on experts a token does not use come out of attention's bits and the experts' width.
 MOE_FIT = dict(QUANT_ATTN_BITS="6", QUANT_MLP_BITS="5", QUANT_EXPERT_BITS="5")
@@ -68,6 +71,35 @@ CONFIGS = {
     "moe16_fit": dict(MLP_MODE="sparse", ROUTER="softmax", MOE_LAYERS="1,3,5,7", EXPERT_HIDDEN="256", NUM_EXPERTS="16",
                       QUANT_METHOD="gptq", QUANT_FIT="1", SAVE_FP32="1"),
 }
+# The third study (docs/study.md): the record stack's techniques on today's dense baseline (the README's line) and on
+# today's default MoE, each pinned with every technique off so that later defaults leave these runs as they were.
+TECHNIQUES_OFF = dict(MLP_ACT="relu2", EXPERT_ACT="relu2", ROPE_DIMS="0", XSA_LAST_N="0", LN_SCALE="0", SMEAR_GATE="0",
+                      BIGRAM_BUCKETS="0", ATTN_GATE="0", PARALLEL_LAYERS="none", RECUR_LAYERS="none", MUON_WD="0",
+                      MUON_EQ_R="0", MUON_POLAR_EXPRESS="0", MIN_LR="0", LQER_RANK="0", QK_GAIN_INIT="1.5")
+DENSE_BASELINE = dict(TECHNIQUES_OFF, MLP_MODE="dense", QUANT_FIT="0", QUANT_ATTN_BITS="8", QUANT_MLP_BITS="6")
+MOE_DEFAULT = dict(TECHNIQUES_OFF, MLP_MODE="sparse", MOE_LAYERS="odd", NUM_EXPERTS="16", TOP_K="2", EXPERT_HIDDEN="256",
+                   ROUTER="softmax", QUANT_FIT="1")
+TECHNIQUES = {
+    "leaky": dict(MLP_ACT="leaky_relu2", EXPERT_ACT="leaky_relu2"),
+    "rope16_ln": dict(ROPE_DIMS="16", LN_SCALE="1"),
+    "xsa4": dict(XSA_LAST_N="4"),
+    "smear_bigram": dict(SMEAR_GATE="1", BIGRAM_BUCKETS="2048", BIGRAM_DIM="128"),
+    "attn_gate": dict(ATTN_GATE="1"),
+    "muon_wd": dict(MUON_WD="0.04"),
+    "muon_eqr_polar": dict(MUON_EQ_R="1", MUON_POLAR_EXPRESS="1"),
+    "min_lr": dict(MIN_LR="0.1"),
+    "parallel": dict(PARALLEL_LAYERS="5-8"),
+    "recur": dict(RECUR_LAYERS="3-5", RECUR_LOOPS="1", RECUR_START_FRAC="0.35"),
+    "qk525": dict(QK_GAIN_INIT="5.25"),
+    "lqer": dict(LQER_RANK="4", LQER_TENSORS="3"),
+}
+EVERY_TECHNIQUE = {k: v for settings in TECHNIQUES.values() for k, v in settings.items()}
+NO_RECURRENCE = {**EVERY_TECHNIQUE, "RECUR_LAYERS": "none"}
+THIRD = {"s3_dense": DENSE_BASELINE, "s3_moe": MOE_DEFAULT,
+         **{f"s3_dense_{name}": {**DENSE_BASELINE, **settings} for name, settings in TECHNIQUES.items()},
+         "s3_dense_all": {**DENSE_BASELINE, **EVERY_TECHNIQUE}, "s3_dense_all_norecur": {**DENSE_BASELINE, **NO_RECURRENCE},
+         "s3_moe_all": {**MOE_DEFAULT, **EVERY_TECHNIQUE}, "s3_moe_all_norecur": {**MOE_DEFAULT, **NO_RECURRENCE}}
+ALL = {**CONFIGS, **THIRD}
 SEEDS = (1337, 42)
 
 
@@ -75,9 +107,16 @@ def run_id(config: str, seed: int) -> str:
     return f"study_{config}_s{seed}"
 
 
-def run_env(config: str, seed: int, wallclock: float) -> dict:
-    return {**COMMON, **CONFIGS[config], "SEED": str(seed), "RUN_ID": run_id(config, seed),
-            "MAX_WALLCLOCK_SECONDS": str(wallclock)}
+def run_env(config: str, seed: int, wallclock: float, steps: int = 0) -> dict:
+    """A run's settings: for `wallclock` seconds, or for a fixed number of `steps` with no cap (screening runs, which may
+    share a GPU: at equal steps contention costs time, not quality)."""
+    settings = {**PROTOCOL, **THIRD[config]} if config in THIRD else {**COMMON, **CONFIGS[config]}
+    if steps:
+        length, suffix = dict(ITERATIONS=str(steps), MAX_WALLCLOCK_SECONDS="0", WARMDOWN_ITERS=str(round(0.4 * steps))), f"_n{steps}"
+    else:
+        length = dict(MAX_WALLCLOCK_SECONDS=str(wallclock), WARMDOWN_ITERS=str(round(WARMDOWN_AT_65S * wallclock / 65)))
+        suffix = "" if config not in THIRD or wallclock == 65 else f"_t{wallclock:g}"
+    return {**settings, **length, "SEED": str(seed), "RUN_ID": run_id(config, seed) + suffix}
 
 
 def command_line(env: dict) -> str:
@@ -110,12 +149,14 @@ def summarize(rows: list[dict]) -> dict:
 
 
 def finished_runs(logs: Path, configs=CONFIGS) -> dict[str, dict[str, dict]]:
-    """{config: {run id: figures}} of the finished runs, in configuration and seed-file order."""
+    """{config and run length (s3_dense, s3_dense_n300, s3_dense_t180): {run id: figures}} of the finished runs, in
+    configuration and seed-file order."""
     found = {}
     for config in configs:
-        runs = {p.stem: run_row(p) for p in sorted(logs.glob(f"study_{config}_s*.jsonl"))}
-        if runs := {run: row for run, row in runs.items() if row}:
-            found[config] = runs
+        for path in sorted(logs.glob(f"study_{config}_s*.jsonl")):
+            match = re.fullmatch(rf"study_{config}_s\d+(_n\d+|_t[\d.]+)?", path.stem)
+            if match and (row := run_row(path)):
+                found.setdefault(config + (match.group(1) or ""), {})[path.stem] = row
     return found
 
 
@@ -143,21 +184,51 @@ def results_table(logs: Path, configs=CONFIGS) -> str:
     return "\n".join(lines)
 
 
+def launch(queue: list[dict], parallel: int) -> None:
+    """Each run's trainer, at most `parallel` at a time (each's output then in logs/<RUN_ID>.out); one that fails is
+    reported and the rest go on."""
+    running = []
+
+    def reap(keep: int):
+        while len(running) > keep:
+            for item in running:
+                env, process = item
+                if process.poll() is not None:
+                    running.remove(item)
+                    if process.returncode:
+                        print(f"study failed:{env['RUN_ID']} exit:{process.returncode}", flush=True)
+                    break
+            else:
+                time.sleep(1)
+
+    for env in queue:
+        reap(parallel - 1)
+        print(f"study run:{env['RUN_ID']}", flush=True)
+        out = open(Path("logs") / f"{env['RUN_ID']}.out", "w") if parallel > 1 else None
+        running.append((env, subprocess.Popen([sys.executable, "train_moe.py"], env={**os.environ, **env}, stdout=out,
+                                              stderr=subprocess.STDOUT if out else None)))
+    reap(0)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("action", choices=("prepare", "run", "commands", "table"))
-    parser.add_argument("--only", nargs="+", choices=sorted(CONFIGS), default=list(CONFIGS))
+    parser.add_argument("--only", nargs="+", choices=sorted(ALL), default=list(CONFIGS))
     parser.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS))
     # Dense stepped at 121-122 ms on one H100 (docs/study.md): 65 s is 1.33 passes over the 52.9M training tokens,
     # leaving room under 2 for a step up to a third faster.
     parser.add_argument("--wallclock", type=float, default=65.0, help="MAX_WALLCLOCK_SECONDS of every run")
+    parser.add_argument("--steps", type=int, default=0, help="screening: this many steps, no wallclock cap")
+    parser.add_argument("--parallel", type=int, default=1, help="screening (--steps): runs sharing the GPU at once")
     parser.add_argument("--out", default="", help="table: also write it to this markdown file")
     args = parser.parse_args(argv)
+    if args.parallel > 1 and not args.steps:
+        parser.error("--parallel needs --steps: runs at equal wallclock need the GPU to themselves")
     os.chdir(REPO)
     if args.action == "prepare":
         return subprocess.run(PREPARE).returncode
     if args.action == "table":
-        chosen = {c: CONFIGS[c] for c in args.only}
+        chosen = {c: ALL[c] for c in args.only}
         try:
             table = results_table(Path("logs"), chosen) + "\n\n" + runs_table(Path("logs"), chosen)
         except RecordError as e:
@@ -169,19 +240,19 @@ def main(argv=None) -> int:
         return 0
     if args.action == "run" and not Path(DATA_PATH).is_dir():
         parser.error(f"{DATA_PATH}: no shards; run `python scripts/study.py prepare` first")
+    queue = []
     for seed in args.seeds:  # seed by seed, so a study cut short still has one run of every configuration
         for config in args.only:
-            env = run_env(config, seed, args.wallclock)
+            env = run_env(config, seed, args.wallclock, args.steps)
             log = Path("logs") / f"{env['RUN_ID']}.jsonl"
             if args.action == "commands":
                 print(command_line(env))
             elif log.is_file() and run_row(log):
                 print(f"study skip:{env['RUN_ID']} (finished)", flush=True)
             else:
-                print(f"study run:{env['RUN_ID']}", flush=True)
-                result = subprocess.run([sys.executable, "train_moe.py"], env={**os.environ, **env})
-                if result.returncode:
-                    print(f"study failed:{env['RUN_ID']} exit:{result.returncode}", flush=True)
+                queue.append(env)
+    Path("logs").mkdir(exist_ok=True)
+    launch(queue, args.parallel)
     return 0
 
 

@@ -279,7 +279,7 @@ def test_moe_config_errors(overrides, variable):
 @pytest.mark.parametrize("spec,num_layers,layers", [("all", 5, (0, 1, 2, 3, 4)), ("odd", 5, (1, 3)), ("odd", 9, (1, 3, 5, 7)),
                                                     ("0,2-3", 5, (0, 2, 3))])
 def test_moe_layer_specs(spec, num_layers, layers):
-    assert tm.parse_layers(spec, num_layers) == layers
+    assert tm.parse_layers("MOE_LAYERS", spec, num_layers) == layers
 
 
 def test_auto_expert_sizes_match_dense_active_flops():
