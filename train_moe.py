@@ -1376,7 +1376,7 @@ class GPT(nn.Module):
         if hasattr(self, "bigram"):
             x = x + self.bigram(ids).to(x.dtype)
         x = x0 = rms_norm(self.smear(x, ids) if hasattr(self, "smear") else x)
-        order = self.orders[looped]
+        order = self.orders[1 if looped else 0]
         skips, aux, encoder = [], torch.zeros((), device=ids.device), len(order) // 2
         for i, layer in enumerate(order):
             if i >= encoder and skips:
