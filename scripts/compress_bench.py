@@ -4,9 +4,10 @@
     python scripts/compress_bench.py ... --fp32 artifacts/<RUN_ID>.fp32.pt    # also the challenge's int8 on those weights
 
 Each artifact is decompressed to its payload (the JSON header and the arrays: integer levels, fp16 scales, float
-tensors), laid out again (`as_is`: the trainer's layout; `grouped`: every level array first, then the other arrays
-byte-shuffled, each byte of a value in its own plane; `grouped_cols`: the same with each level matrix stored by
-columns; `grouped_rows_by_scale`: with each matrix's rows in the order of their scales, which a reader recovers
+tensors), laid out again (`header_order`: every array in the header's order, as the trainer wrote them before brotli;
+`grouped`: every level array first, then the other arrays byte-shuffled, each byte of a value in its own plane;
+`grouped_cols`: the same with each level matrix stored by columns; `bits_cols`: those grouped by bits too, the
+trainer's layout; `grouped_rows_by_scale`: each matrix's rows in the order of their scales, which a reader recovers
 from the scales themselves) and compressed with each codec in chunks packed in parallel. Every result is
 decompressed and checked against its input. The order-0 entropy of the levels is printed as the floor that coders
 of independent symbols approach.
@@ -38,7 +39,7 @@ import train_moe as tm  # noqa: E402
 
 # Bytes per independently compressed chunk, so that packing runs on every core: zstd in the trainer's 1 MiB frames
 # (its entropy tables are per frame: 4 MiB frames came 4% larger), the adaptive coders in 4 MiB.
-CHUNK = {"zstd22": tm.ZSTD_FRAME_BYTES}
+CHUNK = {"zstd22": 1 << 20}
 DEFAULT_CHUNK = 4 << 20
 LZMA_IID = [{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME, "lc": 0, "lp": 0, "pb": 0}]
 LZMA_9E = [{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME}]
@@ -64,6 +65,8 @@ def byte_planes(a: np.ndarray) -> bytes:
 
 def layouts(meta: dict, arrays: dict[str, np.ndarray], raw: bytes) -> dict[str, bytes]:
     header = json.dumps(meta, separators=(",", ":")).encode()
+    names = list(meta["tensors"])  # the header's order, each tensor then its own arrays
+    arrays = {n: arrays[n] for n in sorted(arrays, key=lambda n: (names.index(n.split(".scale")[0].split(".lqer")[0]), n))}
     levels = {n: a for n, a in arrays.items() if a.dtype == np.int8}
     rest = b"".join(byte_planes(a) for n, a in arrays.items() if a.dtype != np.int8)
 
@@ -71,11 +74,14 @@ def layouts(meta: dict, arrays: dict[str, np.ndarray], raw: bytes) -> dict[str, 
         scale = arrays[name + ".scale"].astype(np.float32).reshape(-1)
         return a.reshape(len(scale), -1)[np.argsort(scale, kind="stable")]
 
+    def columns(a):
+        return np.ascontiguousarray(a.reshape(-1, a.shape[-1]).T).tobytes()
+
     return {
-        "as_is": raw,
+        "header_order": header + b"".join(np.ascontiguousarray(a).tobytes() for a in arrays.values()),
         "grouped": header + b"".join(a.tobytes() for a in levels.values()) + rest,
-        "grouped_cols": header + b"".join(np.ascontiguousarray(a.reshape(-1, a.shape[-1]).T).tobytes()
-                                          for a in levels.values()) + rest,
+        "grouped_cols": header + b"".join(columns(a) for a in levels.values()) + rest,
+        "bits_cols": raw,
         "grouped_rows_by_scale": header + b"".join(by_scale(n, a).tobytes() for n, a in levels.items()) + rest,
     }
 
@@ -118,7 +124,7 @@ def bench(path: Path, codecs: list[str], threads: int) -> list[dict]:
 def challenge_int8(state: dict[str, torch.Tensor]) -> dict:
     """Bytes of train_gpt.py's int8 export of these weights (its per-row clip, its step floor of 1/127, tensors of up to
     65,536 values kept as fp16), without the floor, and of train_moe.py's 8-bit rounding, each as raw levels and fp16
-    scales under zlib-9 (the challenge's) and zstd-22 frames (the trainer's)."""
+    scales under zlib-9 (the challenge's) and the trainer's compressor."""
     out = {}
     for name, floor in (("challenge_int8", 1 / 127), ("challenge_int8_no_floor", 0.0), ("train_moe_int8", None)):
         parts, rows, floored, params = [], 0, 0, 0
@@ -138,7 +144,7 @@ def challenge_int8(state: dict[str, torch.Tensor]) -> dict:
             rows += t.shape[0]
             parts += [q.to(torch.int8).numpy().tobytes(), scale.half().numpy().tobytes()]
         raw = b"".join(parts)
-        out[name] = dict(zlib9=len(zlib.compress(raw, 9)), zstd22_frames=len(tm.compress_payload(raw)), params=params,
+        out[name] = dict(zlib9=len(zlib.compress(raw, 9)), trainer=len(tm.compress_payload(raw)), params=params,
                          rows=rows, rows_at_floor=floored)
         print(f"bench {name} " + " ".join(f"{k}:{v}" for k, v in out[name].items()), flush=True)
     return out

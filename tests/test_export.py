@@ -139,8 +139,8 @@ def test_each_blocks_experts_are_one_quant_group():
 
 
 @pytest.mark.parametrize("df,bits,clip_sigmas", [(3, 4, 0.0), (5, 5, 0.0), (6, 4, 3.0), (6, 6, 4.0), (30, 8, 12.0)])
-def test_the_byte_estimate_is_close_to_what_zstd_makes_of_the_levels(df, bits, clip_sigmas):
-    """Heavy-tailed rows at 4-5 bits with the least-squares clip are where zstd lands furthest above the entropy; the
+def test_the_byte_estimate_is_close_to_what_the_levels_pack_to(df, bits, clip_sigmas):
+    """Heavy-tailed rows at 4-5 bits with the least-squares clip are where packing lands furthest from the entropy; the
     estimate only guides QUANT_FIT, whose packed bytes decide."""
     torch.manual_seed(df * 10 + bits)
     w = torch.distributions.StudentT(df).sample((2048, 512)) * torch.rand(2048, 1).add(0.5)
