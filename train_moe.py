@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import difflib
 import glob
+import hashlib
 import io
 import itertools
 import json
@@ -518,7 +519,8 @@ def evaluate(token_losses, val_tokens: Tensor, tables, cfg: Hyperparameters, dev
 # EXPORT: per-row quantization by tensor category, zstd, and the 16 MB check
 # -----------------------------------------------------------------------------
 
-ARTIFACT_MAGIC = b"MOEGOLF1"
+# MOEGOLF2: the content carries its SHA-256. MOEGOLF1 artifacts had none: a flipped byte changed the weights unnoticed.
+ARTIFACT_MAGIC, UNCHECKED_MAGIC = b"MOEGOLF2", b"MOEGOLF1"
 CLIP_FRACTIONS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.6)
 QUANTIZED = ("embed", "attn", "mlp", "experts")  # the categories stored as integers, each with its QUANT_*_BITS
 
@@ -684,46 +686,77 @@ ZSTD_FRAME_BYTES = 1 << 20
 
 
 def pack_artifact(header: dict, arrays: dict[str, np.ndarray], model_settings: dict[str, str] | None = None) -> bytes:
-    """MAGIC, header length, JSON header (the tensors, the arrays' layout, the model settings), then raw little-endian
-    arrays in header order; zstd level 22. A flat layout instead of torch.save: no pickle or zip padding for the
-    compressor to carry."""
+    """Sealed (MAGIC, SHA-256 of the rest): header length, JSON header (the tensors, the arrays' layout, the model
+    settings), raw little-endian arrays in header order; then compressed. A flat layout instead of torch.save: no
+    pickle or zip padding for the compressor to carry."""
     layout = {name: {"dtype": a.dtype.str, "shape": list(a.shape)} for name, a in arrays.items()}
     meta = json.dumps({"tensors": header, "arrays": layout, "model": model_settings or {}}, separators=(",", ":")).encode()
     body = b"".join(np.ascontiguousarray(a).tobytes() for a in arrays.values())
-    raw = ARTIFACT_MAGIC + len(meta).to_bytes(4, "little") + meta + body
+    return compress(seal(len(meta).to_bytes(4, "little") + meta + body))
+
+
+def compress(raw: bytes) -> bytes:
     with ThreadPoolExecutor(os.cpu_count()) as pool:
         return b"".join(pool.map(lambda i: zstandard.ZstdCompressor(level=22).compress(raw[i : i + ZSTD_FRAME_BYTES]),
                                  range(0, len(raw), ZSTD_FRAME_BYTES)))
 
 
-def read_artifact(blob: bytes) -> tuple[dict[str, str], dict[str, Tensor]]:
-    """(the model settings it was packed with, the dequantized state dict)."""
+def decompress(blob: bytes) -> bytes:
     frames, rest = [], blob
-    while rest:
-        frame = zstandard.ZstdDecompressor().decompressobj()
-        frames.append(frame.decompress(rest))
-        if not frame.eof:
-            raise ValueError("artifact is truncated (its last zstd frame is incomplete)")
-        rest = frame.unused_data
-    raw = b"".join(frames)
+    try:
+        while rest:
+            frame = zstandard.ZstdDecompressor().decompressobj()
+            frames.append(frame.decompress(rest))
+            if not frame.eof:
+                raise ValueError("corrupt: truncated (its last zstd frame is incomplete)")
+            rest = frame.unused_data
+    except zstandard.ZstdError as e:
+        raise ValueError(f"corrupt, or not a moe-golf artifact: it does not decompress ({e})") from None
+    return b"".join(frames)
+
+
+# The hash is over the uncompressed content, so it holds whatever compresses it. zstd's frame checksums (4 bytes a
+# frame) would add nothing: a changed byte of the compressed stream either fails to decompress or changes the content.
+def seal(content: bytes) -> bytes:
+    return ARTIFACT_MAGIC + hashlib.sha256(content).digest() + content
+
+
+def unseal(raw: bytes) -> bytes:
+    """The content of a sealed artifact, once its SHA-256 matches: a changed byte anywhere (weights, header, model
+    settings) is refused, not loaded as another model."""
+    if raw[:8] == UNCHECKED_MAGIC:
+        raise ValueError("written before artifacts carried a checksum (MOEGOLF1), so it cannot be checked for "
+                         "corruption and is not read; retrain to get a checked artifact")
     if raw[:8] != ARTIFACT_MAGIC:
-        raise ValueError("not a moe-golf artifact (bad magic)")
-    n = int.from_bytes(raw[8:12], "little")
-    meta = json.loads(raw[12 : 12 + n])
-    arrays, offset = {}, 12 + n
-    for name, spec in meta["arrays"].items():
-        dtype = np.dtype(spec["dtype"])
-        count = int(np.prod(spec["shape"]))
-        arrays[name] = np.frombuffer(raw, dtype=dtype, count=count, offset=offset).reshape(spec["shape"])
-        offset += count * dtype.itemsize
-    if offset != len(raw):
-        raise ValueError(f"artifact body is {len(raw) - offset} bytes longer than its header says")
-    state = {}
-    for name, spec in meta["tensors"].items():
-        a = torch.from_numpy(arrays[name].copy())
-        if spec["kind"] == "int":
-            a = dequantize(a, torch.from_numpy(arrays[name + ".scale"].copy()), spec["shape"])
-        state[name] = a.float()
+        raise ValueError("corrupt, or not a moe-golf artifact (it does not start with MOEGOLF2)")
+    if hashlib.sha256(raw[40:]).digest() != raw[8:40]:
+        raise ValueError("corrupt: its content does not match the SHA-256 it was written with")
+    return raw[40:]
+
+
+def read_artifact(blob: bytes) -> tuple[dict[str, str], dict[str, Tensor]]:
+    """(the model settings it was packed with, the dequantized state dict). Every way the bytes can fail to be a
+    checked artifact is a ValueError."""
+    raw = unseal(decompress(blob))
+    try:  # the hash matched, so only a writer other than pack_artifact gets here
+        n = int.from_bytes(raw[:4], "little")
+        meta = json.loads(raw[4 : 4 + n])
+        arrays, offset = {}, 4 + n
+        for name, spec in meta["arrays"].items():
+            arrays[name] = np.frombuffer(raw, np.dtype(spec["dtype"]), math.prod(spec["shape"]), offset).reshape(spec["shape"])
+            offset += arrays[name].nbytes
+        if offset != len(raw):
+            raise ValueError(f"the body is {len(raw) - offset} bytes longer than the header says")
+        state = {}
+        for name, spec in meta["tensors"].items():
+            a = torch.from_numpy(arrays[name].copy())
+            if spec["kind"] == "int":
+                a = dequantize(a, torch.from_numpy(arrays[name + ".scale"].copy()), spec["shape"])
+            state[name] = a.float().reshape(spec["shape"])
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in meta["model"].items()):
+            raise ValueError("its model settings are not names and values")
+    except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as e:
+        raise ValueError(f"its header does not describe its content ({type(e).__name__}: {e})") from None
     return meta["model"], state
 
 
