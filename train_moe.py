@@ -7,6 +7,7 @@ with `error:` and exit 3, an artifact over the cap with exit 4 after it is score
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import difflib
 import glob
@@ -15,6 +16,7 @@ import io
 import itertools
 import json
 import math
+import netrc
 import os
 import platform
 import re
@@ -24,6 +26,7 @@ import subprocess
 import sys
 import time
 import traceback
+import urllib.parse
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -130,16 +133,23 @@ def parse_layers(spec: str, num_layers: int) -> tuple[int, ...]:
         if num_layers < 2:
             raise ConfigError(f"MOE_LAYERS=odd: NUM_LAYERS={num_layers} has no odd layer; use all or 0")
         return tuple(range(1, num_layers, 2))
-    layers = set()
-    try:
-        for part in spec.split(","):
-            lo, _, hi = part.partition("-")
-            layers.update(range(int(lo), int(hi or lo) + 1))
-    except ValueError:
-        raise ConfigError(f"MOE_LAYERS={spec!r}: expected all, odd, or layer indices and ranges like 1,3,5-8") from None
-    if not layers or min(layers) < 0 or max(layers) >= num_layers:
+    ranges = [re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part) for part in spec.split(",")]
+    if not all(ranges) or any(r[2] and int(r[2]) < int(r[1]) for r in ranges):  # "1-" was read as 1, "3-1" as nothing
+        raise ConfigError(f"MOE_LAYERS={spec!r}: expected all, odd, or layer indices and ranges like 1,3,5-8")
+    if max(int(r[2] or r[1]) for r in ranges) >= num_layers:
         raise ConfigError(f"MOE_LAYERS={spec!r}: layers must lie in [0, NUM_LAYERS-1={num_layers - 1}]")
-    return tuple(sorted(layers))
+    return tuple(sorted({layer for r in ranges for layer in range(int(r[1]), int(r[2] or r[1]) + 1)}))
+
+
+def check_wandb(cfg) -> None:
+    """WANDB=1 without credentials (WANDB_API_KEY, the netrc entry of `wandb login`) or WANDB_MODE=offline failed in
+    wandb.init, after the run's logs were created."""
+    env, host = os.environ, urllib.parse.urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
+    with contextlib.suppress(OSError, netrc.NetrcParseError):  # no netrc file, or not one netrc reads
+        if not cfg.wandb or env.get("WANDB_MODE") in ("offline", "disabled") or env.get("WANDB_API_KEY") or \
+                netrc.netrc(env.get("NETRC")).authenticators(host):
+            return
+    raise ConfigError(f"WANDB=1: no wandb credentials for {host}; set WANDB_API_KEY, run `wandb login`, or WANDB_MODE=offline")
 
 
 def _range_text(lo=None, hi=None, above=None, below=None):
@@ -342,8 +352,9 @@ class Hyperparameters:
             for file in files:
                 try:
                     read_shard_header(file)
-                except ValueError as e:
-                    raise ConfigError(f"DATA_PATH={self.data_path!r}: {e}") from None
+                except (ValueError, OSError) as e:  # OSError: a folder named like a shard, an unreadable file
+                    reason = e if isinstance(e, ValueError) else f"{file}: {e.strerror}"
+                    raise ConfigError(f"DATA_PATH={self.data_path!r}: {reason}") from None
             if split == "train":  # later shards are checked as training reaches them
                 check_token_range(load_data_shard(files[0]), self.vocab_size, files[0])
         if not os.path.isfile(self.tokenizer_path):
@@ -363,6 +374,9 @@ class Hyperparameters:
                 raise ConfigError(f"RUN_ID={self.run_id!r}: {path.resolve()} is not a writable folder for this run's files")
         if self.artifact_limit_bytes <= len(SOURCE):
             raise ConfigError(f"ARTIFACT_LIMIT_BYTES={self.artifact_limit_bytes}: train_moe.py alone is {len(SOURCE)} bytes")
+        if self.quant_fit and self.artifact_limit_bytes <= len(SOURCE) + self.quant_fit_margin_bytes:
+            raise ConfigError(f"QUANT_FIT_MARGIN_BYTES={self.quant_fit_margin_bytes}: with train_moe.py's {len(SOURCE)} "
+                              f"bytes it leaves no room for the model under ARTIFACT_LIMIT_BYTES={self.artifact_limit_bytes}")
         if torch.cuda.is_available() and self.local_rank >= torch.cuda.device_count():
             raise ConfigError(f"LOCAL_RANK={self.local_rank}: this machine has {torch.cuda.device_count()} GPUs")
         self._check_memory()
@@ -1717,6 +1731,7 @@ def main():
         cfg = Hyperparameters()
         for warning in cfg.warnings if report else []:
             print(f"config_warning: {warning}", file=sys.stderr)
+        check_wandb(cfg)
         sp, val_tokens = cfg.check_inputs()
         train(cfg, sp, val_tokens)
     except ConfigError as e:

@@ -59,6 +59,25 @@ def artifacts_is_a_file(tiny_data, tmp_path):
     return {}
 
 
+def folder_named_like_a_shard(tiny_data, tmp_path):
+    data = copy_shards(tiny_data, tmp_path / "data")
+    (data / "fineweb_train_000001.bin").mkdir()
+    return {"DATA_PATH": data}
+
+
+def wandb_without_credentials(tiny_data, tmp_path):
+    """No API key, no netrc entry in the (fresh) home folder, not offline: wandb.init would fail after training began."""
+    return {"WANDB": "1", "WANDB_API_KEY": "", "WANDB_MODE": "", "HOME": tmp_path, "NETRC": tmp_path / "none"}
+
+
+def margin_at_the_limit(tiny_data, tmp_path):
+    return {"QUANT_FIT": "1", "ARTIFACT_LIMIT_BYTES": "16000000", "QUANT_FIT_MARGIN_BYTES": "16000000"}
+
+
+def margin_leaving_less_than_the_code(tiny_data, tmp_path):
+    return {"QUANT_FIT": "1", "ARTIFACT_LIMIT_BYTES": str(len(tm.SOURCE) + 1000), "QUANT_FIT_MARGIN_BYTES": "1000"}
+
+
 CHECKS = {
     "zero_token_shard": (zero_token_shard, "config_error: DATA_PATH="),
     "val_token_out_of_range": (val_token_out_of_range, "config_error: VOCAB_SIZE="),
@@ -76,6 +95,11 @@ CHECKS = {
     "model_dim_huge": (lambda d, t: {"MODEL_DIM": "1000000000000"}, "config_error: MODEL_DIM="),
     "model_over_memory": (lambda d, t: {"MODEL_DIM": "16384", "NUM_LAYERS": "256", "NUM_HEADS": "128",
                                         "NUM_KV_HEADS": "128"}, "config_error: MODEL_DIM="),
+    "folder_named_like_a_shard": (folder_named_like_a_shard, "config_error: DATA_PATH="),
+    "wandb_without_credentials": (wandb_without_credentials, "config_error: WANDB=1: no wandb credentials"),
+    "margin_at_the_limit": (margin_at_the_limit, "config_error: QUANT_FIT_MARGIN_BYTES=16000000: "),
+    "margin_leaving_less_than_the_code": (margin_leaving_less_than_the_code, "config_error: QUANT_FIT_MARGIN_BYTES=1000: "),
+    "moe_layers_open_range": (lambda d, t: {"MOE_LAYERS": "1-"}, "config_error: MOE_LAYERS='1-': expected all, odd"),
 }
 
 
