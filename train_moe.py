@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import difflib
+import fcntl
 import glob
 import hashlib
 import io
@@ -22,6 +23,7 @@ import platform
 import re
 import resource
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -64,6 +66,15 @@ class RunFailed(RuntimeError):
     def __init__(self, message: str, status: int):
         super().__init__(message)
         self.status = status
+
+
+class Interrupted(KeyboardInterrupt):  # SIGINT or SIGTERM; a KeyboardInterrupt, so no `except Exception` swallows it
+    def __init__(self, signum: int):
+        super().__init__(f"stopped by {signal.Signals(signum).name}")
+        self.status = 128 + signum
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 class EnvReader:
@@ -778,8 +789,13 @@ def write_artifact(path: Path, blob: bytes) -> None:
     """Through a temporary file: a crash mid-write never leaves a file that looks like a finished artifact."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(blob)
-    os.replace(tmp, path)
+    try:
+        tmp.write_bytes(blob)
+        os.replace(tmp, path)
+    except OSError as e:  # a full disk; a failed write names no file
+        raise OSError(e.errno, e.strerror, e.filename or str(tmp)) from None
+    finally:
+        tmp.unlink(missing_ok=True)  # nothing half-written stays, after a full disk or a signal alike
 
 
 # -----------------------------------------------------------------------------
@@ -1630,13 +1646,13 @@ class RunLog:
     """key:value lines to stdout and logs/<RUN_ID>.txt, the same metrics as JSON lines, and optionally wandb.
     Only rank 0 writes."""
 
-    def __init__(self, cfg: Hyperparameters, master: bool):
+    def __init__(self, cfg: Hyperparameters, master: bool, text_path: Path, json_path: Path):
         self.master, self.wandb, self.step = master, None, 0
         if not master:
             return
         Path("logs").mkdir(exist_ok=True)
-        self.text_file = open(f"logs/{cfg.run_id}.txt", "w", encoding="utf-8")
-        self.json_file = open(f"logs/{cfg.run_id}.jsonl", "w", encoding="utf-8")
+        self.text_file = open(text_path, "w", encoding="utf-8")
+        self.json_file = open(json_path, "w", encoding="utf-8")
         if cfg.wandb:
             import wandb
 
@@ -1647,8 +1663,7 @@ class RunLog:
             if echo:
                 tqdm.write(line)  # above the progress bar, if one is drawn
                 sys.stdout.flush()
-            self.text_file.write(line + "\n")
-            self.text_file.flush()
+            self.write(self.text_file, line)
 
     def metrics(self, event: str, **values):
         """A key:value line in the text log and on stdout, and the same as a JSON line (and wandb)."""
@@ -1660,8 +1675,7 @@ class RunLog:
         """JSON line (and wandb) only: for per-expert vectors too long for a readable text line."""
         if not self.master:
             return
-        self.json_file.write(json.dumps({"event": event, "time": time.time(), **values}) + "\n")
-        self.json_file.flush()
+        self.write(self.json_file, json.dumps({"event": event, "time": time.time(), **values}))
         if self.wandb is not None:
             prefix = f"{event}/layer{values['layer']}/" if "layer" in values else f"{event}/"
             numbers = {}
@@ -1673,6 +1687,14 @@ class RunLog:
             # wandb refuses a step below its last one: events without a step (model, final scores) take the latest.
             self.step = values.get("step", self.step)
             self.wandb.log(numbers, step=self.step)
+
+    @staticmethod
+    def write(file, line: str):
+        try:
+            file.write(line + "\n")
+            file.flush()
+        except OSError as e:  # a full disk: the run stops now, not after training; a failed flush names no file
+            raise OSError(e.errno, e.strerror, file.name) from None
 
     def close(self):
         if self.master:
@@ -1725,8 +1747,14 @@ def eta_seconds(cfg: Hyperparameters, step: int, elapsed_ms: float) -> float:
     return left_ms / 1000
 
 
+def _interrupt(signum, frame):
+    raise Interrupted(signum)
+
+
 def main():
     report = os.environ.get("RANK", "0") == "0"  # under torchrun every rank stops alike; rank 0 says why
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, _interrupt)
     try:
         cfg = Hyperparameters()
         for warning in cfg.warnings if report else []:
@@ -1738,10 +1766,10 @@ def main():
         if report:
             print(f"config_error: {e}", file=sys.stderr)
         sys.exit(2)
-    except RunFailed as e:
+    except (RunFailed, Interrupted, OSError) as e:
         if report:
-            print(f"error: {e}", file=sys.stderr)
-        sys.exit(e.status)
+            print(f"error: {e.filename}: {e.strerror}" if isinstance(e, OSError) else f"error: {e}", file=sys.stderr)
+        sys.exit(getattr(e, "status", 1))
 
 
 def master_decides(value, distributed: bool):
@@ -1811,27 +1839,83 @@ def export_artifact(model: GPT, cfg: Hyperparameters, loader, code_bytes: int, l
                     f"QUANT_FIT_MARGIN_BYTES={cfg.quant_fit_margin_bytes:,} after 3 fits", 4)
 
 
+def in_progress(path: Path) -> Path:
+    """Where a run writes one of its files until it has succeeded: a failed run never replaces a finished one's."""
+    return path.with_name(path.name + ".partial")
+
+
+@contextlib.contextmanager
+def run_lock(path: Path, master: bool, distributed: bool):
+    """logs/<RUN_ID>.lock, locked by rank 0 while the run lasts: two runs of one RUN_ID would write the same files. The
+    OS frees the lock however the run ends (killed too), so none goes stale. The file stays, with the last run's pid:
+    removed, a run waiting on it could lock a file that a third run no longer sees."""
+    lock, refusal = None, None
+    if master:
+        try:
+            path.parent.mkdir(exist_ok=True)
+            lock = open(path, "a+")
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            lock.truncate(0)
+            lock.write(str(os.getpid()))
+            lock.flush()
+        except BlockingIOError:
+            lock.seek(0)
+            refusal = f"process {lock.read() or '(starting)'} is running it (lock {path}); wait, or choose another RUN_ID"
+        except OSError as e:  # a full disk
+            refusal = f"{path}: {e.strerror}"
+    try:
+        if refusal := master_decides(refusal, distributed):
+            raise ConfigError(f"RUN_ID={path.stem}: {refusal}")
+        yield
+    finally:
+        if lock is not None:
+            lock.close()
+
+
+def settle_files(final: list[Path], succeeded: bool) -> None:
+    """A run's files take their final names (replacing an earlier run's) only once it has succeeded. A failed run's
+    artifact and checkpoint go; its logs take the final names unless a run that succeeded (its artifact) has them."""
+    logs, finished_before = final[:2], final[2].exists()
+    for path in final:
+        if succeeded or (path in logs and not finished_before):
+            os.replace(in_progress(path), path) if in_progress(path).exists() else path.unlink(missing_ok=True)
+        elif path not in logs:
+            in_progress(path).unlink(missing_ok=True)
+
+
 def train(cfg: Hyperparameters, sp: spm.SentencePieceProcessor, val_tokens: Tensor):
     device, distributed = init_device(cfg)
     master = cfg.rank == 0
     # Every rank must agree on the run id: it names the artifact that all ranks read back.
     cfg.run_id = master_decides(cfg.run_id or f"{time.strftime('%Y%m%d_%H%M%S')}_{uuid.uuid4().hex[:6]}", distributed)
-    artifact_path = Path("artifacts") / f"{cfg.run_id}.moe.zst"
-    fp32_path = Path("artifacts") / f"{cfg.run_id}.fp32.pt"
-    if master:
-        for stale in (artifact_path, fp32_path):  # an earlier run's files must not pass for this run's
-            stale.unlink(missing_ok=True)
-
-    log = RunLog(cfg, master)
+    final = [Path("logs") / f"{cfg.run_id}.txt", Path("logs") / f"{cfg.run_id}.jsonl",
+             Path("artifacts") / f"{cfg.run_id}.moe.zst", Path("artifacts") / f"{cfg.run_id}.fp32.pt"]
+    log, succeeded = None, False
     try:
-        run(cfg, sp, val_tokens, device, distributed, log, artifact_path, fp32_path)
-    except (ConfigError, RunFailed) as e:  # a later shard, a diverged run, an export that failed: in the log too
-        log.text(f"{'error' if isinstance(e, RunFailed) else 'config_error'}: {e}", echo=False)
-        log.record("error", message=str(e), status=e.status if isinstance(e, RunFailed) else 2)
-        traceback.clear_frames(e.__traceback__)  # frees the DDP model before its process group goes (see run's end)
-        raise
+        with run_lock(Path("logs") / f"{cfg.run_id}.lock", master, distributed):
+            try:
+                log = RunLog(cfg, master, *map(in_progress, final[:2]))
+                run(cfg, sp, val_tokens, device, distributed, log, final[2], final[3])
+                succeeded = True
+            except (ConfigError, RunFailed, Interrupted, OSError) as e:  # a later shard, a diverged run, a signal: logged
+                failure = RunFailed(f"{e.filename}: {e.strerror}", 1) if isinstance(e, OSError) else e
+                if log is not None:
+                    with contextlib.suppress(OSError):  # a full disk may refuse either log
+                        log.record("error", message=str(failure), status=getattr(failure, "status", 2))
+                    with contextlib.suppress(OSError):
+                        log.text(f"{'config_error' if isinstance(e, ConfigError) else 'error'}: {failure}", echo=False)
+                traceback.clear_frames(e.__traceback__)  # frees the DDP model before its process group goes (see run's end)
+                raise failure from None
+            finally:
+                handlers = [signal.signal(sig, signal.SIG_IGN) for sig in STOP_SIGNALS]  # settling is not cut short
+                with contextlib.suppress(OSError):
+                    if log is not None:
+                        log.close()
+                if master:
+                    settle_files(final, succeeded)
+                for sig, handler in zip(STOP_SIGNALS, handlers):
+                    signal.signal(sig, handler)
     finally:
-        log.close()
         if distributed:
             dist.destroy_process_group()
 
@@ -1964,14 +2048,15 @@ def run(cfg, sp, val_tokens, device, distributed, log, artifact_path: Path, fp32
             if cfg.save_fp32:
                 buffer = io.BytesIO()
                 torch.save({"settings": cfg.settings, "state": export_model.state_dict()}, buffer)
-                write_artifact(fp32_path, buffer.getvalue())
+                write_artifact(in_progress(fp32_path), buffer.getvalue())
             bits, blob, calibration_seconds, export_seconds = export_artifact(export_model, cfg, loader, code_bytes, log)
+            write_artifact(in_progress(artifact_path), blob)
             calibration_ms = 1000 * calibration_seconds
             log.metrics("export_bits", **{f"{c}_bits": b for c, b in bits.items()}, method=cfg.quant_method,
                         clip_sigmas=cfg.quant_clip_sigmas, calibration_ms=round(calibration_ms),
                         reserved_ms=round(1000 * cfg.calibration_seconds) if cfg.calibrates else 0)
-        except RunFailed as e:
-            failure = (str(e), e.status)
+        except (RunFailed, OSError) as e:  # OSError: a full disk
+            failure = (str(e), e.status) if isinstance(e, RunFailed) else (f"{e.filename}: {e.strerror}", 1)
     failure = master_decides(failure, distributed)
     if failure:
         raise RunFailed(*failure)
@@ -1994,22 +2079,23 @@ def run(cfg, sp, val_tokens, device, distributed, log, artifact_path: Path, fp32
         log.metrics("final_ema", **final_eval(eval_losses))
 
     # Score what was written: the roundtrip score is the official one.
-    if master:
-        write_artifact(artifact_path, blob)
     if distributed:
         dist.barrier()
     fresh = GPT(cfg).to(device)
-    fresh.load_state_dict(read_artifact(artifact_path.read_bytes())[1])
+    try:
+        fresh.load_state_dict(read_artifact(in_progress(artifact_path).read_bytes())[1])
+    except ValueError as e:  # the disk gave back other bytes than were written
+        raise RunFailed(f"{in_progress(artifact_path)}: {e}", 1) from None
     roundtrip = final_eval(compiled(fresh.token_losses, cfg))
     if master:
-        model_bytes = artifact_path.stat().st_size
+        model_bytes = in_progress(artifact_path).stat().st_size
         total = code_bytes + model_bytes
         finite = math.isfinite(roundtrip["val_loss"]) and math.isfinite(roundtrip["val_bpb"])
         status = "FAILED" if not finite else "OK" if total <= cfg.artifact_limit_bytes else "OVER"
-        if status == "FAILED":
-            artifact_path.unlink()  # a model that scores NaN must not be mistaken for an artifact
+        # path: where it will be once the run has succeeded; sha256: what make_record checks it against.
         log.metrics("artifact", code_bytes=code_bytes, model_bytes=model_bytes, artifact_bytes=total,
-                    limit=cfg.artifact_limit_bytes, status=status, path=str(artifact_path), export_seconds=export_seconds)
+                    limit=cfg.artifact_limit_bytes, status=status, path=str(artifact_path), export_seconds=export_seconds,
+                    sha256=hashlib.sha256(blob).hexdigest())
         log.metrics("final_roundtrip", **roundtrip)
         failure = {"OK": None, "FAILED": ("the exported model's roundtrip score is not finite", 3),
                    "OVER": (f"artifact {total:,} bytes is over ARTIFACT_LIMIT_BYTES={cfg.artifact_limit_bytes:,}", 4)}[status]
