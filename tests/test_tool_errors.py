@@ -4,6 +4,7 @@ nothing: one table per tool, each case run as a user would (a single fault each)
 compared byte for byte before and after."""
 import argparse
 import gzip
+import hashlib
 import json
 import os
 import shutil
@@ -15,6 +16,7 @@ from pathlib import Path
 import pytest
 import zstandard
 
+import train_moe as tm
 from conftest import REPO
 from data import prepare
 from data.shards import read_shard
@@ -225,14 +227,20 @@ def write_run(logs: Path, run_id: str, seed: int) -> None:
               dict(event="final_raw", val_loss=2.6, val_bpb=bpb - 0.02),
               dict(event="final_ema", val_loss=2.6, val_bpb=bpb - 0.01),
               dict(event="artifact", code_bytes=len(SOURCE), model_bytes=5000, artifact_bytes=5000 + len(SOURCE),
-                   status="OK", path=f"artifacts/{run_id}.moe.zst"),
+                   status="OK", path=f"artifacts/{run_id}.moe.zst", sha256=hashlib.sha256(run_id.encode()).hexdigest()),
               dict(event="final_roundtrip", val_loss=2.6, val_bpb=bpb)]
+    text += "".join(metric_line(e) + "\n" for e in events if e["event"] != "router").encode()  # router: .jsonl only
     (logs / f"{run_id}.txt").write_bytes(text)
     (logs / f"{run_id}.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
 
 
-def edit_event(path: Path, event: str, **changes) -> None:
-    """Set (or DROP) fields of every `event` line of a .jsonl log; NaN and Infinity written as the trainer would."""
+def metric_line(event: dict) -> str:
+    """An event as the trainer's text log shows it: `name key:value ...`."""
+    return f"{event['event']} " + " ".join(f"{k}:{tm._show(k, v)}" for k, v in event.items() if k not in ("event", "time"))
+
+
+def tamper(path: Path, event: str, **changes) -> None:
+    """Set (or DROP) fields of every `event` line of a .jsonl log alone; NaN and Infinity written as the trainer would."""
     lines = [json.loads(line) for line in path.read_text().splitlines()]
     for line in lines:
         if line["event"] == event:
@@ -240,6 +248,19 @@ def edit_event(path: Path, event: str, **changes) -> None:
             for key in [k for k, v in changes.items() if v == DROP]:
                 del line[key]
     path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+
+
+def edit_event(path: Path, event: str, **changes) -> None:
+    """tamper, and the same change to the text log's line of the event: the logs of a run that logged these figures."""
+    tamper(path, event, **changes)
+    record = next((json.loads(line) for line in path.read_text().splitlines() if json.loads(line)["event"] == event), None)
+    text_path = path.with_suffix(".txt")
+    lines = text_path.read_bytes().split(b"\n")
+    start = max(i for i, line in enumerate(lines) if line == b"=" * 100)
+    for i in range(start, len(lines)):
+        if record is not None and lines[i].startswith(f"{event} ".encode()):
+            lines[i] = metric_line(record).encode()
+    text_path.write_bytes(b"\n".join(lines))
 
 
 def drop_event(path: Path, event: str) -> None:
@@ -308,8 +329,8 @@ MAKE_RECORD_CASES = {
     "failed export": (lambda logs: (edit_event(logs / "r1.jsonl", "artifact", status="FAILED"),  # as the trainer logs it
                                     edit_event(logs / "r1.jsonl", "final_roundtrip", val_bpb=float("nan"))), (),
                       "r1.jsonl: artifact status 'FAILED': the run failed"),
-    "over the cap": (lambda logs: edit_event(logs / "r1.jsonl", "artifact", status="OVER", artifact_bytes=16_000_001),
-                     (), "over the 16,000,000-byte cap"),
+    "over the cap": (lambda logs: edit_event(logs / "r1.jsonl", "artifact", status="OVER", artifact_bytes=16_000_001,
+                                             model_bytes=16_000_001 - len(SOURCE)), (), "over the 16,000,000-byte cap"),
     "router layer a string": (lambda logs: append(logs / "r1.jsonl", b'{"event": "router", "layer": "x"}\n'), (),
                               'router layer is "x"'),
     "router load not numbers": (lambda logs: edit_event(logs / "r1.jsonl", "router", load=["abc"]), (),
@@ -318,8 +339,57 @@ MAKE_RECORD_CASES = {
     "run log a folder": (lambda logs: ((logs / "r2.txt").unlink(), (logs / "r2.txt").mkdir()), (), "is not a file"),
     "NaN baseline": (lambda logs: None, ("--baseline-loss", "nan", "2.0"), "--baseline-loss nan 2.0"),
     "name without letters": (lambda logs: None, ("--name", "!!!"), "--name '!!!'"),
-    "same seed twice": (lambda logs: (logs / "r2.txt").write_bytes((logs / "r1.txt").read_bytes()), (), "same seed"),
+    "same seed twice": (lambda logs: [(logs / f"r2{ext}").write_bytes((logs / f"r1{ext}").read_bytes())
+                                      for ext in (".txt", ".jsonl")], (), "same seed"),
     "records is a file": (lambda logs: (logs.parent / "records").write_bytes(b"a file"), (), "records"),
+    # The .jsonl against the text log's own lines, and the artifact against its logged size and hash.
+    "edited score": (lambda logs: tamper(logs / "r1.jsonl", "final_roundtrip", val_bpb=1.2), (),
+                     f"{Path('logs/r1.jsonl')}: final_roundtrip val_bpb is 1.2, but {Path('logs/r1.txt')} logs "
+                     "val_bpb:1.51000000"),
+    "edited pre-export score": (lambda logs: tamper(logs / "r2.jsonl", "final_ema", val_loss=2.5999), (),
+                                "final_ema val_loss is 2.5999, but"),
+    "edited raw score": (lambda logs: tamper(logs / "r1.jsonl", "final_raw", val_bpb=1.48000001), (),
+                         "final_raw val_bpb is 1.48000001, but"),
+    "edited steps": (lambda logs: tamper(logs / "r1.jsonl", "train_done", steps=11), (), "train_done steps is 11, but"),
+    "edited time": (lambda logs: tamper(logs / "r1.jsonl", "train_done", train_time_ms=899), (),
+                    "train_done train_time_ms is 899, but"),
+    "edited parameters": (lambda logs: tamper(logs / "r1.jsonl", "model", active_params=500), (),
+                          "model active_params is 500, but"),
+    "edited model bytes, no artifact": (lambda logs: tamper(logs / "r1.jsonl", "artifact", model_bytes=100), (),
+                                        "artifact model_bytes is 100, but"),
+    "edited artifact hash": (lambda logs: tamper(logs / "r1.jsonl", "artifact", sha256="0" * 64), (),
+                             "artifact sha256 is \"000"),
+    "edited status": (lambda logs: (edit_event(logs / "r1.jsonl", "artifact", status="OVER"),
+                                    tamper(logs / "r1.jsonl", "artifact", status="OK")), (), "artifact status is \"OK\""),
+    "text log shows another score": (lambda logs: edit_bytes(logs / "r2.txt", b"val_bpb:1.52000000", b"val_bpb:1.42000000"),
+                                     (), "final_roundtrip val_bpb is 1.52, but"),
+    "text log without the score": (lambda logs: edit_bytes(logs / "r1.txt", b"\nfinal_roundtrip ", b"\nfinal_roundtrip_ "), (),
+                                   "has 0 `final_roundtrip` lines"),
+    "better score appended": (lambda logs: append(logs / "r1.jsonl", b'{"event": "final_roundtrip", "val_loss": 2.0, '
+                                                                      b'"val_bpb": 1.2}\n'), (),
+                              "r1.jsonl:9: a second final_roundtrip event (the first is on line 8); a run logs one"),
+    "second artifact appended": (lambda logs: append(logs / "r2.jsonl", (logs / "r2.jsonl").read_bytes().splitlines(True)[6]),
+                                 (), "r2.jsonl:9: a second artifact event (the first is on line 7)"),
+    "better score appended to both": (lambda logs: [append(logs / f"r1{ext}", line) for ext, line in (
+        (".jsonl", b'{"event": "final_roundtrip", "val_loss": 2.0, "val_bpb": 1.2}\n'),
+        (".txt", b"final_roundtrip val_loss:2.00000000 val_bpb:1.20000000\n"))], (), "a second final_roundtrip event"),
+    "better score line in the text log": (lambda logs: append(logs / "r1.txt", b"final_roundtrip val_loss:2.0 val_bpb:1.2\n"),
+                                          (), "r1.txt has 2 `final_roundtrip` lines"),
+    "error after the scores": (lambda logs: append(logs / "r1.jsonl", b'{"event": "error", "message": "stopped by SIGINT", '
+                                                                       b'"status": 130}\n'), (),
+                               "r1.jsonl: the run failed: stopped by SIGINT"),
+    "no artifact hash (an older log)": (lambda logs: edit_event(logs / "r1.jsonl", "artifact", sha256=DROP), (),
+                                        "artifact has no sha256"),
+    "artifact hash not a hash": (lambda logs: edit_event(logs / "r1.jsonl", "artifact", sha256="abc"), (),
+                                 'artifact sha256 is "abc", not a SHA-256 (64 hex digits)'),
+    "bytes that do not add up": (lambda logs: edit_event(logs / "r1.jsonl", "artifact", artifact_bytes=9999), (),
+                                 "artifact_bytes 9999 is not code_bytes 32 + model_bytes 5000"),
+    "artifact of another size": (lambda logs: make_files(logs.parent, {"artifacts/r1.moe.zst": b"x" * 4999}), (),
+                                 f"{Path('artifacts/r1.moe.zst')} is 4999 bytes, the log says 5000"),
+    "another run's artifact": (lambda logs: make_files(logs.parent, {"artifacts/r1.moe.zst": b"x" * 5000}), (),
+                               f"{Path('artifacts/r1.moe.zst')} is not this run's artifact: its SHA-256 is "
+                               f"{hashlib.sha256(b'x' * 5000).hexdigest()}, the log says "
+                               f"{hashlib.sha256(b'r1').hexdigest()}"),
 }
 
 
@@ -387,6 +457,17 @@ CHECK_RECORD_CASES = {  # fault, fragment, whether it is the only problem
                    "r1.jsonl: artifact status 'FAILED'", False),
     "log a folder": (lambda f: ((f / "r3.jsonl").mkdir(), (f / "r3.txt").write_bytes((f / "r1.txt").read_bytes())),
                      "r3.jsonl: cannot be read", True),
+    "edited score in a log": (lambda f: tamper(f / "r1.jsonl", "final_roundtrip", val_bpb=1.2),
+                              "r1.jsonl: final_roundtrip val_bpb is 1.2, but r1.txt logs val_bpb:1.51000000", False),
+    "edited model bytes in a log": (lambda f: tamper(f / "r2.jsonl", "artifact", model_bytes=100),
+                                    "r2.jsonl: artifact model_bytes is 100, but r2.txt logs model_bytes:5000", False),
+    "better score appended to a log": (lambda f: append(f / "r1.jsonl", b'{"event": "final_roundtrip", "val_loss": 2.0, '
+                                                                         b'"val_bpb": 1.2}\n'),
+                                       "r1.jsonl:9: a second final_roundtrip event", False),
+    "better score line in a text log": (lambda f: append(f / "r2.txt", b"final_roundtrip val_loss:2.0 val_bpb:1.2\n"),
+                                        "r2.txt has 2 `final_roundtrip` lines", False),
+    "error in a log": (lambda f: append(f / "r2.jsonl", b'{"event": "error", "message": "stopped by SIGTERM", "status": 143}\n'),
+                       "r2.jsonl: the run failed: stopped by SIGTERM", False),
 }
 
 
