@@ -14,6 +14,8 @@ import time
 from pathlib import Path
 
 import pytest
+import safetensors.torch
+import torch
 import zstandard
 
 import train_moe as tm
@@ -22,6 +24,7 @@ from data import prepare
 from data.shards import read_shard
 
 sys.path.insert(0, str(REPO / "scripts"))
+import hf_layouts  # noqa: E402
 import make_record  # noqa: E402
 
 TOKENIZER = "<the tiny_data tokenizer>"  # stands for that file's bytes in a table, which fixtures cannot reach
@@ -103,6 +106,10 @@ PREPARE_CASES = {
     "truncated gz": ({"in.jsonl.gz": GZ[:len(GZ) // 2]}, prepare_args("in.jsonl.gz"), "in.jsonl.gz cannot be read"),
     "corrupt gz": ({"in.jsonl.gz": b"not gzip" * 8}, prepare_args("in.jsonl.gz"), "in.jsonl.gz cannot be read"),
     "not utf-8": ({"in.txt": "café\n".encode("latin-1")}, prepare_args("in.txt"), "line 1: not UTF-8"),
+    "lone surrogate": ({"in.jsonl": JSONL + b'{"text": "half a pair \\ud83d here"}\n'}, prepare_args("in.jsonl"),
+                       "in.jsonl line 13: 'text' holds a lone surrogate (\\ud83d), which is no text"),
+    "lone low surrogate in an array": ({"in.json": b'[{"text": "a"}, {"text": "\\udc00"}]'}, prepare_args("in.json"),
+                                       "item 2: 'text' holds a lone surrogate (\\udc00)"),
     "corrupt parquet": ({"in.parquet": b"PAR1 and nothing"}, prepare_args("in.parquet"), "in.parquet cannot be read"),
     "unsupported type": ({"in.csv": b"text\nhello\n"}, prepare_args("in.csv"), "unsupported file type"),
     "input is a folder": ({"in": None}, prepare_args("in"), "is not a file"),
@@ -156,6 +163,48 @@ def test_prepare_failed_write_keeps_the_earlier_output(tmp_path, monkeypatch):
     assert str(exit_info.value.code).startswith("error: ") and "No space left on device" in exit_info.value.code
     assert tree(tmp_path) == before
     assert read_shard(tmp_path / "out/fineweb_val_000000.bin")[0] == 1
+
+
+# --- scripts/hf_layouts.py -----------------------------------------------------------------------------------------
+
+def exported_folder(config: bytes, weights: bytes | None = None) -> dict:
+    """A folder as export_hf.py writes one, but for config.json (and model.safetensors, when given)."""
+    if weights is None:
+        weights = safetensors.torch.save({"model.embed_tokens.weight": torch.zeros(4, 2)})
+    return {"exported/config.json": config, "exported/model.safetensors": weights}
+
+
+HF_LAYOUTS_CASES = {
+    "config a list": (exported_folder(b"[]"), "config.json: not export_hf.py's config (a JSON object whose num_experts"),
+    "config not JSON": (exported_folder(b"{oops"), "config.json: not JSON"),
+    "config not UTF-8": (exported_folder(b'{"a": "\xff"}'), "config.json: not JSON"),
+    "num_experts a string": (exported_folder(b'{"num_experts": "4"}'), "config.json: not export_hf.py's config"),
+    "num_experts zero": (exported_folder(b'{"num_experts": 0}'), "config.json: not export_hf.py's config"),
+    "weights not safetensors": (exported_folder(b"{}", b"not safetensors"), "model.safetensors: not a safetensors file"),
+}
+
+
+@pytest.mark.parametrize("files, fragment", HF_LAYOUTS_CASES.values(), ids=HF_LAYOUTS_CASES)
+def test_hf_layouts_refuses(files, fragment, tmp_path):
+    make_files(tmp_path, files)
+    before = tree(tmp_path)
+    assert_refused(run_tool([REPO / "scripts/hf_layouts.py", "exported", "--to", "mlx", "--out", "new"], tmp_path), fragment)
+    assert tree(tmp_path) == before
+
+
+def test_hf_layouts_on_a_full_disk_leaves_no_folder(tmp_path, monkeypatch, capsys):
+    make_files(tmp_path, exported_folder(b"{}"))
+    monkeypatch.chdir(tmp_path)
+    before = tree(tmp_path)
+
+    def full_disk(state, path, metadata=None):
+        Path(path).write_bytes(b"half")
+        raise OSError(28, "No space left on device", str(path))
+
+    monkeypatch.setattr(hf_layouts, "save_file", full_disk)
+    assert hf_layouts.main(["exported", "--to", "mlx", "--out", "new"]) == 1
+    assert capsys.readouterr().err.startswith("error: [Errno 28] No space left on device: ")
+    assert tree(tmp_path) == before  # no staging folder, no new/
 
 
 # --- data.download --------------------------------------------------------------------------------------------------
