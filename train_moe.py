@@ -3,9 +3,19 @@
 Launch:  RUN_ID=x DATA_PATH=... torchrun --standalone --nproc_per_node=8 train_moe.py   (or: python train_moe.py)
 Every knob is an environment variable read once at start (table in README.md). Bad values or data stop the run with
 one `config_error:` line (exit 2) before any file is touched or anything compiled; a loss gone non-finite ends it
-with `error:` and exit 3, an artifact over the cap with exit 4 after it is scored.
+with `error:` and exit 3, an artifact over the cap with exit 4 after it is scored, Ctrl-C or SIGTERM with 130 or 143.
+A run's files take their final names only once it has succeeded (docs/integrity.md).
 """
 from __future__ import annotations
+
+import signal
+
+# Ctrl-C or SIGTERM while the libraries import (seconds) is kept for main to raise: raised amid an import, it ended in
+# a traceback (or, for SIGTERM, in no line at all).
+STOPPED_IMPORTING = []
+if __name__ == "__main__":
+    for _signal in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(_signal, lambda signum, frame: STOPPED_IMPORTING.append(signum))
 
 import contextlib
 import copy
@@ -23,7 +33,6 @@ import platform
 import re
 import resource
 import shlex
-import signal
 import subprocess
 import sys
 import time
@@ -1756,6 +1765,8 @@ def main():
     for sig in STOP_SIGNALS:
         signal.signal(sig, _interrupt)
     try:
+        for sig in STOPPED_IMPORTING[:1]:
+            signal.raise_signal(sig)
         cfg = Hyperparameters()
         for warning in cfg.warnings if report else []:
             print(f"config_warning: {warning}", file=sys.stderr)

@@ -374,6 +374,26 @@ def test_a_signal_during_export_leaves_no_unscored_artifact(stage, sig, finished
     assert_finished_run_intact(tmp_path, earlier, 128 + sig)
 
 
+def came_while_importing(monkeypatch, sig):
+    monkeypatch.setattr(tm, "STOPPED_IMPORTING", [sig])  # as train_moe.py's handler keeps it while torch imports
+
+
+BEFORE_THE_RUN = {
+    "while the libraries import": came_while_importing,
+    "checking the inputs": signal_at(tm.Hyperparameters, "check_inputs", 1),
+}
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+@pytest.mark.parametrize("stage", BEFORE_THE_RUN.values(), ids=BEFORE_THE_RUN)
+def test_a_signal_before_the_run_starts_writes_nothing(stage, sig, finished_run, tiny_data, tmp_path, monkeypatch, capsys):
+    earlier = with_finished_run(finished_run, tmp_path)
+    stage(monkeypatch, sig)
+    status, err = main_in_process(tmp_path, tiny_env(tiny_data, RUN_ID="again", ITERATIONS=3), monkeypatch, capsys)
+    assert status == 128 + sig and err == [f"error: stopped by {sig.name}"]
+    assert files(tmp_path) == earlier
+
+
 def test_an_artifact_that_reads_back_changed_is_not_scored(finished_run, tiny_data, tmp_path, monkeypatch, capsys):
     """The disk gives back other bytes than the trainer wrote: its own reader refuses them, as the tools do."""
     earlier = with_finished_run(finished_run, tmp_path)
