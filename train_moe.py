@@ -23,6 +23,7 @@ import difflib
 import fcntl
 import glob
 import hashlib
+import importlib.util
 import io
 import itertools
 import json
@@ -164,6 +165,8 @@ def parse_layers(spec: str, num_layers: int) -> tuple[int, ...]:
 def check_wandb(cfg) -> None:
     """WANDB=1 without credentials (WANDB_API_KEY, the netrc entry of `wandb login`) or WANDB_MODE=offline failed in
     wandb.init, after the run's logs were created."""
+    if cfg.wandb and importlib.util.find_spec("wandb") is None:
+        raise ConfigError("WANDB=1: wandb is not installed (pip install wandb)")
     env, host = os.environ, urllib.parse.urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
     with contextlib.suppress(OSError, netrc.NetrcParseError):  # no netrc file, or not one netrc reads
         if not cfg.wandb or env.get("WANDB_MODE") in ("offline", "disabled") or env.get("WANDB_API_KEY") or \
@@ -1665,7 +1668,10 @@ class RunLog:
         if cfg.wandb:
             import wandb
 
-            self.wandb = wandb.init(project=os.environ.get("WANDB_PROJECT", "moe-golf"), name=cfg.run_id, config=vars(cfg))
+            try:
+                self.wandb = wandb.init(project=os.environ.get("WANDB_PROJECT", "moe-golf"), name=cfg.run_id, config=vars(cfg))
+            except Exception as e:  # wandb's own errors: the server unreachable, the key refused
+                raise RunFailed(f"WANDB=1: wandb.init failed ({' '.join(str(e).split())[:300]})", 1) from None
 
     def text(self, line: str, echo: bool = True):
         if self.master:
