@@ -3,19 +3,34 @@
 Launch:  RUN_ID=x DATA_PATH=... torchrun --standalone --nproc_per_node=8 train_moe.py   (or: python train_moe.py)
 Every knob is an environment variable read once at start (table in README.md). Bad values or data stop the run with
 one `config_error:` line (exit 2) before any file is touched or anything compiled; a loss gone non-finite ends it
-with `error:` and exit 3, an artifact over the cap with exit 4 after it is scored.
+with `error:` and exit 3, an artifact over the cap with exit 4 after it is scored, Ctrl-C or SIGTERM with 130 or 143.
+A run's files take their final names only once it has succeeded (docs/integrity.md).
 """
 from __future__ import annotations
 
+import signal
+
+# Ctrl-C or SIGTERM while the libraries import (seconds) is kept for main to raise: raised amid an import, it ended in
+# a traceback (or, for SIGTERM, in no line at all).
+STOPPED_IMPORTING = []
+if __name__ == "__main__":
+    for _signal in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(_signal, lambda signum, frame: STOPPED_IMPORTING.append(signum))
+
 import base64
 import bz2
+import contextlib
 import copy
 import difflib
+import fcntl
 import glob
+import hashlib
+import importlib.util
 import io
 import itertools
 import json
 import math
+import netrc
 import os
 import platform
 import re
@@ -25,6 +40,7 @@ import subprocess
 import sys
 import time
 import traceback
+import urllib.parse
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -81,6 +97,15 @@ class RunFailed(RuntimeError):
     def __init__(self, message: str, status: int):
         super().__init__(message)
         self.status = status
+
+
+class Interrupted(KeyboardInterrupt):  # SIGINT or SIGTERM; a KeyboardInterrupt, so no `except Exception` swallows it
+    def __init__(self, signum: int):
+        super().__init__(f"stopped by {signal.Signals(signum).name}")
+        self.status = 128 + signum
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 class EnvReader:
@@ -150,16 +175,25 @@ def parse_layers(name: str, spec: str, num_layers: int) -> tuple[int, ...]:
         if num_layers < 2:
             raise ConfigError(f"{name}=odd: NUM_LAYERS={num_layers} has no odd layer; use all or 0")
         return tuple(range(1, num_layers, 2))
-    layers = set()
-    try:
-        for part in spec.split(","):
-            lo, _, hi = part.partition("-")
-            layers.update(range(int(lo), int(hi or lo) + 1))
-    except ValueError:
-        raise ConfigError(f"{name}={spec!r}: expected all, none, odd, or layer indices and ranges like 1,3,5-8") from None
-    if not layers or min(layers) < 0 or max(layers) >= num_layers:
+    ranges = [re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part) for part in spec.split(",")]
+    if not all(ranges) or any(r[2] and int(r[2]) < int(r[1]) for r in ranges):  # "1-" was read as 1, "3-1" as nothing
+        raise ConfigError(f"{name}={spec!r}: expected all, none, odd, or layer indices and ranges like 1,3,5-8")
+    if max(int(r[2] or r[1]) for r in ranges) >= num_layers:
         raise ConfigError(f"{name}={spec!r}: layers must lie in [0, NUM_LAYERS-1={num_layers - 1}]")
-    return tuple(sorted(layers))
+    return tuple(sorted({layer for r in ranges for layer in range(int(r[1]), int(r[2] or r[1]) + 1)}))
+
+
+def check_wandb(cfg) -> None:
+    """WANDB=1 without credentials (WANDB_API_KEY, the netrc entry of `wandb login`) or WANDB_MODE=offline failed in
+    wandb.init, after the run's logs were created."""
+    if cfg.wandb and importlib.util.find_spec("wandb") is None:
+        raise ConfigError("WANDB=1: wandb is not installed (pip install wandb)")
+    env, host = os.environ, urllib.parse.urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
+    with contextlib.suppress(OSError, netrc.NetrcParseError):  # no netrc file, or not one netrc reads
+        if not cfg.wandb or env.get("WANDB_MODE") in ("offline", "disabled") or env.get("WANDB_API_KEY") or \
+                netrc.netrc(env.get("NETRC")).authenticators(host):
+            return
+    raise ConfigError(f"WANDB=1: no wandb credentials for {host}; set WANDB_API_KEY, run `wandb login`, or WANDB_MODE=offline")
 
 
 def _range_text(lo=None, hi=None, above=None, below=None):
@@ -390,8 +424,9 @@ class Hyperparameters:
             for file in files:
                 try:
                     read_shard_header(file)
-                except ValueError as e:
-                    raise ConfigError(f"DATA_PATH={self.data_path!r}: {e}") from None
+                except (ValueError, OSError) as e:  # OSError: a folder named like a shard, an unreadable file
+                    reason = e if isinstance(e, ValueError) else f"{file}: {e.strerror}"
+                    raise ConfigError(f"DATA_PATH={self.data_path!r}: {reason}") from None
             if split == "train":  # later shards are checked as training reaches them
                 check_token_range(load_data_shard(files[0]), self.vocab_size, files[0])
         if not os.path.isfile(self.tokenizer_path):
@@ -411,9 +446,12 @@ class Hyperparameters:
             path = Path(folder)
             if (path.exists() and not path.is_dir()) or not os.access(path if path.exists() else ".", os.W_OK | os.X_OK):
                 raise ConfigError(f"RUN_ID={self.run_id!r}: {path.resolve()} is not a writable folder for this run's files")
-        if self.artifact_limit_bytes <= len(pack_code(SOURCE)):
-            raise ConfigError(f"ARTIFACT_LIMIT_BYTES={self.artifact_limit_bytes}: the packed trainer alone is "
-                              f"{len(pack_code(SOURCE))} bytes")
+        code_bytes = len(pack_code(SOURCE))
+        if self.artifact_limit_bytes <= code_bytes:
+            raise ConfigError(f"ARTIFACT_LIMIT_BYTES={self.artifact_limit_bytes}: the packed trainer alone is {code_bytes} bytes")
+        if self.quant_fit and self.artifact_limit_bytes <= code_bytes + self.quant_fit_margin_bytes:
+            raise ConfigError(f"QUANT_FIT_MARGIN_BYTES={self.quant_fit_margin_bytes}: with the packed trainer's {code_bytes} "
+                              f"bytes it leaves no room for the model under ARTIFACT_LIMIT_BYTES={self.artifact_limit_bytes}")
         if torch.cuda.is_available() and self.local_rank >= torch.cuda.device_count():
             raise ConfigError(f"LOCAL_RANK={self.local_rank}: this machine has {torch.cuda.device_count()} GPUs")
         self._check_memory()
@@ -585,7 +623,8 @@ def evaluate(token_losses, val_tokens: Tensor, tables, cfg: Hyperparameters, dev
 # EXPORT: per-row quantization by tensor category, brotli, and the 16 MB check
 # -----------------------------------------------------------------------------
 
-ARTIFACT_MAGIC = b"MOEGOLF2"  # 1: zstd frames of the arrays in header order
+# MOEGOLF2: the content carries its SHA-256. MOEGOLF1 artifacts had none: a flipped byte changed the weights unnoticed.
+ARTIFACT_MAGIC, UNCHECKED_MAGIC = b"MOEGOLF2", b"MOEGOLF1"
 CLIP_FRACTIONS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.6)
 QUANTIZED = ("embed", "attn", "mlp", "experts")  # the categories stored as integers, each with its QUANT_*_BITS
 
@@ -785,31 +824,11 @@ def rounded_levels(state: dict[str, Tensor], bits: dict[str, int], clip_sigmas: 
 PACK_CHUNK_BYTES = 4 << 20
 
 
-def compress_payload(raw: bytes) -> bytes:
-    """4-byte chunk count, 4-byte size of each brotli-11 chunk, the chunks."""
-    with ThreadPoolExecutor(os.cpu_count()) as pool:
-        chunks = list(pool.map(lambda i: brotli.compress(raw[i : i + PACK_CHUNK_BYTES], quality=11, lgwin=24),
-                               range(0, len(raw), PACK_CHUNK_BYTES)))
-    return b"".join([len(chunks).to_bytes(4, "little"), *(len(c).to_bytes(4, "little") for c in chunks), *chunks])
-
-
-def decompress_payload(blob: bytes) -> bytes:
-    count = int.from_bytes(blob[:4], "little")
-    sizes = [int.from_bytes(blob[4 + 4 * i : 8 + 4 * i], "little") for i in range(count)]
-    ends = list(itertools.accumulate(sizes, initial=4 + 4 * count))
-    if len(blob) < 4 + 4 * count or ends[-1] != len(blob):
-        raise ValueError(f"artifact is {len(blob)} bytes, its chunk table says {ends[-1] if len(ends) > 1 else '?'}")
-    try:
-        return b"".join(brotli.decompress(blob[a:b]) for a, b in zip(ends, ends[1:]))
-    except brotli.error as e:
-        raise ValueError(f"artifact does not decompress ({e})") from None
-
-
 def pack_artifact(header: dict, arrays: dict[str, np.ndarray], model_settings: dict[str, str] | None = None) -> bytes:
-    """MAGIC, header length, JSON header (the tensors, the arrays' layout and order, the model settings), then the
-    arrays as raw little-endian bytes in that order, compressed: integer levels first, by bits and each matrix by its
-    columns, then the other arrays byte plane by byte plane. A flat layout instead of torch.save: no pickle or zip
-    padding for the compressor to carry."""
+    """Sealed (MAGIC, SHA-256 of the rest): header length, JSON header (the tensors, the arrays' layout and order, the
+    model settings), then the arrays as raw little-endian bytes in that order; compressed. Integer levels come first,
+    by bits and each matrix by its columns, then the other arrays byte plane by byte plane. A flat layout instead of
+    torch.save: no pickle or zip padding for the compressor to carry."""
     levels = sorted((n for n, a in arrays.items() if a.dtype == np.int8),
                     key=lambda n: LQER_BITS if ".lqer_" in n else header[n]["bits"])
     order = levels + [n for n in arrays if n not in levels]
@@ -817,42 +836,90 @@ def pack_artifact(header: dict, arrays: dict[str, np.ndarray], model_settings: d
     meta = json.dumps({"tensors": header, "arrays": layout, "model": model_settings or {}}, separators=(",", ":")).encode()
     body = b"".join(np.ascontiguousarray(arrays[n].T if arrays[n].dtype == np.int8 else arrays[n]).view(np.uint8)
                     .reshape(-1, arrays[n].dtype.itemsize).T.tobytes() for n in order)
-    return compress_payload(ARTIFACT_MAGIC + len(meta).to_bytes(4, "little") + meta + body)
+    return compress(seal(len(meta).to_bytes(4, "little") + meta + body))
 
 
-def payload_arrays(raw: bytes) -> tuple[dict, dict[str, np.ndarray]]:
-    """An artifact's decompressed payload -> (its JSON header, its arrays by name)."""
+def compress(raw: bytes) -> bytes:
+    """4-byte chunk count, 4-byte size of each brotli-11 chunk, the chunks."""
+    with ThreadPoolExecutor(os.cpu_count()) as pool:
+        chunks = list(pool.map(lambda i: brotli.compress(raw[i : i + PACK_CHUNK_BYTES], quality=11, lgwin=24),
+                               range(0, len(raw), PACK_CHUNK_BYTES)))
+    return b"".join([len(chunks).to_bytes(4, "little"), *(len(c).to_bytes(4, "little") for c in chunks), *chunks])
+
+
+def decompress(blob: bytes) -> bytes:
+    if len(blob) < 8:
+        raise ValueError(f"corrupt, or not a moe-golf artifact: {len(blob)} bytes")
+    count = int.from_bytes(blob[:4], "little")
+    ends = list(itertools.accumulate((int.from_bytes(blob[4 + 4 * i : 8 + 4 * i], "little") for i in range(count)),
+                                     initial=4 + 4 * count))
+    if len(blob) < ends[0] or ends[-1] > len(blob):
+        raise ValueError(f"corrupt: truncated ({len(blob)} bytes where its chunk table says {ends[-1]})")
+    if ends[-1] < len(blob):
+        raise ValueError(f"corrupt, or not a moe-golf artifact: {len(blob) - ends[-1]} bytes past its last chunk")
+    try:
+        return b"".join(brotli.decompress(blob[a:b]) for a, b in zip(ends, ends[1:]))
+    except brotli.error as e:
+        raise ValueError(f"corrupt, or not a moe-golf artifact: it does not decompress ({e})") from None
+
+
+# The hash is over the uncompressed content, so it holds whatever compresses it: a changed byte of the compressed
+# stream either fails to decompress or changes the content.
+def seal(content: bytes) -> bytes:
+    return ARTIFACT_MAGIC + hashlib.sha256(content).digest() + content
+
+
+def unseal(raw: bytes) -> bytes:
+    """The content of a sealed artifact, once its SHA-256 matches: a changed byte anywhere (weights, header, model
+    settings) is refused, not loaded as another model."""
+    if raw[:8] == UNCHECKED_MAGIC:
+        raise ValueError("written before artifacts carried a checksum (MOEGOLF1), so it cannot be checked for "
+                         "corruption and is not read; retrain to get a checked artifact")
     if raw[:8] != ARTIFACT_MAGIC:
-        raise ValueError("not a moe-golf artifact (bad magic)")
-    n = int.from_bytes(raw[8:12], "little")
-    meta = json.loads(raw[12 : 12 + n])
-    arrays, offset = {}, 12 + n
+        raise ValueError("corrupt, or not a moe-golf artifact (it does not start with MOEGOLF2)")
+    if hashlib.sha256(raw[40:]).digest() != raw[8:40]:
+        raise ValueError("corrupt: its content does not match the SHA-256 it was written with")
+    return raw[40:]
+
+
+def payload_arrays(content: bytes) -> tuple[dict, dict[str, np.ndarray]]:
+    """An artifact's unsealed content -> (its JSON header, its arrays by name)."""
+    n = int.from_bytes(content[:4], "little")
+    meta = json.loads(content[4 : 4 + n])
+    arrays, offset = {}, 4 + n
     for name, spec in meta["arrays"].items():
         dtype, shape = np.dtype(spec["dtype"]), spec["shape"]
-        count = int(np.prod(shape))
-        planes = np.frombuffer(raw, dtype=np.uint8, count=count * dtype.itemsize, offset=offset)
+        count = math.prod(shape)
+        planes = np.frombuffer(content, np.uint8, count * dtype.itemsize, offset)
         values = planes.reshape(dtype.itemsize, count).T.copy().view(dtype).reshape(-1)
         arrays[name] = values.reshape(shape[::-1]).T if dtype == np.int8 else values.reshape(shape)
         offset += count * dtype.itemsize
-    if offset != len(raw):
-        raise ValueError(f"artifact body is {len(raw) - offset} bytes longer than its header says")
+    if offset != len(content):
+        raise ValueError(f"the body is {len(content) - offset} bytes longer than the header says")
     return meta, arrays
 
 
 def read_artifact(blob: bytes) -> tuple[dict[str, str], dict[str, Tensor]]:
-    """(the model settings it was packed with, the dequantized state dict)."""
-    meta, arrays = payload_arrays(decompress_payload(blob))
-    state = {}
-    for name, spec in meta["tensors"].items():
-        a = torch.from_numpy(arrays[name].copy())
-        if spec["kind"] == "int":
-            a = dequantize(a, torch.from_numpy(arrays[name + ".scale"].copy()), spec["shape"])
-            if spec.get("lqer"):
-                factor_a, factor_b = (dequantize(torch.from_numpy(arrays[f"{name}.lqer_{f}"].copy()),
-                                                 torch.from_numpy(arrays[f"{name}.lqer_{f}.scale"].copy()),
-                                                 arrays[f"{name}.lqer_{f}"].shape) for f in "ab")
-                a = a + (factor_a.T @ factor_b).reshape(spec["shape"])
-        state[name] = a.float()
+    """(the model settings it was packed with, the dequantized state dict). Every way the bytes can fail to be a
+    checked artifact is a ValueError."""
+    raw = unseal(decompress(blob))
+    try:  # the hash matched, so only a writer other than pack_artifact gets here
+        meta, arrays = payload_arrays(raw)
+        state = {}
+        for name, spec in meta["tensors"].items():
+            a = torch.from_numpy(arrays[name].copy())
+            if spec["kind"] == "int":
+                a = dequantize(a, torch.from_numpy(arrays[name + ".scale"].copy()), spec["shape"])
+                if spec.get("lqer"):
+                    factor_a, factor_b = (dequantize(torch.from_numpy(arrays[f"{name}.lqer_{f}"].copy()),
+                                                     torch.from_numpy(arrays[f"{name}.lqer_{f}.scale"].copy()),
+                                                     arrays[f"{name}.lqer_{f}"].shape) for f in "ab")
+                    a = a + (factor_a.T @ factor_b).reshape(spec["shape"])
+            state[name] = a.float().reshape(spec["shape"])
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in meta["model"].items()):
+            raise ValueError("its model settings are not names and values")
+    except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as e:
+        raise ValueError(f"its header does not describe its content ({type(e).__name__}: {e})") from None
     return meta["model"], state
 
 
@@ -860,8 +927,13 @@ def write_artifact(path: Path, blob: bytes) -> None:
     """Through a temporary file: a crash mid-write never leaves a file that looks like a finished artifact."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(blob)
-    os.replace(tmp, path)
+    try:
+        tmp.write_bytes(blob)
+        os.replace(tmp, path)
+    except OSError as e:  # a full disk; a failed write names no file
+        raise OSError(e.errno, e.strerror, e.filename or str(tmp)) from None
+    finally:
+        tmp.unlink(missing_ok=True)  # nothing half-written stays, after a full disk or a signal alike
 
 
 # -----------------------------------------------------------------------------
@@ -1722,10 +1794,11 @@ def calibrated_levels(model: GPT, cfg: Hyperparameters, batches: list[tuple[Tens
         stage_batches = batches
         if schedule is not None:
             share = (schedule.deadline - time.perf_counter()) / (len(stages) - s)
-            fits = int((share - schedule.cost.fixed / len(stages)) * len(stages) / max(schedule.cost.per_token, 1e-12))
-            if fits // cfg.train_seq_len < sequences:
-                stage_batches = first_sequences(batches, fits // cfg.train_seq_len)
-                schedule.cut.append((s, max(fits // cfg.train_seq_len, 0)))
+            fits = (share - schedule.cost.fixed / len(stages)) * len(stages) / max(schedule.cost.per_token, 1e-12)
+            if fits < sequences * cfg.train_seq_len:
+                taken = max(int(fits) // cfg.train_seq_len, 0)
+                stage_batches = first_sequences(batches, taken)
+                schedule.cut.append((s, taken))
         watched = []
         for i, (kind, module, params) in enumerate(stage):
             groups = state[params[0]].shape[0] if kind.startswith("experts") else 1
@@ -1896,25 +1969,27 @@ class RunLog:
     """key:value lines to stdout and logs/<RUN_ID>.txt, the same metrics as JSON lines, and optionally wandb.
     Only rank 0 writes."""
 
-    def __init__(self, cfg: Hyperparameters, master: bool):
+    def __init__(self, cfg: Hyperparameters, master: bool, text_path: Path, json_path: Path):
         self.master, self.wandb, self.step = master, None, 0
         if not master:
             return
         Path("logs").mkdir(exist_ok=True)
-        self.text_file = open(f"logs/{cfg.run_id}.txt", "w", encoding="utf-8")
-        self.json_file = open(f"logs/{cfg.run_id}.jsonl", "w", encoding="utf-8")
+        self.text_file = open(text_path, "w", encoding="utf-8")
+        self.json_file = open(json_path, "w", encoding="utf-8")
         if cfg.wandb:
             import wandb
 
-            self.wandb = wandb.init(project=os.environ.get("WANDB_PROJECT", "moe-golf"), name=cfg.run_id, config=vars(cfg))
+            try:
+                self.wandb = wandb.init(project=os.environ.get("WANDB_PROJECT", "moe-golf"), name=cfg.run_id, config=vars(cfg))
+            except Exception as e:  # wandb's own errors: the server unreachable, the key refused
+                raise RunFailed(f"WANDB=1: wandb.init failed ({' '.join(str(e).split())[:300]})", 1) from None
 
     def text(self, line: str, echo: bool = True):
         if self.master:
             if echo:
                 tqdm.write(line)  # above the progress bar, if one is drawn
                 sys.stdout.flush()
-            self.text_file.write(line + "\n")
-            self.text_file.flush()
+            self.write(self.text_file, line)
 
     def metrics(self, event: str, **values):
         """A key:value line in the text log and on stdout, and the same as a JSON line (and wandb)."""
@@ -1926,8 +2001,7 @@ class RunLog:
         """JSON line (and wandb) only: for per-expert vectors too long for a readable text line."""
         if not self.master:
             return
-        self.json_file.write(json.dumps({"event": event, "time": time.time(), **values}) + "\n")
-        self.json_file.flush()
+        self.write(self.json_file, json.dumps({"event": event, "time": time.time(), **values}))
         if self.wandb is not None:
             prefix = f"{event}/layer{values['layer']}/" if "layer" in values else f"{event}/"
             numbers = {}
@@ -1939,6 +2013,14 @@ class RunLog:
             # wandb refuses a step below its last one: events without a step (model, final scores) take the latest.
             self.step = values.get("step", self.step)
             self.wandb.log(numbers, step=self.step)
+
+    @staticmethod
+    def write(file, line: str):
+        try:
+            file.write(line + "\n")
+            file.flush()
+        except OSError as e:  # a full disk: the run stops now, not after training; a failed flush names no file
+            raise OSError(e.errno, e.strerror, file.name) from None
 
     def close(self):
         if self.master:
@@ -1988,22 +2070,31 @@ def eta_seconds(cfg: Hyperparameters, step: int, elapsed_ms: float, loop_ms: flo
     return min(max(cfg.iterations - step, 0) * elapsed_ms / max(step, 1), max(loop_ms - elapsed_ms, 0.0)) / 1000
 
 
+def _interrupt(signum, frame):
+    raise Interrupted(signum)
+
+
 def main():
     report = os.environ.get("RANK", "0") == "0"  # under torchrun every rank stops alike; rank 0 says why
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, _interrupt)
     try:
+        for sig in STOPPED_IMPORTING[:1]:
+            signal.raise_signal(sig)
         cfg = Hyperparameters()
         for warning in cfg.warnings if report else []:
             print(f"config_warning: {warning}", file=sys.stderr)
+        check_wandb(cfg)
         sp, val_tokens = cfg.check_inputs()
         train(cfg, sp, val_tokens)
     except ConfigError as e:
         if report:
             print(f"config_error: {e}", file=sys.stderr)
         sys.exit(2)
-    except RunFailed as e:
+    except (RunFailed, Interrupted, OSError) as e:
         if report:
-            print(f"error: {e}", file=sys.stderr)
-        sys.exit(e.status)
+            print(f"error: {e.filename}: {e.strerror}" if isinstance(e, OSError) else f"error: {e}", file=sys.stderr)
+        sys.exit(getattr(e, "status", 1))
 
 
 def master_decides(value, distributed: bool):
@@ -2104,27 +2195,83 @@ def export_artifact(model: GPT, cfg: Hyperparameters, loader, code_bytes: int, l
                     f"QUANT_FIT_MARGIN_BYTES={cfg.quant_fit_margin_bytes:,} after 3 fits", 4)
 
 
+def in_progress(path: Path) -> Path:
+    """Where a run writes one of its files until it has succeeded: a failed run never replaces a finished one's."""
+    return path.with_name(path.name + ".partial")
+
+
+@contextlib.contextmanager
+def run_lock(path: Path, master: bool, distributed: bool):
+    """logs/<RUN_ID>.lock, locked by rank 0 while the run lasts: two runs of one RUN_ID would write the same files. The
+    OS frees the lock however the run ends (killed too), so none goes stale. The file stays, with the last run's pid:
+    removed, a run waiting on it could lock a file that a third run no longer sees."""
+    lock, refusal = None, None
+    if master:
+        try:
+            path.parent.mkdir(exist_ok=True)
+            lock = open(path, "a+")
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            lock.truncate(0)
+            lock.write(str(os.getpid()))
+            lock.flush()
+        except BlockingIOError:
+            lock.seek(0)
+            refusal = f"process {lock.read() or '(starting)'} is running it (lock {path}); wait, or choose another RUN_ID"
+        except OSError as e:  # a full disk
+            refusal = f"{path}: {e.strerror}"
+    try:
+        if refusal := master_decides(refusal, distributed):
+            raise ConfigError(f"RUN_ID={path.stem}: {refusal}")
+        yield
+    finally:
+        if lock is not None:
+            lock.close()
+
+
+def settle_files(final: list[Path], succeeded: bool) -> None:
+    """A run's files take their final names (replacing an earlier run's) only once it has succeeded. A failed run's
+    artifact and checkpoint go; its logs take the final names unless a run that succeeded (its artifact) has them."""
+    logs, finished_before = final[:2], final[2].exists()
+    for path in final:
+        if succeeded or (path in logs and not finished_before):
+            os.replace(in_progress(path), path) if in_progress(path).exists() else path.unlink(missing_ok=True)
+        elif path not in logs:
+            in_progress(path).unlink(missing_ok=True)
+
+
 def train(cfg: Hyperparameters, sp: spm.SentencePieceProcessor, val_tokens: Tensor):
     device, distributed = init_device(cfg)
     master = cfg.rank == 0
     # Every rank must agree on the run id: it names the artifact that all ranks read back.
     cfg.run_id = master_decides(cfg.run_id or f"{time.strftime('%Y%m%d_%H%M%S')}_{uuid.uuid4().hex[:6]}", distributed)
-    artifact_path = Path("artifacts") / f"{cfg.run_id}.moe.zst"
-    fp32_path = Path("artifacts") / f"{cfg.run_id}.fp32.pt"
-    if master:
-        for stale in (artifact_path, fp32_path):  # an earlier run's files must not pass for this run's
-            stale.unlink(missing_ok=True)
-
-    log = RunLog(cfg, master)
+    final = [Path("logs") / f"{cfg.run_id}.txt", Path("logs") / f"{cfg.run_id}.jsonl",
+             Path("artifacts") / f"{cfg.run_id}.moe.zst", Path("artifacts") / f"{cfg.run_id}.fp32.pt"]
+    log, succeeded = None, False
     try:
-        run(cfg, sp, val_tokens, device, distributed, log, artifact_path, fp32_path)
-    except (ConfigError, RunFailed) as e:  # a later shard, a diverged run, an export that failed: in the log too
-        log.text(f"{'error' if isinstance(e, RunFailed) else 'config_error'}: {e}", echo=False)
-        log.record("error", message=str(e), status=e.status if isinstance(e, RunFailed) else 2)
-        traceback.clear_frames(e.__traceback__)  # frees the DDP model before its process group goes (see run's end)
-        raise
+        with run_lock(Path("logs") / f"{cfg.run_id}.lock", master, distributed):
+            try:
+                log = RunLog(cfg, master, *map(in_progress, final[:2]))
+                run(cfg, sp, val_tokens, device, distributed, log, final[2], final[3])
+                succeeded = True
+            except (ConfigError, RunFailed, Interrupted, OSError) as e:  # a later shard, a diverged run, a signal: logged
+                failure = RunFailed(f"{e.filename}: {e.strerror}", 1) if isinstance(e, OSError) else e
+                if log is not None:
+                    with contextlib.suppress(OSError):  # a full disk may refuse either log
+                        log.record("error", message=str(failure), status=getattr(failure, "status", 2))
+                    with contextlib.suppress(OSError):
+                        log.text(f"{'config_error' if isinstance(e, ConfigError) else 'error'}: {failure}", echo=False)
+                traceback.clear_frames(e.__traceback__)  # frees the DDP model before its process group goes (see run's end)
+                raise failure from None
+            finally:
+                handlers = [signal.signal(sig, signal.SIG_IGN) for sig in STOP_SIGNALS]  # settling is not cut short
+                with contextlib.suppress(OSError):
+                    if log is not None:
+                        log.close()
+                if master:
+                    settle_files(final, succeeded)
+                for sig, handler in zip(STOP_SIGNALS, handlers):
+                    signal.signal(sig, handler)
     finally:
-        log.close()
         if distributed:
             dist.destroy_process_group()
 
@@ -2282,15 +2429,16 @@ def run(cfg, sp, val_tokens, device, distributed, log, artifact_path: Path, fp32
             if cfg.save_fp32:
                 buffer = io.BytesIO()
                 torch.save({"settings": cfg.settings, "state": export_model.state_dict()}, buffer)
-                write_artifact(fp32_path, buffer.getvalue())
+                write_artifact(in_progress(fp32_path), buffer.getvalue())
             bits, blob, calibration_seconds, export_seconds = export_artifact(export_model, cfg, loader, code_bytes, log,
                                                                               costs, (cap_ms - train_ms) / 1000)
+            write_artifact(in_progress(artifact_path), blob)
             calibration_ms = 1000 * calibration_seconds
             log.metrics("export_bits", **{f"{c}_bits": b for c, b in bits.items()}, method=cfg.quant_method,
                         clip_sigmas=cfg.quant_clip_sigmas, calibration_ms=round(calibration_ms),
                         predicted_ms=round(1000 * sum(c.fixed + c.per_token * cfg.calibration_tokens for c in costs.values())))
-        except RunFailed as e:
-            failure = (str(e), e.status)
+        except (RunFailed, OSError) as e:  # OSError: a full disk
+            failure = (str(e), e.status) if isinstance(e, RunFailed) else (f"{e.filename}: {e.strerror}", 1)
     failure = master_decides(failure, distributed)
     if failure:
         raise RunFailed(*failure)
@@ -2314,22 +2462,23 @@ def run(cfg, sp, val_tokens, device, distributed, log, artifact_path: Path, fp32
         log.metrics("final_ema", **final_eval(eval_losses))
 
     # Score what was written: the roundtrip score is the official one.
-    if master:
-        write_artifact(artifact_path, blob)
     if distributed:
         dist.barrier()
     fresh = GPT(cfg).to(device)
-    fresh.load_state_dict(read_artifact(artifact_path.read_bytes())[1])
+    try:
+        fresh.load_state_dict(read_artifact(in_progress(artifact_path).read_bytes())[1])
+    except ValueError as e:  # the disk gave back other bytes than were written
+        raise RunFailed(f"{in_progress(artifact_path)}: {e}", 1) from None
     roundtrip = final_eval(compiled(fresh.token_losses, cfg))
     if master:
-        model_bytes = artifact_path.stat().st_size
+        model_bytes = in_progress(artifact_path).stat().st_size
         total = code_bytes + model_bytes
         finite = math.isfinite(roundtrip["val_loss"]) and math.isfinite(roundtrip["val_bpb"])
         status = "FAILED" if not finite else "OK" if total <= cfg.artifact_limit_bytes else "OVER"
-        if status == "FAILED":
-            artifact_path.unlink()  # a model that scores NaN must not be mistaken for an artifact
+        # path: where it will be once the run has succeeded; sha256: what make_record checks it against.
         log.metrics("artifact", code_bytes=code_bytes, model_bytes=model_bytes, artifact_bytes=total,
-                    limit=cfg.artifact_limit_bytes, status=status, path=str(artifact_path), export_seconds=export_seconds)
+                    limit=cfg.artifact_limit_bytes, status=status, path=str(artifact_path), export_seconds=export_seconds,
+                    sha256=hashlib.sha256(blob).hexdigest())
         log.metrics("final_roundtrip", **roundtrip)
         failure = {"OK": None, "FAILED": ("the exported model's roundtrip score is not finite", 3),
                    "OVER": (f"artifact {total:,} bytes is over ARTIFACT_LIMIT_BYTES={cfg.artifact_limit_bytes:,}", 4)}[status]

@@ -235,6 +235,9 @@ def _read_documents(inputs: list[str], text_column: str, txt_documents: str = "l
         for where, text in rows:
             if not isinstance(text, str):
                 raise PrepareError(f"input {name} {where}: {text_column!r} is {_show(text)}, not a string")
+            if not text.isascii() and (surrogate := re.search("[\ud800-\udfff]", text)):  # JSON's "\ud800"
+                raise PrepareError(f"input {name} {where}: {text_column!r} holds a lone surrogate "
+                                   f"({surrogate[0].encode('unicode_escape').decode()}), which is no text")
             if text and not text.isspace():
                 count += 1
                 yield text

@@ -3,10 +3,10 @@
     python scripts/check_record.py records/track_10min_16mb/2026-05-01_sparse_moe
 
 Checks: README.md, submission.json, train_gpt.py, train_moe.py and at least one log pair (<RUN_ID>.txt +
-<RUN_ID>.jsonl) are present; submission.json has the challenge's fields with the right types; every claimed score and
-byte count (per seed and mean) equals what the logs say; train_gpt.py unpacks to the source at the top of every log
-byte for byte, and train_moe.py is that source; each artifact, recomputed as len(train_gpt.py) + the log's
-model_bytes, fits in 16,000,000 bytes; each run trained within
+<RUN_ID>.jsonl) are present; submission.json has the challenge's fields with the right types; each .jsonl agrees with
+its text log (as make_record.py checks); every claimed score and byte count (per seed and mean) equals what the logs
+say; train_gpt.py unpacks to the source at the top of every log byte for byte, and train_moe.py is that source; each
+artifact, recomputed as len(train_gpt.py) + the log's model_bytes, fits in 16,000,000 bytes; each run trained within
 the track's time limit; the runs share their settings (but RUN_ID, SEED and the launch line); the claimed hardware
 is the logs'; and, in track_10min_16mb, each run shows the challenge's setting (8 GPUs of the H100 family, the
 challenge's sp1024 val split and tokenizer; see make_record.track_problems). Prints every problem to stderr, one
@@ -21,8 +21,8 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from make_record import (CAP_BYTES, TRACK_LIMIT_MS, RecordError, check_events, config_differences, hardware,
-                         pre_export_bpb, read_events, read_log, track_problems)
+from make_record import (CAP_BYTES, TRACK_LIMIT_MS, RecordError, check_events, config_differences, disagreements,
+                         hardware, pre_export_bpb, read_events, read_log, track_problems)
 from train_moe import unpack_code
 
 NUMBER, INTEGER, TEXT = "number", "integer", "string"
@@ -96,6 +96,8 @@ def check(folder: Path) -> tuple[list[str], dict]:
             unusable += [str(problem).removeprefix(f"{folder}/") for problem in e.args]
         if events is not None:
             unusable += [problem.removeprefix(f"{folder}/") for problem in check_events(events, jsonl_path)]
+        if log is not None and events is not None and not unusable:
+            unusable += [problem.replace(f"{folder}/", "") for problem in disagreements(events, text_path, jsonl_path)]
         problems += unusable
         if unusable:
             continue

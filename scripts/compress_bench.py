@@ -109,7 +109,7 @@ def measure(data: bytes, codec: str, threads: int) -> dict:
 
 def bench(path: Path, codecs: list[str], threads: int) -> list[dict]:
     blob = path.read_bytes()
-    raw = tm.decompress_payload(blob)
+    raw = tm.unseal(tm.decompress(blob))
     meta, arrays = tm.payload_arrays(raw)
     rows = [dict(artifact=path.name, layout="trainer", codec="as written", bytes=len(blob), pack_s=None, unpack_s=None),
             dict(artifact=path.name, layout="levels", codec="order-0 entropy", bytes=round(entropy_bytes(arrays)),
@@ -144,7 +144,7 @@ def challenge_int8(state: dict[str, torch.Tensor]) -> dict:
             rows += t.shape[0]
             parts += [q.to(torch.int8).numpy().tobytes(), scale.half().numpy().tobytes()]
         raw = b"".join(parts)
-        out[name] = dict(zlib9=len(zlib.compress(raw, 9)), trainer=len(tm.compress_payload(raw)), params=params,
+        out[name] = dict(zlib9=len(zlib.compress(raw, 9)), trainer=len(tm.compress(raw)), params=params,
                          rows=rows, rows_at_floor=floored)
         print(f"bench {name} " + " ".join(f"{k}:{v}" for k, v in out[name].items()), flush=True)
     return out

@@ -57,6 +57,11 @@ def sweep(checkpoint: Path, variants: list[tuple[str, dict]], log=PrintLog()) ->
         raise ValueError(f"{checkpoint}: not a SAVE_FP32=1 checkpoint of train_moe.py (settings and state)")
     base = tm.Hyperparameters(saved["settings"])
     configs = [tm.Hyperparameters({**saved["settings"], **settings}) for _, settings in variants]  # all checked first
+    try:  # before the val split is read: a tensor missing or of another shape
+        tm.GPT(base).load_state_dict(saved["state"])
+    except (RuntimeError, TypeError, AttributeError) as e:
+        raise ValueError(f"{checkpoint}: its tensors do not fit train_moe.py's model for its settings "
+                         f"({' '.join(str(e).split())[:300]})") from None
     sp, val_tokens = base.check_inputs()
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     tables = tm.build_byte_tables(sp, device)
@@ -105,14 +110,17 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         variants = [parse_variant(v) for v in args.variants]
+        if args.json and (args.json.is_dir() or not args.json.parent.is_dir()):  # found now, not after the sweep
+            raise ValueError(f"--json {args.json}: {'is a folder' if args.json.is_dir() else 'its folder does not exist'}")
         if not args.checkpoint.is_file():
             raise ValueError(f"{args.checkpoint}: no such checkpoint")
         rows = sweep(args.checkpoint, variants)
+        if args.json:
+            tm.write_artifact(args.json, (json.dumps(rows, indent=1) + "\n").encode())  # whole or not at all
     except (ValueError, OSError, tm.ConfigError, tm.RunFailed) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {e.filename}: {e.strerror}" if isinstance(e, OSError) and e.filename else f"error: {e}",
+              file=sys.stderr)
         return 1
-    if args.json:
-        args.json.write_text(json.dumps(rows, indent=1) + "\n")
     print(table(rows))
     return 0
 

@@ -196,12 +196,18 @@ def convert_folder(source: Path, layout: str, out: Path) -> None:
     if not config_path.is_file() or not weights_path.is_file():
         raise ValueError(f"{source}: not an exported model folder (config.json and model.safetensors)")
     check_new_folder(out)
-    config = json.loads(config_path.read_text())
+    try:
+        config = json.loads(config_path.read_bytes())
+    except ValueError as e:  # not UTF-8, or not JSON
+        raise ValueError(f"{config_path}: not JSON ({e})") from None
+    num_experts = config.get("num_experts") if isinstance(config, dict) else None
+    if not isinstance(config, dict) or not (num_experts is None or type(num_experts) is int and num_experts > 0):
+        raise ValueError(f"{config_path}: not export_hf.py's config (a JSON object whose num_experts, if any, is a count)")
     try:
         weights = load_file(weights_path)
     except SafetensorError as e:
         raise ValueError(f"{weights_path}: not a safetensors file ({e})") from None
-    state = convert(weights, layout, config.get("num_experts"))
+    state = convert(weights, layout, num_experts)
     with new_folder(out) as folder:
         for file in source.iterdir():
             if file.is_file() and file.name not in ("config.json", "model.safetensors"):

@@ -6,14 +6,17 @@
 
 Writes records/<track>/<YYYY-MM-DD>_<name>/ (relative to the current directory, normally the repo root) with
 train_gpt.py, the trainer exactly as run (taken from the logs, never from the working tree) packed into the
-self-extracting script whose bytes the artifact counts, the same source readable as train_moe.py (not counted),
-each seed's .txt and .jsonl log, README.md and submission.json. Refuses runs that are unfinished, failed, over the size cap, over the track's time
-limit, whose logs are not train_moe.py's or hold a missing, mistyped or non-finite figure, whose sources or settings
-differ, that share a seed, or, on track_10min_16mb, that did not run the challenge's setting (8 GPUs of the H100
-family, the challenge's sp1024 val split and tokenizer). Every problem of every run is printed as its own `error:`
-line, then it exits with status 1; it never overwrites a record nor leaves a half-written one.
+self-extracting script whose bytes the artifact counts, the same source readable as train_moe.py (not counted), each
+seed's .txt and .jsonl log, README.md and submission.json. Refuses runs that are unfinished, failed, over the size
+cap, over the track's time limit, whose logs are not train_moe.py's or hold a missing, mistyped or non-finite figure,
+whose .jsonl disagrees with its text log or holds a second final event or an error, whose artifact (if still there)
+is not the one logged, whose sources or settings differ, that share a seed, or, on track_10min_16mb, that did not run
+the challenge's setting (8 GPUs of the H100 family, the challenge's sp1024 val split and tokenizer). Every problem of
+every run is printed as its own `error:` line, then it exits with status 1; it never overwrites a record nor leaves a
+half-written one.
 """
 import argparse
+import hashlib
 import json
 import math
 import re
@@ -33,7 +36,7 @@ TRACK_LIMIT_MS = {"track_10min_16mb": 600_000, "track_non_record_16mb": None}
 PER_RUN_CONFIG = ("run_id", "seed", "launch")
 # The figures a record reads, per event. json.loads takes NaN and Infinity, so each is checked to be finite.
 FIGURES = {
-    "artifact": {"code_bytes": int, "model_bytes": int, "artifact_bytes": int, "status": str, "path": str},
+    "artifact": {"code_bytes": int, "model_bytes": int, "artifact_bytes": int, "status": str, "path": str, "sha256": "sha256"},
     "model": {"params": int, "active_params": int},
     "train_done": {"steps": int, "train_time_ms": float, "step_avg_ms": float},
     "final_raw": {"val_loss": float, "val_bpb": float},
@@ -42,7 +45,8 @@ FIGURES = {
 }
 ROUTER_FIGURES = {"layer": int, "max_over_mean": float, "dead": int, "load": list}
 FINISHED = [event for event in FIGURES if event != "final_ema"]  # final_ema only when the run kept an EMA
-KINDS = {int: "an integer >= 0", float: "a finite number >= 0", str: "a string", list: "a list of finite numbers >= 0"}
+KINDS = {int: "an integer >= 0", float: "a finite number >= 0", str: "a string", list: "a list of finite numbers >= 0",
+         "sha256": "a SHA-256 (64 hex digits)"}
 
 # What a run must show on the record track (track_non_record_16mb takes any hardware, data and world size).
 RECORD_TRACK = "track_10min_16mb"
@@ -133,14 +137,15 @@ def config_problems(config: dict, environment: str) -> list[str]:
 
 def read_events(jsonl_path: Path) -> dict:
     """Events of a logs/<RUN_ID>.jsonl by name; the last one wins, except `router`, whose last report per MoE layer
-    is kept under "router_final" as a list ordered by layer. A line that is no event is a RecordError."""
+    is kept under "router_final" as a list ordered by layer. A line that is no event is a RecordError, and so is a
+    second event of a kind a run logs once (FIGURES'): appended, it would pass for the run's result."""
     try:
         text = jsonl_path.read_bytes().decode("utf-8")
     except OSError as e:
         raise RecordError(f"{jsonl_path}: cannot be read ({e.strerror})") from None
     except UnicodeDecodeError as e:
         raise RecordError(f"{jsonl_path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    events, last_router = {}, {}
+    events, last_router, lines = {}, {}, {}
     for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
@@ -155,8 +160,11 @@ def read_events(jsonl_path: Path) -> dict:
             if problems:
                 raise RecordError(*problems)
             last_router[record["layer"]] = record
+        elif record["event"] in FIGURES and record["event"] in lines:
+            raise RecordError(f"{jsonl_path}:{number}: a second {record['event']} event (the first is on line "
+                              f"{lines[record['event']]}); a run logs one")
         else:
-            events[record["event"]] = record
+            events[record["event"]], lines[record["event"]] = record, number
     events["router_final"] = [last_router[layer] for layer in sorted(last_router)]
     return events
 
@@ -166,6 +174,8 @@ def check_events(events: dict, jsonl_path: Path) -> list[str]:
     the first figure a record reads that is missing, mistyped or not finite (a log holding one is not trusted
     further, so one bad figure repeated across router layers is one problem)."""
     problems = []
+    if "error" in events:  # logged by a run that failed, even after its scores (a signal, an artifact over the cap)
+        return [f"{jsonl_path}: the run failed: {str(events['error'].get('message'))[:200]}"]
     missing = [event for event in FINISHED if event not in events]
     if missing:
         problems.append(f"{jsonl_path}: no {', '.join(missing)} event: the run did not finish")
@@ -184,6 +194,42 @@ def check_events(events: dict, jsonl_path: Path) -> list[str]:
     return problems
 
 
+def disagreements(events: dict, text_path: Path, jsonl_path: Path) -> list[str]:
+    """Where the .jsonl's figures differ from the text log's own `event key:value` lines (the trainer writes both from
+    one value, the text rounded to the digits it shows), or where the text log has no such line or more than one."""
+    lines = {}
+    for line in text_path.read_bytes().split(SEPARATOR)[-1].decode("utf-8", "replace").splitlines():
+        event, _, rest = line.partition(" ")
+        if event in FIGURES:
+            lines.setdefault(event, []).append(dict(item.partition(":")[::2] for item in rest.split(" ")))
+    problems = []
+    for event, fields in FIGURES.items():
+        if event not in events:
+            continue
+        if len(lines.get(event, [])) != 1:
+            problems.append(f"{text_path} has {len(lines.get(event, []))} `{event}` lines; {jsonl_path} has the event once")
+            continue
+        shown = lines[event][0]
+        for key in sorted(set(shown) | set(fields)):
+            if key not in shown or not shows(shown[key], events[event].get(key)):
+                problems.append(f"{jsonl_path}: {event} {key} is {json.dumps(events[event].get(key))}, but {text_path} "
+                                f"logs {key}:{shown.get(key, '(nothing)')}")
+    return problems
+
+
+def shows(text: str, value) -> bool:
+    """Whether a value of the .jsonl is what the text log shows: numbers to the digits shown, the rest exactly."""
+    if isinstance(value, list):
+        return len(parts := text.split(",")) == len(value) and all(map(shows, parts, value))
+    if not isinstance(value, float):
+        return text == str(value)
+    try:
+        decimals = len(text.partition(".")[2])
+        return abs(float(text) - value) <= 0.5 * 10.0**-decimals * (1 + 1e-9) or text == str(value)
+    except (ValueError, OverflowError):
+        return False
+
+
 def figure_problems(record: dict, fields: dict, where: str) -> list[str]:
     problems = []
     for field, kind in fields.items():
@@ -194,9 +240,11 @@ def figure_problems(record: dict, fields: dict, where: str) -> list[str]:
     return problems
 
 
-def fits(value, kind: type) -> bool:
+def fits(value, kind: type | str) -> bool:
     if kind is str:
         return isinstance(value, str)
+    if kind == "sha256":
+        return isinstance(value, str) and re.fullmatch(r"[0-9a-f]{64}", value) is not None
     if kind is list:
         return isinstance(value, list) and all(fits(x, float) for x in value)
     # bool is an int in Python, but true is no count; the bound also refuses NaN, infinities and ints no float holds.
@@ -230,23 +278,39 @@ def load_run(run: str, track: str) -> tuple[dict | None, list[str]]:
         problems += e.args
     if events is not None:
         problems += check_events(events, jsonl_path)
+    if log is not None and events is not None and not problems:
+        problems += disagreements(events, text_path, jsonl_path)
     if problems:
         return None, problems
     source, environment, config = log
     artifact = events["artifact"]
     if artifact["status"] == "OVER" or artifact["artifact_bytes"] > CAP_BYTES:
         problems.append(f"{run}: artifact {artifact['artifact_bytes']:,} bytes is over the {CAP_BYTES:,}-byte cap")
-    # A size claimed by the log must be the size of what the run wrote, if it is still here to look at.
-    artifact_path = Path(artifact["path"])
-    if artifact_path.is_file() and artifact_path.stat().st_size != artifact["model_bytes"]:
-        problems.append(f"{run}: {artifact_path} is {artifact_path.stat().st_size} bytes, "
-                        f"the log says {artifact['model_bytes']}")
+    if artifact["artifact_bytes"] != artifact["code_bytes"] + artifact["model_bytes"]:
+        problems.append(f"{run}: artifact_bytes {artifact['artifact_bytes']} is not code_bytes {artifact['code_bytes']} "
+                        f"+ model_bytes {artifact['model_bytes']}")
+    problems += [f"{run}: {problem}" for problem in artifact_problems(artifact)]
     limit_ms = TRACK_LIMIT_MS[track]
     if limit_ms is not None and events["train_done"]["train_time_ms"] > limit_ms:
         problems.append(f"{run}: trained {events['train_done']['train_time_ms']} ms, over {track}'s {limit_ms} ms")
     problems += [f"{run}: {problem}" for problem in track_problems(track, environment, config, events)]
     return {"run": run, "text_path": text_path, "jsonl_path": jsonl_path, "source": source,
             "environment": environment, "config": config, "events": events, "seed": int(config["seed"])}, problems
+
+
+def artifact_problems(artifact: dict) -> list[str]:
+    """The artifact a log names, if it is still here, must be the one the run wrote: its size and SHA-256 as logged.
+    When it is gone, its figures are checked against the text log's (disagreements)."""
+    path = Path(artifact["path"])
+    if not path.is_file():
+        return []
+    data = path.read_bytes()
+    if len(data) != artifact["model_bytes"]:
+        return [f"{path} is {len(data)} bytes, the log says {artifact['model_bytes']}"]
+    if hashlib.sha256(data).hexdigest() != artifact["sha256"]:
+        return [f"{path} is not this run's artifact: its SHA-256 is {hashlib.sha256(data).hexdigest()}, the log says "
+                f"{artifact['sha256']}"]
+    return []
 
 
 def gpu_name(environment: str) -> str | None:

@@ -11,6 +11,7 @@ TRAIN_SEQ_LEN the model sees positions it never trained on. The tokenizer defaul
 """
 import argparse
 import contextlib
+import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +19,6 @@ from pathlib import Path
 import sentencepiece as spm
 import torch
 import torch.nn.functional as F
-import zstandard
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -29,11 +29,11 @@ def load_artifact(path: Path) -> tuple[tm.Hyperparameters, dict[str, torch.Tenso
     """The model an artifact holds: its settings (as Hyperparameters) and its dequantized weights."""
     try:
         settings, state = tm.read_artifact(Path(path).read_bytes())
-    except (ValueError, zstandard.ZstdError) as e:
+        if not settings:
+            raise ValueError("the artifact has no model settings to rebuild its model from")
+        return tm.Hyperparameters(settings), state
+    except ValueError as e:  # tm.ConfigError too: settings this train_moe.py cannot build
         raise ValueError(f"{path}: {e}") from None
-    if not settings:
-        raise ValueError(f"{path}: the artifact has no model settings to rebuild its model from")
-    return tm.Hyperparameters(settings), state
 
 
 def load_model(path: Path) -> tuple[tm.Hyperparameters, tm.GPT]:
@@ -100,8 +100,9 @@ def generate(model: tm.GPT, prompt: list[int], max_tokens: int, temperature: flo
             logits = model.logits(ids)[0][0, -1]
             if temperature == 0:
                 token = int(logits.argmax())
-            else:
-                token = int(torch.multinomial((logits / temperature).softmax(-1), 1, generator=generator))
+            else:  # float64, less the max: a tiny temperature (1e-300) sends the rest to -inf, not to inf - inf
+                scaled = (logits.double() - logits.max()) / temperature
+                token = int(torch.multinomial(scaled.softmax(-1), 1, generator=generator))
             if token == stop:
                 return
             yield token
@@ -129,7 +130,7 @@ def main(argv=None) -> int:
     parser.add_argument("--prompt", required=True, help="the text to continue")
     parser.add_argument("--tokens", type=int, default=200, help="how many tokens to generate at most")
     parser.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="0 to 2**64 - 1")
     parser.add_argument("--tokenizer", type=Path, help="the run's SentencePiece model (default: TOKENIZER_PATH's default)")
     args = parser.parse_args(argv)
     try:
@@ -139,6 +140,12 @@ def main(argv=None) -> int:
             raise ValueError(f"--tokens {args.tokens}: generate at least 1")
         if not args.temperature >= 0 or args.temperature == float("inf"):
             raise ValueError(f"--temperature {args.temperature}: a finite number >= 0")
+        if not 0 <= args.seed < 2**64:  # what torch's generator takes
+            raise ValueError(f"--seed {args.seed}: an integer from 0 to 2**64 - 1")
+        try:
+            args.prompt.encode("utf-8")
+        except UnicodeEncodeError:  # argv bytes that are not UTF-8 arrive as lone surrogates
+            raise ValueError("--prompt holds bytes that are not UTF-8 text") from None
         cfg, model = load_model(args.artifact)
         tokenizer = args.tokenizer or Path(cfg.tokenizer_path)
         if not tokenizer.is_file():
@@ -154,10 +161,15 @@ def main(argv=None) -> int:
         return 1
     bos = sp.bos_id() if sp.bos_id() >= 0 else None
     prompt = ([bos] if bos is not None else []) + sp.encode(args.prompt)
-    print(sp.decode(prompt), end="", flush=True)
-    for piece in text_pieces(sp, prompt, generate(model, prompt, args.tokens, args.temperature, args.seed, stop=bos)):
-        print(piece, end="", flush=True)
-    print()
+    try:
+        print(sp.decode(prompt), end="", flush=True)
+        for piece in text_pieces(sp, prompt, generate(model, prompt, args.tokens, args.temperature, args.seed, stop=bos)):
+            print(piece, end="", flush=True)
+        print(flush=True)
+    except OSError as e:  # stdout on a full disk
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the text still buffered goes nowhere at exit
+        print(f"error: stdout: {e.strerror}", file=sys.stderr)
+        return 1
     return 0
 
 

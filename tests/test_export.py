@@ -188,7 +188,8 @@ def test_quant_fit_lands_under_the_limit_with_gptq(tiny_data, tmp_path):
 
 def test_quant_fit_fails_clearly_when_nothing_fits(tiny_data, tmp_path):
     code_bytes = len(tm.pack_code(tm.SOURCE))
-    env = tiny_env(tiny_data, RUN_ID="nofit", QUANT_FIT=1, CALIBRATION_TOKENS=4096, ARTIFACT_LIMIT_BYTES=code_bytes + 5000)
+    env = tiny_env(tiny_data, RUN_ID="nofit", QUANT_FIT=1, CALIBRATION_TOKENS=4096, ARTIFACT_LIMIT_BYTES=code_bytes + 5000,
+                   QUANT_FIT_MARGIN_BYTES=0)
     result = run_trainer(tmp_path, env)
     assert result.returncode == 4
     assert result.stderr.strip().splitlines()[-1].startswith("error: QUANT_FIT: nothing fits")

@@ -276,7 +276,7 @@ def assert_refused(capsys, code: int, message: str) -> str:
 
 @pytest.mark.parametrize("case,message", [
     ("missing", "{root}/missing.moe.zst: no such artifact"),
-    ("garbage", "{root}/garbage.moe.zst: zstd decompressor error"),
+    ("garbage", "{root}/garbage.moe.zst: corrupt, or not a moe-golf artifact: it does not decompress (zstd "),
     ("no_settings", "{root}/no_settings.moe.zst: the artifact has no model settings to rebuild its model from"),
     ("extra_tensor", "{root}/extra_tensor.moe.zst: its tensors do not fit train_moe.py's model for its settings "
                      "(Unexpected key(s) in state_dict: \"blocks.1.mlp.mystery\"."),

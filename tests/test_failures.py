@@ -1,7 +1,13 @@
 """Nothing that went wrong may look right: each class of bad input or failed run ends with one line, its exit
 status, and nothing new on disk (an earlier run of the same RUN_ID intact)."""
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -59,6 +65,25 @@ def artifacts_is_a_file(tiny_data, tmp_path):
     return {}
 
 
+def folder_named_like_a_shard(tiny_data, tmp_path):
+    data = copy_shards(tiny_data, tmp_path / "data")
+    (data / "fineweb_train_000001.bin").mkdir()
+    return {"DATA_PATH": data}
+
+
+def wandb_without_credentials(tiny_data, tmp_path):
+    """No API key, no netrc entry in the (fresh) home folder, not offline: wandb.init would fail after training began."""
+    return {"WANDB": "1", "WANDB_API_KEY": "", "WANDB_MODE": "", "HOME": tmp_path, "NETRC": tmp_path / "none"}
+
+
+def margin_at_the_limit(tiny_data, tmp_path):
+    return {"QUANT_FIT": "1", "ARTIFACT_LIMIT_BYTES": "16000000", "QUANT_FIT_MARGIN_BYTES": "16000000"}
+
+
+def margin_leaving_less_than_the_code(tiny_data, tmp_path):
+    return {"QUANT_FIT": "1", "ARTIFACT_LIMIT_BYTES": str(len(tm.SOURCE) + 1000), "QUANT_FIT_MARGIN_BYTES": "1000"}
+
+
 CHECKS = {
     "zero_token_shard": (zero_token_shard, "config_error: DATA_PATH="),
     "val_token_out_of_range": (val_token_out_of_range, "config_error: VOCAB_SIZE="),
@@ -76,6 +101,11 @@ CHECKS = {
     "model_dim_huge": (lambda d, t: {"MODEL_DIM": "1000000000000"}, "config_error: MODEL_DIM="),
     "model_over_memory": (lambda d, t: {"MODEL_DIM": "16384", "NUM_LAYERS": "256", "NUM_HEADS": "128",
                                         "NUM_KV_HEADS": "128"}, "config_error: MODEL_DIM="),
+    "folder_named_like_a_shard": (folder_named_like_a_shard, "config_error: DATA_PATH="),
+    "wandb_without_credentials": (wandb_without_credentials, "config_error: WANDB=1: no wandb credentials"),
+    "margin_at_the_limit": (margin_at_the_limit, "config_error: QUANT_FIT_MARGIN_BYTES=16000000: "),
+    "margin_leaving_less_than_the_code": (margin_leaving_less_than_the_code, "config_error: QUANT_FIT_MARGIN_BYTES=1000: "),
+    "moe_layers_open_range": (lambda d, t: {"MOE_LAYERS": "1-"}, "config_error: MOE_LAYERS='1-': expected all, none, odd"),
 }
 
 
@@ -161,3 +191,214 @@ def test_a_misspelt_setting_is_named_and_the_run_goes_on(tiny_data, tmp_path):
 def test_numbers_must_be_finite(name, value):
     with pytest.raises(tm.ConfigError, match=rf"^{name}="):
         tm.Hyperparameters({name: value})
+
+
+# --- a rerun of a finished RUN_ID ---------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def finished_run(tiny_data, tmp_path_factory) -> Path:
+    """A run that succeeded as RUN_ID=again: its logs and artifact, which no later run of the RUN_ID may destroy."""
+    root = tmp_path_factory.mktemp("finished")
+    result = run_trainer(root, tiny_env(tiny_data, RUN_ID="again", ITERATIONS=5))
+    assert result.returncode == 0, result.stderr[-2000:]
+    return root
+
+
+def files(root: Path) -> dict:
+    """Every file a run writes under logs/ and artifacts/ (its bytes, or where it links to), but the lock, which each
+    run of the RUN_ID takes (the last one's pid stays in it)."""
+    return {p.relative_to(root).as_posix(): p.readlink() if p.is_symlink() else p.read_bytes()
+            for folder in ("logs", "artifacts") for p in (root / folder).glob("*") if p.suffix != ".lock"}
+
+
+def with_finished_run(finished_run: Path, run_dir: Path) -> dict:
+    for sub in ("logs", "artifacts"):
+        shutil.copytree(finished_run / sub, run_dir / sub)
+    return files(run_dir)
+
+
+def assert_finished_run_intact(run_dir: Path, earlier: dict, status: int):
+    """The earlier run byte for byte; of the failed one only its logs, under their .partial names, ending with why."""
+    now = files(run_dir)
+    assert {name: now.get(name) for name in earlier} == earlier
+    assert sorted(set(now) - set(earlier)) == ["logs/again.jsonl.partial", "logs/again.txt.partial"]
+    if not (run_dir / "logs/again.jsonl.partial").is_symlink():  # else it was the full disk
+        last = json.loads((run_dir / "logs/again.jsonl.partial").read_text().splitlines()[-1])
+        assert last["event"] == "error" and last["status"] == status
+
+
+def full_disk(path: str, **overrides):
+    """The file the run writes at `path` is /dev/full: every write to it fails with ENOSPC, as on a full disk."""
+    def make(tiny_data, run_dir):
+        if not Path("/dev/full").exists():
+            pytest.skip("no /dev/full")
+        (run_dir / path).symlink_to("/dev/full")
+        return overrides
+    return make
+
+
+def bad_later_shard(tiny_data, run_dir):
+    data = copy_shards(tiny_data, run_dir / "data")
+    tokens = tokens_of(data / "fineweb_train_000000.bin")
+    write_shard(data / "fineweb_train_000000.bin", tokens[:3000])
+    write_shard(data / "fineweb_train_000001.bin", np.full(5000, tiny_data["vocab_size"]))
+    return {"DATA_PATH": data}
+
+
+# Each case: a fault that stops the rerun once it has begun (fault(tiny_data, run dir) -> env overrides), its exit
+# status and the start of its one stderr line.
+RERUN_FAULTS = {
+    "non-finite loss": (lambda d, r: {"SCALAR_LR": "1e30", "TRAIN_LOG_EVERY": "1000"}, 3, "error: non-finite train loss"),
+    "bad later shard": (bad_later_shard, 2, "config_error: VOCAB_SIZE="),
+    "over the cap": (lambda d, r: {"ARTIFACT_LIMIT_BYTES": str(len(tm.SOURCE) + 1000)}, 4, "error: artifact "),
+    "full disk: text log": (full_disk("logs/again.txt.partial"), 1,
+                            "error: logs/again.txt.partial: No space left on device"),
+    "full disk: jsonl log": (full_disk("logs/again.jsonl.partial"), 1,
+                             "error: logs/again.jsonl.partial: No space left on device"),
+    "full disk: artifact": (full_disk("artifacts/again.moe.zst.partial.tmp"), 1,
+                            "error: artifacts/again.moe.zst.partial.tmp: No space left on device"),
+    "full disk: SAVE_FP32": (full_disk("artifacts/again.fp32.pt.partial.tmp", SAVE_FP32="1"), 1,
+                             "error: artifacts/again.fp32.pt.partial.tmp: No space left on device"),
+}
+
+
+@pytest.mark.parametrize("fault, status, line", RERUN_FAULTS.values(), ids=RERUN_FAULTS)
+def test_a_failed_rerun_leaves_the_finished_run_byte_identical(fault, status, line, finished_run, tiny_data, tmp_path):
+    earlier = with_finished_run(finished_run, tmp_path)
+    result = run_trainer(tmp_path, tiny_env(tiny_data, RUN_ID="again", ITERATIONS=5, **fault(tiny_data, tmp_path)))
+    assert result.returncode == status, result.stderr[-2000:]
+    assert len(result.stderr.strip().splitlines()) == 1 and result.stderr.startswith(line), result.stderr[-2000:]
+    assert_finished_run_intact(tmp_path, earlier, status)
+
+
+def test_a_rerun_that_succeeds_replaces_the_finished_run_and_a_stale_lock(finished_run, tiny_data, tmp_path):
+    """How quickstart.sh and study.py rerun a RUN_ID; the lock file of a run that was killed does not stop it."""
+    earlier = with_finished_run(finished_run, tmp_path)
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (tmp_path / "logs/again.lock").write_text(gone.stdout.strip())
+    result = run_trainer(tmp_path, tiny_env(tiny_data, RUN_ID="again", ITERATIONS=3, SEED=7))
+    assert result.returncode == 0 and result.stderr == "", result.stderr[-2000:]
+    now = files(tmp_path)
+    assert sorted(now) == sorted(earlier)
+    assert all(now[name] != earlier[name] for name in now)
+    artifact = [json.loads(line) for line in now["logs/again.jsonl"].decode().splitlines()][-2]
+    assert artifact["event"] == "artifact" and artifact["sha256"] == tm.hashlib.sha256(now["artifacts/again.moe.zst"]).hexdigest()
+
+
+def start_trainer(cwd: Path, env: dict) -> subprocess.Popen:
+    full_env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    return subprocess.Popen([sys.executable, str(REPO / "train_moe.py")], cwd=cwd, env={**full_env, **env, "OMP_NUM_THREADS": "1"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_training(run_dir: Path, process: subprocess.Popen):
+    log = run_dir / "logs/again.jsonl.partial"
+    for _ in range(1200):  # a limit for a run that never gets there, not a timing
+        if log.is_file() and '"event": "train"' in log.read_text():
+            return
+        assert process.poll() is None, process.communicate()[1]
+        time.sleep(0.1)
+    raise AssertionError("the run never reached training")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_second_run_is_refused_and_a_signal_stops_the_first(sig, finished_run, tiny_data, tmp_path):
+    earlier = with_finished_run(finished_run, tmp_path)
+    env = tiny_env(tiny_data, RUN_ID="again", ITERATIONS=10**6)
+    first = start_trainer(tmp_path, env)
+    try:
+        wait_for_training(tmp_path, first)
+        second = run_trainer(tmp_path, env)
+        assert second.returncode == 2 and second.stderr.splitlines() == [
+            f"config_error: RUN_ID=again: process {first.pid} is running it (lock logs/again.lock); wait, or choose "
+            "another RUN_ID"], second.stderr[-2000:]
+        first.send_signal(sig)
+        _, stderr = first.communicate(timeout=120)
+    finally:
+        first.kill()
+    assert first.returncode == 128 + sig and stderr.splitlines() == [f"error: stopped by {sig.name}"], stderr[-2000:]
+    assert_finished_run_intact(tmp_path, earlier, 128 + sig)
+
+
+def signal_at(owner, name: str, call: int, after: bool = False):
+    """Patches owner.name to send this process `sig` at its call-th call (after it ran, with after)."""
+    def patch(monkeypatch, sig):
+        real, calls = getattr(owner, name), []
+
+        def wrapper(*args, **kwargs):
+            calls.append(None)
+            if len(calls) == call and not after:
+                os.kill(os.getpid(), sig)
+            result = real(*args, **kwargs)
+            if len(calls) == call and after:
+                os.kill(os.getpid(), sig)
+            return result
+        monkeypatch.setattr(owner, name, wrapper)
+    return patch
+
+
+# Where after training the signal comes: the trainer runs in this process, so it comes exactly there.
+EXPORT_STAGES = {
+    "calibration and packing": signal_at(tm, "export_artifact", 1),
+    "the artifact half-written": signal_at(Path, "write_bytes", 1, after=True),  # its .tmp is on disk
+    "the roundtrip evaluation": signal_at(tm, "evaluate", 3),  # after final_raw and final_ema: written, not scored
+}
+
+
+def main_in_process(run_dir: Path, env: dict, monkeypatch, capsys) -> tuple[int, list[str]]:
+    """train_moe.main() in this process (so a test can reach inside it): its exit status and stderr lines."""
+    monkeypatch.chdir(run_dir)
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}  # main() installs its own
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            tm.main()
+    finally:
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
+    return exit_info.value.code, [line for line in capsys.readouterr().err.splitlines()
+                                  if not line.startswith("config_warning:")]  # of this process's environment
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+@pytest.mark.parametrize("stage", EXPORT_STAGES.values(), ids=EXPORT_STAGES)
+def test_a_signal_during_export_leaves_no_unscored_artifact(stage, sig, finished_run, tiny_data, tmp_path, monkeypatch,
+                                                             capsys):
+    earlier = with_finished_run(finished_run, tmp_path)
+    stage(monkeypatch, sig)
+    status, err = main_in_process(tmp_path, tiny_env(tiny_data, RUN_ID="again", ITERATIONS=3), monkeypatch, capsys)
+    assert status == 128 + sig and err == [f"error: stopped by {sig.name}"]
+    assert_finished_run_intact(tmp_path, earlier, 128 + sig)
+
+
+def came_while_importing(monkeypatch, sig):
+    monkeypatch.setattr(tm, "STOPPED_IMPORTING", [sig])  # as train_moe.py's handler keeps it while torch imports
+
+
+BEFORE_THE_RUN = {
+    "while the libraries import": came_while_importing,
+    "checking the inputs": signal_at(tm.Hyperparameters, "check_inputs", 1),
+}
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+@pytest.mark.parametrize("stage", BEFORE_THE_RUN.values(), ids=BEFORE_THE_RUN)
+def test_a_signal_before_the_run_starts_writes_nothing(stage, sig, finished_run, tiny_data, tmp_path, monkeypatch, capsys):
+    earlier = with_finished_run(finished_run, tmp_path)
+    stage(monkeypatch, sig)
+    status, err = main_in_process(tmp_path, tiny_env(tiny_data, RUN_ID="again", ITERATIONS=3), monkeypatch, capsys)
+    assert status == 128 + sig and err == [f"error: stopped by {sig.name}"]
+    assert files(tmp_path) == earlier
+
+
+def test_an_artifact_that_reads_back_changed_is_not_scored(finished_run, tiny_data, tmp_path, monkeypatch, capsys):
+    """The disk gives back other bytes than the trainer wrote: its own reader refuses them, as the tools do."""
+    earlier = with_finished_run(finished_run, tmp_path)
+    real_write_artifact = tm.write_artifact
+    monkeypatch.setattr(tm, "write_artifact", lambda path, blob: real_write_artifact(path, blob[:-1] + bytes([blob[-1] ^ 1])))
+    status, err = main_in_process(tmp_path, tiny_env(tiny_data, RUN_ID="again", ITERATIONS=3), monkeypatch, capsys)
+    assert status == 1 and len(err) == 1 and err[0].startswith("error: artifacts/again.moe.zst.partial: corrupt")
+    assert_finished_run_intact(tmp_path, earlier, 1)

@@ -1,5 +1,6 @@
 """MoE modes of train_moe.py: dispatch, routers, balancing, hash routing, export, compile, whole runs."""
 import json
+import re
 
 import pytest
 import torch
@@ -277,9 +278,20 @@ def test_moe_config_errors(overrides, variable):
 
 
 @pytest.mark.parametrize("spec,num_layers,layers", [("all", 5, (0, 1, 2, 3, 4)), ("odd", 5, (1, 3)), ("odd", 9, (1, 3, 5, 7)),
-                                                    ("0,2-3", 5, (0, 2, 3))])
+                                                    ("0,2-3", 5, (0, 2, 3)), ("3-3, 1 - 2", 5, (1, 2, 3))])
 def test_moe_layer_specs(spec, num_layers, layers):
     assert tm.parse_layers("MOE_LAYERS", spec, num_layers) == layers
+
+
+# Each was read as some layers without a word ("1-" as 1, "3-1" as none of them), or built a set of 10^11 layers.
+@pytest.mark.parametrize("spec,message", [
+    ("1-", "expected all, none, odd"), ("-1", "expected all, none, odd"), ("3-1", "expected all, none, odd"), ("1,,2", "expected all, none, odd"),
+    ("1-2-3", "expected all, none, odd"), ("+1", "expected all, none, odd"), ("", "expected all, none, odd"), ("1,", "expected all, none, odd"),
+    ("0-99999999999", "layers must lie in [0, NUM_LAYERS-1=4]"), ("5", "layers must lie in [0, NUM_LAYERS-1=4]"),
+])
+def test_malformed_moe_layer_specs_are_refused(spec, message):
+    with pytest.raises(tm.ConfigError, match="^" + re.escape(f"MOE_LAYERS={spec!r}: {message}")):
+        tm.parse_layers("MOE_LAYERS", spec, 5)
 
 
 def test_auto_expert_sizes_match_dense_active_flops():

@@ -2,6 +2,7 @@
 a record-track folder must show the challenge's setting, and every problem is listed."""
 import argparse
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -15,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, run_trainer, tiny_env
+from test_tool_errors import DROP, edit_event, tamper  # edit_event: both logs alike (another run's); tamper: .jsonl only
 
 sys.path.insert(0, str(REPO / "scripts"))
 import check_record  # noqa: E402
@@ -27,7 +29,6 @@ FOLDER = f"records/{NON_RECORD}/{time.strftime('%Y-%m-%d')}_Tiny_sparse_MoE"
 RECORD_FOLDER = f"records/{RECORD}/{time.strftime('%Y-%m-%d')}_Tiny_sparse_MoE"
 H100 = "NVIDIA H100 80GB HBM3"  # torch.cuda.get_device_name() of the challenge's H100 SXM
 OFFICIAL_VAL = 62_021_632  # the challenge's val split at TRAIN_SEQ_LEN=1024 (source: make_record.OFFICIAL_VAL_TOKENS)
-DROP = object()
 # What a tiny CPU log says is rewritten to what an 8xH100 run on the challenge's data would have logged.
 CHALLENGE_CONFIG = dict(world_size="8", vocab_size="1024", train_seq_len="1024",
                         data_path="./data/datasets/fineweb10B_sp1024",
@@ -80,17 +81,6 @@ def edit_json(path: Path, change):
     data = json.loads(path.read_text())
     change(data)
     path.write_text(json.dumps(data))
-
-
-def edit_event(path: Path, event: str, **changes):
-    """Set (or DROP) fields of every `event` line of a .jsonl log."""
-    lines = [json.loads(line) for line in path.read_text().splitlines()]
-    for line in lines:
-        if line["event"] == event:
-            line.update({k: v for k, v in changes.items() if v is not DROP})
-            for key in [k for k, v in changes.items() if v is DROP]:
-                line.pop(key, None)
-    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
 
 
 def rewrite_text_log(path: Path, gpu: str | None = None, **config):
@@ -333,12 +323,10 @@ def test_missing_events_of_every_run_are_listed(workdir):
 
 def test_make_refuses_over_cap_and_unfinished_runs(workdir):
     edit_log = workdir / "logs/s2.jsonl"
-    lines = [json.loads(line) for line in edit_log.read_text().splitlines()]
-    for line in lines:
-        if line["event"] == "artifact":
-            line.update(model_bytes=16_000_000, artifact_bytes=16_000_000 + line["code_bytes"], status="OVER")
+    code_bytes = make_record.read_events(edit_log)["artifact"]["code_bytes"]
+    edit_event(edit_log, "artifact", model_bytes=16_000_000, artifact_bytes=16_000_000 + code_bytes, status="OVER")
     (workdir / "artifacts/s2.moe.zst").unlink()  # else its real size contradicts the edited log too
-    edit_log.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    lines = [json.loads(line) for line in edit_log.read_text().splitlines()]
     result = make(workdir, "s1", "s2")
     assert result.returncode == 1 and result.stderr.startswith("error: ") and "over the 16,000,000-byte cap" in result.stderr
     assert len(result.stderr.splitlines()) == 1
@@ -346,6 +334,22 @@ def test_make_refuses_over_cap_and_unfinished_runs(workdir):
     result = make(workdir, "s2")
     assert result.returncode == 1 and result.stderr.startswith("error: ") and "no final_roundtrip event" in result.stderr
     assert not (workdir / "records").exists()
+
+
+def test_a_jsonl_that_disagrees_with_its_text_log_or_an_artifact_not_the_logged_one_is_refused(workdir):
+    """On a real run's logs: a better score in the .jsonl alone, and an artifact of the logged size but other bytes."""
+    logs, artifact = workdir / "logs", workdir / "artifacts/s2.moe.zst"
+    shown = make_record.read_events(logs / "s1.jsonl")["final_roundtrip"]["val_bpb"]
+    tamper(logs / "s1.jsonl", "final_roundtrip", val_bpb=shown - 0.01)
+    changed = bytearray(artifact.read_bytes())
+    changed[len(changed) // 2] ^= 0xFF
+    artifact.write_bytes(changed)
+    logged = make_record.read_events(logs / "s2.jsonl")["artifact"]["sha256"]
+    assert refusals(workdir, "s1", "s2", track=NON_RECORD) == [
+        f"{Path('logs/s1.jsonl')}: final_roundtrip val_bpb is {shown - 0.01}, but {Path('logs/s1.txt')} logs "
+        f"val_bpb:{shown:.8f}",
+        f"s2: {Path('artifacts/s2.moe.zst')} is not this run's artifact: its SHA-256 is "
+        f"{hashlib.sha256(changed).hexdigest()}, the log says {logged}"]
 
 
 def test_make_refuses_runs_of_different_sources(workdir):
@@ -372,11 +376,8 @@ def test_claimed_size_recomputed_from_script_and_model_bytes(workdir):
     # A log whose model bytes push the artifact over the cap fails even where the claims copy the log.
     assert make(workdir, "s1").returncode == 0
     folder = workdir / FOLDER
-    lines = [json.loads(line) for line in (folder / "s1.jsonl").read_text().splitlines()]
-    for line in lines:
-        if line["event"] == "artifact":
-            line.update(model_bytes=16_000_000 - line["code_bytes"] + 1, artifact_bytes=16_000_001)
-    (folder / "s1.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    code_bytes = make_record.read_events(folder / "s1.jsonl")["artifact"]["code_bytes"]
+    edit_event(folder / "s1.jsonl", "artifact", model_bytes=16_000_000 - code_bytes + 1, artifact_bytes=16_000_001)
     edit_json(folder / "submission.json", lambda s: (s.update(bytes_total=16_000_001), s["seed_results"]["1"].update(artifact_bytes=16_000_001)))
     problems = check_record.check(folder)[0]
     assert "s1.txt: artifact 16,000,001 bytes is over the 16,000,000-byte cap" in problems

@@ -1,6 +1,7 @@
 """scripts/sample.py: generation with a KV cache is the full forward's, token for token and routing weight for routing
 weight, and the exported transformers model generates the same; the text is streamed whole; bad inputs are one
 error line."""
+import subprocess
 import sys
 from pathlib import Path
 
@@ -197,8 +198,11 @@ def test_text_waits_for_the_last_byte_of_a_character(tiny_data):
     (["{artifact}", "--prompt", "x"], "{default}: no such tokenizer; pass the run's with --tokenizer"),
     (["{artifact}", "--prompt", "x", "--tokenizer", "{artifact}"], "{artifact}: not a SentencePiece model"),
     (["{small}", "--prompt", "x", "--tokenizer", "{tokenizer}"], "{tokenizer}: {vocab} pieces, but the model has VOCAB_SIZE=64"),
+    (["{artifact}", "--prompt", "x", "--seed", str(2**64)], f"--seed {2**64}: an integer from 0 to 2**64 - 1"),
+    (["{artifact}", "--prompt", "x", "--seed", "-1"], "--seed -1: an integer from 0 to 2**64 - 1"),
+    (["{artifact}", "--prompt", "caf\udce9"], "--prompt holds bytes that are not UTF-8 text"),  # how argv gives b"caf\xe9"
 ], ids=["no_artifact", "empty_prompt", "no_tokens", "negative_temperature", "no_tokenizer", "default_tokenizer_absent",
-        "not_a_tokenizer", "vocab_differs"])
+        "not_a_tokenizer", "vocab_differs", "seed_too_big", "seed_negative", "prompt_not_utf8"])
 def test_bad_inputs_are_one_error_line(tiny_data, tiny_artifact, artifacts, tmp_path, monkeypatch, capsys, case, message):
     monkeypatch.chdir(tmp_path)
     values = dict(artifact=tiny_artifact, small=artifacts["softmax"], tokenizer=tiny_data["tokenizer_path"],
@@ -207,3 +211,31 @@ def test_bad_inputs_are_one_error_line(tiny_data, tiny_artifact, artifacts, tmp_
     captured = capsys.readouterr()
     assert captured.err.startswith(f"error: {message.format(**values)}") and captured.err.count("\n") == 1, captured.err
     assert captured.out == "" and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("temperature", ["1e-300", "5e-324"])
+def test_a_tiny_temperature_samples_the_likeliest_token(tiny_data, tiny_artifact, capsys, temperature):
+    """logits / 1e-300 overflowed to inf and the softmax to NaN: multinomial raised."""
+    args = [str(tiny_artifact), "--prompt", "The router", "--tokens", "12", "--tokenizer", str(tiny_data["tokenizer_path"])]
+    assert sample.main([*args, "--temperature", "0"]) == 0
+    greedy = capsys.readouterr().out
+    assert sample.main([*args, "--temperature", temperature, "--seed", str(2**64 - 1)]) == 0
+    assert capsys.readouterr().out == greedy
+
+
+def run_sample(args: list, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, REPO / "scripts/sample.py", *args], stderr=subprocess.PIPE, timeout=120, **kwargs)
+
+
+def test_a_prompt_of_bytes_that_are_not_utf8_is_one_line(tiny_data, tiny_artifact):
+    result = run_sample([tiny_artifact, "--prompt", b"caf\xe9", "--tokenizer", tiny_data["tokenizer_path"]],
+                        stdout=subprocess.PIPE)
+    assert result.returncode == 1 and result.stdout == b""
+    assert result.stderr == b"error: --prompt holds bytes that are not UTF-8 text\n"
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="no /dev/full")
+def test_stdout_on_a_full_disk_is_one_line(tiny_data, tiny_artifact):
+    with open("/dev/full", "w") as full:
+        result = run_sample([tiny_artifact, "--prompt", "The", "--tokenizer", tiny_data["tokenizer_path"]], stdout=full)
+    assert result.returncode == 1 and result.stderr == b"error: stdout: No space left on device\n"

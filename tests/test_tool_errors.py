@@ -4,6 +4,7 @@ nothing: one table per tool, each case run as a user would (a single fault each)
 compared byte for byte before and after."""
 import argparse
 import gzip
+import hashlib
 import json
 import os
 import shutil
@@ -13,13 +14,17 @@ import time
 from pathlib import Path
 
 import pytest
+import safetensors.torch
+import torch
 import zstandard
 
+import train_moe as tm
 from conftest import REPO
 from data import prepare
 from data.shards import read_shard
 
 sys.path.insert(0, str(REPO / "scripts"))
+import hf_layouts  # noqa: E402
 import make_record  # noqa: E402
 from train_moe import pack_code  # noqa: E402
 
@@ -102,6 +107,10 @@ PREPARE_CASES = {
     "truncated gz": ({"in.jsonl.gz": GZ[:len(GZ) // 2]}, prepare_args("in.jsonl.gz"), "in.jsonl.gz cannot be read"),
     "corrupt gz": ({"in.jsonl.gz": b"not gzip" * 8}, prepare_args("in.jsonl.gz"), "in.jsonl.gz cannot be read"),
     "not utf-8": ({"in.txt": "café\n".encode("latin-1")}, prepare_args("in.txt"), "line 1: not UTF-8"),
+    "lone surrogate": ({"in.jsonl": JSONL + b'{"text": "half a pair \\ud83d here"}\n'}, prepare_args("in.jsonl"),
+                       "in.jsonl line 13: 'text' holds a lone surrogate (\\ud83d), which is no text"),
+    "lone low surrogate in an array": ({"in.json": b'[{"text": "a"}, {"text": "\\udc00"}]'}, prepare_args("in.json"),
+                                       "item 2: 'text' holds a lone surrogate (\\udc00)"),
     "corrupt parquet": ({"in.parquet": b"PAR1 and nothing"}, prepare_args("in.parquet"), "in.parquet cannot be read"),
     "unsupported type": ({"in.csv": b"text\nhello\n"}, prepare_args("in.csv"), "unsupported file type"),
     "input is a folder": ({"in": None}, prepare_args("in"), "is not a file"),
@@ -155,6 +164,48 @@ def test_prepare_failed_write_keeps_the_earlier_output(tmp_path, monkeypatch):
     assert str(exit_info.value.code).startswith("error: ") and "No space left on device" in exit_info.value.code
     assert tree(tmp_path) == before
     assert read_shard(tmp_path / "out/fineweb_val_000000.bin")[0] == 1
+
+
+# --- scripts/hf_layouts.py -----------------------------------------------------------------------------------------
+
+def exported_folder(config: bytes, weights: bytes | None = None) -> dict:
+    """A folder as export_hf.py writes one, but for config.json (and model.safetensors, when given)."""
+    if weights is None:
+        weights = safetensors.torch.save({"model.embed_tokens.weight": torch.zeros(4, 2)})
+    return {"exported/config.json": config, "exported/model.safetensors": weights}
+
+
+HF_LAYOUTS_CASES = {
+    "config a list": (exported_folder(b"[]"), "config.json: not export_hf.py's config (a JSON object whose num_experts"),
+    "config not JSON": (exported_folder(b"{oops"), "config.json: not JSON"),
+    "config not UTF-8": (exported_folder(b'{"a": "\xff"}'), "config.json: not JSON"),
+    "num_experts a string": (exported_folder(b'{"num_experts": "4"}'), "config.json: not export_hf.py's config"),
+    "num_experts zero": (exported_folder(b'{"num_experts": 0}'), "config.json: not export_hf.py's config"),
+    "weights not safetensors": (exported_folder(b"{}", b"not safetensors"), "model.safetensors: not a safetensors file"),
+}
+
+
+@pytest.mark.parametrize("files, fragment", HF_LAYOUTS_CASES.values(), ids=HF_LAYOUTS_CASES)
+def test_hf_layouts_refuses(files, fragment, tmp_path):
+    make_files(tmp_path, files)
+    before = tree(tmp_path)
+    assert_refused(run_tool([REPO / "scripts/hf_layouts.py", "exported", "--to", "mlx", "--out", "new"], tmp_path), fragment)
+    assert tree(tmp_path) == before
+
+
+def test_hf_layouts_on_a_full_disk_leaves_no_folder(tmp_path, monkeypatch, capsys):
+    make_files(tmp_path, exported_folder(b"{}"))
+    monkeypatch.chdir(tmp_path)
+    before = tree(tmp_path)
+
+    def full_disk(state, path, metadata=None):
+        Path(path).write_bytes(b"half")
+        raise OSError(28, "No space left on device", str(path))
+
+    monkeypatch.setattr(hf_layouts, "save_file", full_disk)
+    assert hf_layouts.main(["exported", "--to", "mlx", "--out", "new"]) == 1
+    assert capsys.readouterr().err.startswith("error: [Errno 28] No space left on device: ")
+    assert tree(tmp_path) == before  # no staging folder, no new/
 
 
 # --- data.download --------------------------------------------------------------------------------------------------
@@ -225,15 +276,22 @@ def write_run(logs: Path, run_id: str, seed: int) -> None:
               dict(event="train_done", steps=10, train_time_ms=900, step_avg_ms=90.0),
               dict(event="final_raw", val_loss=2.6, val_bpb=bpb - 0.02),
               dict(event="final_ema", val_loss=2.6, val_bpb=bpb - 0.01),
-              dict(event="artifact", code_bytes=len(pack_code(SOURCE)), model_bytes=5000, artifact_bytes=5000 + len(pack_code(SOURCE)),
-                   status="OK", path=f"artifacts/{run_id}.moe.zst"),
+              dict(event="artifact", code_bytes=len(pack_code(SOURCE)), model_bytes=5000,
+                   artifact_bytes=5000 + len(pack_code(SOURCE)), status="OK", path=f"artifacts/{run_id}.moe.zst",
+                   sha256=hashlib.sha256(run_id.encode()).hexdigest()),
               dict(event="final_roundtrip", val_loss=2.6, val_bpb=bpb)]
+    text += "".join(metric_line(e) + "\n" for e in events if e["event"] != "router").encode()  # router: .jsonl only
     (logs / f"{run_id}.txt").write_bytes(text)
     (logs / f"{run_id}.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
 
 
-def edit_event(path: Path, event: str, **changes) -> None:
-    """Set (or DROP) fields of every `event` line of a .jsonl log; NaN and Infinity written as the trainer would."""
+def metric_line(event: dict) -> str:
+    """An event as the trainer's text log shows it: `name key:value ...`."""
+    return f"{event['event']} " + " ".join(f"{k}:{tm._show(k, v)}" for k, v in event.items() if k not in ("event", "time"))
+
+
+def tamper(path: Path, event: str, **changes) -> None:
+    """Set (or DROP) fields of every `event` line of a .jsonl log alone; NaN and Infinity written as the trainer would."""
     lines = [json.loads(line) for line in path.read_text().splitlines()]
     for line in lines:
         if line["event"] == event:
@@ -241,6 +299,19 @@ def edit_event(path: Path, event: str, **changes) -> None:
             for key in [k for k, v in changes.items() if v == DROP]:
                 del line[key]
     path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+
+
+def edit_event(path: Path, event: str, **changes) -> None:
+    """tamper, and the same change to the text log's line of the event: the logs of a run that logged these figures."""
+    tamper(path, event, **changes)
+    record = next((json.loads(line) for line in path.read_text().splitlines() if json.loads(line)["event"] == event), None)
+    text_path = path.with_suffix(".txt")
+    lines = text_path.read_bytes().split(b"\n")
+    start = max(i for i, line in enumerate(lines) if line == b"=" * 100)
+    for i in range(start, len(lines)):
+        if record is not None and lines[i].startswith(f"{event} ".encode()):
+            lines[i] = metric_line(record).encode()
+    text_path.write_bytes(b"\n".join(lines))
 
 
 def drop_event(path: Path, event: str) -> None:
@@ -309,8 +380,8 @@ MAKE_RECORD_CASES = {
     "failed export": (lambda logs: (edit_event(logs / "r1.jsonl", "artifact", status="FAILED"),  # as the trainer logs it
                                     edit_event(logs / "r1.jsonl", "final_roundtrip", val_bpb=float("nan"))), (),
                       "r1.jsonl: artifact status 'FAILED': the run failed"),
-    "over the cap": (lambda logs: edit_event(logs / "r1.jsonl", "artifact", status="OVER", artifact_bytes=16_000_001),
-                     (), "over the 16,000,000-byte cap"),
+    "over the cap": (lambda logs: edit_event(logs / "r1.jsonl", "artifact", status="OVER", artifact_bytes=16_000_001,
+                                             model_bytes=16_000_001 - len(SOURCE)), (), "over the 16,000,000-byte cap"),
     "router layer a string": (lambda logs: append(logs / "r1.jsonl", b'{"event": "router", "layer": "x"}\n'), (),
                               'router layer is "x"'),
     "router load not numbers": (lambda logs: edit_event(logs / "r1.jsonl", "router", load=["abc"]), (),
@@ -319,8 +390,57 @@ MAKE_RECORD_CASES = {
     "run log a folder": (lambda logs: ((logs / "r2.txt").unlink(), (logs / "r2.txt").mkdir()), (), "is not a file"),
     "NaN baseline": (lambda logs: None, ("--baseline-loss", "nan", "2.0"), "--baseline-loss nan 2.0"),
     "name without letters": (lambda logs: None, ("--name", "!!!"), "--name '!!!'"),
-    "same seed twice": (lambda logs: (logs / "r2.txt").write_bytes((logs / "r1.txt").read_bytes()), (), "same seed"),
+    "same seed twice": (lambda logs: [(logs / f"r2{ext}").write_bytes((logs / f"r1{ext}").read_bytes())
+                                      for ext in (".txt", ".jsonl")], (), "same seed"),
     "records is a file": (lambda logs: (logs.parent / "records").write_bytes(b"a file"), (), "records"),
+    # The .jsonl against the text log's own lines, and the artifact against its logged size and hash.
+    "edited score": (lambda logs: tamper(logs / "r1.jsonl", "final_roundtrip", val_bpb=1.2), (),
+                     f"{Path('logs/r1.jsonl')}: final_roundtrip val_bpb is 1.2, but {Path('logs/r1.txt')} logs "
+                     "val_bpb:1.51000000"),
+    "edited pre-export score": (lambda logs: tamper(logs / "r2.jsonl", "final_ema", val_loss=2.5999), (),
+                                "final_ema val_loss is 2.5999, but"),
+    "edited raw score": (lambda logs: tamper(logs / "r1.jsonl", "final_raw", val_bpb=1.48000001), (),
+                         "final_raw val_bpb is 1.48000001, but"),
+    "edited steps": (lambda logs: tamper(logs / "r1.jsonl", "train_done", steps=11), (), "train_done steps is 11, but"),
+    "edited time": (lambda logs: tamper(logs / "r1.jsonl", "train_done", train_time_ms=899), (),
+                    "train_done train_time_ms is 899, but"),
+    "edited parameters": (lambda logs: tamper(logs / "r1.jsonl", "model", active_params=500), (),
+                          "model active_params is 500, but"),
+    "edited model bytes, no artifact": (lambda logs: tamper(logs / "r1.jsonl", "artifact", model_bytes=100), (),
+                                        "artifact model_bytes is 100, but"),
+    "edited artifact hash": (lambda logs: tamper(logs / "r1.jsonl", "artifact", sha256="0" * 64), (),
+                             "artifact sha256 is \"000"),
+    "edited status": (lambda logs: (edit_event(logs / "r1.jsonl", "artifact", status="OVER"),
+                                    tamper(logs / "r1.jsonl", "artifact", status="OK")), (), "artifact status is \"OK\""),
+    "text log shows another score": (lambda logs: edit_bytes(logs / "r2.txt", b"val_bpb:1.52000000", b"val_bpb:1.42000000"),
+                                     (), "final_roundtrip val_bpb is 1.52, but"),
+    "text log without the score": (lambda logs: edit_bytes(logs / "r1.txt", b"\nfinal_roundtrip ", b"\nfinal_roundtrip_ "), (),
+                                   "has 0 `final_roundtrip` lines"),
+    "better score appended": (lambda logs: append(logs / "r1.jsonl", b'{"event": "final_roundtrip", "val_loss": 2.0, '
+                                                                      b'"val_bpb": 1.2}\n'), (),
+                              "r1.jsonl:9: a second final_roundtrip event (the first is on line 8); a run logs one"),
+    "second artifact appended": (lambda logs: append(logs / "r2.jsonl", (logs / "r2.jsonl").read_bytes().splitlines(True)[6]),
+                                 (), "r2.jsonl:9: a second artifact event (the first is on line 7)"),
+    "better score appended to both": (lambda logs: [append(logs / f"r1{ext}", line) for ext, line in (
+        (".jsonl", b'{"event": "final_roundtrip", "val_loss": 2.0, "val_bpb": 1.2}\n'),
+        (".txt", b"final_roundtrip val_loss:2.00000000 val_bpb:1.20000000\n"))], (), "a second final_roundtrip event"),
+    "better score line in the text log": (lambda logs: append(logs / "r1.txt", b"final_roundtrip val_loss:2.0 val_bpb:1.2\n"),
+                                          (), "r1.txt has 2 `final_roundtrip` lines"),
+    "error after the scores": (lambda logs: append(logs / "r1.jsonl", b'{"event": "error", "message": "stopped by SIGINT", '
+                                                                       b'"status": 130}\n'), (),
+                               "r1.jsonl: the run failed: stopped by SIGINT"),
+    "no artifact hash (an older log)": (lambda logs: edit_event(logs / "r1.jsonl", "artifact", sha256=DROP), (),
+                                        "artifact has no sha256"),
+    "artifact hash not a hash": (lambda logs: edit_event(logs / "r1.jsonl", "artifact", sha256="abc"), (),
+                                 'artifact sha256 is "abc", not a SHA-256 (64 hex digits)'),
+    "bytes that do not add up": (lambda logs: edit_event(logs / "r1.jsonl", "artifact", artifact_bytes=9999), (),
+                                 "artifact_bytes 9999 is not code_bytes 32 + model_bytes 5000"),
+    "artifact of another size": (lambda logs: make_files(logs.parent, {"artifacts/r1.moe.zst": b"x" * 4999}), (),
+                                 f"{Path('artifacts/r1.moe.zst')} is 4999 bytes, the log says 5000"),
+    "another run's artifact": (lambda logs: make_files(logs.parent, {"artifacts/r1.moe.zst": b"x" * 5000}), (),
+                               f"{Path('artifacts/r1.moe.zst')} is not this run's artifact: its SHA-256 is "
+                               f"{hashlib.sha256(b'x' * 5000).hexdigest()}, the log says "
+                               f"{hashlib.sha256(b'r1').hexdigest()}"),
 }
 
 
@@ -388,6 +508,17 @@ CHECK_RECORD_CASES = {  # fault, fragment, whether it is the only problem
                    "r1.jsonl: artifact status 'FAILED'", False),
     "log a folder": (lambda f: ((f / "r3.jsonl").mkdir(), (f / "r3.txt").write_bytes((f / "r1.txt").read_bytes())),
                      "r3.jsonl: cannot be read", True),
+    "edited score in a log": (lambda f: tamper(f / "r1.jsonl", "final_roundtrip", val_bpb=1.2),
+                              "r1.jsonl: final_roundtrip val_bpb is 1.2, but r1.txt logs val_bpb:1.51000000", False),
+    "edited model bytes in a log": (lambda f: tamper(f / "r2.jsonl", "artifact", model_bytes=100),
+                                    "r2.jsonl: artifact model_bytes is 100, but r2.txt logs model_bytes:5000", False),
+    "better score appended to a log": (lambda f: append(f / "r1.jsonl", b'{"event": "final_roundtrip", "val_loss": 2.0, '
+                                                                         b'"val_bpb": 1.2}\n'),
+                                       "r1.jsonl:9: a second final_roundtrip event", False),
+    "better score line in a text log": (lambda f: append(f / "r2.txt", b"final_roundtrip val_loss:2.0 val_bpb:1.2\n"),
+                                        "r2.txt has 2 `final_roundtrip` lines", False),
+    "error in a log": (lambda f: append(f / "r2.jsonl", b'{"event": "error", "message": "stopped by SIGTERM", "status": 143}\n'),
+                       "r2.jsonl: the run failed: stopped by SIGTERM", False),
 }
 
 
