@@ -20,6 +20,7 @@ import os
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from make_record import RecordError, pre_export_bpb, read_events
@@ -146,8 +147,9 @@ def results_table(logs: Path, configs=CONFIGS) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("action", choices=("prepare", "run", "commands", "table"))
-    parser.add_argument("--only", nargs="+", choices=sorted(CONFIGS), default=list(CONFIGS))
-    parser.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS))
+    parser.add_argument("--only", nargs="+", choices=sorted(CONFIGS), default=list(CONFIGS), metavar="CONFIG",
+                        help=f"configurations (default: all): {', '.join(CONFIGS)}")
+    parser.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS), help="default: %(default)s")
     # Dense stepped at 121-122 ms on one H100 (docs/study.md): 65 s is 1.33 passes over the 52.9M training tokens,
     # leaving room under 2 for a step up to a third faster.
     parser.add_argument("--wallclock", type=float, default=65.0, help="MAX_WALLCLOCK_SECONDS of every run")
@@ -169,19 +171,24 @@ def main(argv=None) -> int:
         return 0
     if args.action == "run" and not Path(DATA_PATH).is_dir():
         parser.error(f"{DATA_PATH}: no shards; run `python scripts/study.py prepare` first")
-    for seed in args.seeds:  # seed by seed, so a study cut short still has one run of every configuration
-        for config in args.only:
-            env = run_env(config, seed, args.wallclock)
-            log = Path("logs") / f"{env['RUN_ID']}.jsonl"
-            if args.action == "commands":
-                print(command_line(env))
-            elif log.is_file() and run_row(log):
-                print(f"study skip:{env['RUN_ID']} (finished)", flush=True)
-            else:
-                print(f"study run:{env['RUN_ID']}", flush=True)
-                result = subprocess.run([sys.executable, "train_moe.py"], env={**os.environ, **env})
-                if result.returncode:
-                    print(f"study failed:{env['RUN_ID']} exit:{result.returncode}", flush=True)
+    # Seed by seed, so that a study cut short still has one run of every configuration.
+    runs, run_seconds = [(seed, config) for seed in args.seeds for config in args.only], []
+    for n, (seed, config) in enumerate(runs, 1):
+        env = run_env(config, seed, args.wallclock)
+        log = Path("logs") / f"{env['RUN_ID']}.jsonl"
+        if args.action == "commands":
+            print(command_line(env))
+        elif log.is_file() and run_row(log):
+            print(f"study skip:{env['RUN_ID']} n:{n}/{len(runs)} (finished)", flush=True)
+        else:
+            # Each run prints its own lines (a progress line at least every 30 s); these count the runs.
+            eta = f" eta_s:{statistics.fmean(run_seconds) * (len(runs) - n + 1):.0f}" if run_seconds else ""
+            print(f"study run:{env['RUN_ID']} n:{n}/{len(runs)} wallclock_s:{args.wallclock:g}{eta}", flush=True)
+            start = time.monotonic()
+            result = subprocess.run([sys.executable, "train_moe.py"], env={**os.environ, **env})
+            run_seconds.append(time.monotonic() - start)
+            if result.returncode:
+                print(f"study failed:{env['RUN_ID']} exit:{result.returncode}", flush=True)
     return 0
 
 
