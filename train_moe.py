@@ -31,8 +31,8 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-# OpenMP threads that spin while they wait: on 2 cores shared with other processes (load 5), a CPU step took 16-24 s
-# at 2 threads against 2.2 s waiting passively (1.9 s at 1 thread). Read when torch loads; the environment wins.
+# OpenMP threads that spin while they wait: on 2 cores beside other busy processes a quick-start step took 11.7-15.8 s,
+# 2.9-3.2 s waiting passively (idle: 1.7 s, 1.1-1.25 s spinning). Read when torch loads; the environment wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import numpy as np
 import sentencepiece as spm
