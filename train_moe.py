@@ -1,10 +1,10 @@
 """moe-golf trainer: a Parameter Golf language model in one file (16,000,000-byte artifact, val_bpb on FineWeb).
 
 Launch:  RUN_ID=x DATA_PATH=... torchrun --standalone --nproc_per_node=8 train_moe.py   (or: python train_moe.py)
-Every knob is an environment variable read once at start (table in README.md). Bad values or data stop the run with
-one `config_error:` line (exit 2) before any file is touched or anything compiled; a loss gone non-finite ends it
-with `error:` and exit 3, an artifact over the cap with exit 4 after it is scored, Ctrl-C or SIGTERM with 130 or 143.
-A run's files take their final names only once it has succeeded (docs/integrity.md).
+Every knob is an environment variable read once at start (`python train_moe.py --help`; docs/configuration.md). Bad
+values or data stop the run with one `config_error:` line (exit 2) before any file is touched or anything compiled; a
+loss gone non-finite ends it with `error:` and exit 3, an artifact over the cap with exit 4 after it is scored, Ctrl-C
+or SIGTERM with 130 or 143. A run's files take their final names only once it has succeeded (docs/integrity.md).
 """
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ import fcntl
 import glob
 import hashlib
 import importlib.util
+import inspect
 import io
 import itertools
 import json
@@ -38,6 +39,8 @@ import resource
 import shlex
 import subprocess
 import sys
+import textwrap
+import threading
 import time
 import traceback
 import urllib.parse
@@ -46,6 +49,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import NamedTuple
 
+# OpenMP threads that spin while they wait: on 2 cores beside other busy processes a quick-start step took 11.7-15.8 s,
+# 2.9-3.2 s waiting passively (idle: 1.7 s, 1.1-1.25 s spinning). Read when torch loads; the environment wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import numpy as np
 import sentencepiece as spm
 import torch
@@ -441,6 +447,9 @@ class Hyperparameters:
             )
         if (self.smear_gate or self.bigram_buckets) and sp.bos_id() != self.bos_id:
             raise ConfigError(f"BOS_ID={self.bos_id}: the tokenizer's BOS, which starts every document, is {sp.bos_id()}")
+        # The artifact records its tokenizer (its path and hash, not its bytes): the tools find it and refuse another.
+        self.model_settings.update(TOKENIZER_PATH=self.tokenizer_path,
+                                   TOKENIZER_SHA256=hashlib.sha256(Path(self.tokenizer_path).read_bytes()).hexdigest())
         val_tokens = load_val_tokens(self)
         for folder in ("logs", "artifacts"):
             path = Path(folder)
@@ -470,6 +479,35 @@ class Hyperparameters:
                               f"and optimizer state need ~{20 * params / 2**30:,.0f} GiB, more than the "
                               f"{capacity / 2**30:,.0f} GiB of {device}")
 
+
+def setting_defaults() -> dict[str, str]:
+    """Every setting Hyperparameters reads, in order, with its default on this machine."""
+    defaults = {}
+
+    class Recorder(dict):  # an empty environment that notes each read: every setting goes through env.get
+        def get(self, name, default=None):
+            return defaults.setdefault(name, default)
+
+    Hyperparameters(Recorder())
+    return defaults
+
+
+def setting_meanings(table: str) -> dict[str, tuple[str, str]]:
+    """{NAME: (default, meaning)} from the rows of docs/configuration.md's settings table."""
+    rows = re.findall(r"^\| (`[A-Z][^|]*) \| (.*?) \| (.*) \|$", table, re.M)
+    return {name: (default, meaning) for names, default, meaning in rows for name in re.findall(r"`([A-Z0-9_]+)`", names)}
+
+
+def settings_help() -> str:
+    docs = Path(__file__).resolve().parent / "docs" / "configuration.md"
+    meanings = setting_meanings(docs.read_text(encoding="utf-8")) if docs.is_file() else {}
+    lines = [__doc__.strip(), "", "Settings, NAME=default on this machine" + ("" if meanings else
+             " (their meanings: docs/configuration.md of the moe-golf repository)") + ":"]
+    for name, default in setting_defaults().items():
+        doc_default, meaning = meanings.get(name, ("", ""))
+        text = f"  {name}={default or f'({doc_default or None})'}  " + meaning.replace("\\|", "|").replace("`", "")
+        lines.append(textwrap.fill(text, 118, subsequent_indent="      ", break_on_hyphens=False))
+    return "\n".join(lines)
 
 # -----------------------------------------------------------------------------
 # OPTIMIZER: Muon for block matrices, Adam for the rest
@@ -737,7 +775,7 @@ def dequantize(q: Tensor, scale: Tensor, shape) -> Tensor:
     return (q.float() * scale.float()[:, None]).reshape(shape)
 
 
-# Packed as below, the default MoE's levels came 0.8% under their order-0 entropy (the columns' own spreads are
+# Packed as below, the default MoE's levels came 0.4% under their order-0 entropy (the columns' own spreads are
 # context brotli uses); zstd-22's frames had come 2.7-4.0% above it. QUANT_FIT estimates with this; the bytes decide.
 PACKED_OVER_ENTROPY = 1.0
 
@@ -1930,7 +1968,8 @@ def init_device(cfg: Hyperparameters) -> tuple[torch.device, bool]:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     else:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // cfg.world_size))
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1  # a container's
+        torch.set_num_threads(max(1, cores // cfg.world_size))
     if distributed:
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
     return device, distributed
@@ -1965,12 +2004,18 @@ def train_step(cfg: Hyperparameters, model: GPT, train_model: nn.Module, optimiz
     return total / cfg.grad_accum_steps
 
 
+# A stage that can take long (compile warm-up, export, evaluations) gets a `progress` line after this many seconds
+# without a line: a log, nohup or CI never sits silent for 30 s.
+PROGRESS_SECONDS = 25
+
+
 class RunLog:
     """key:value lines to stdout and logs/<RUN_ID>.txt, the same metrics as JSON lines, and optionally wandb.
     Only rank 0 writes."""
 
     def __init__(self, cfg: Hyperparameters, master: bool, text_path: Path, json_path: Path):
         self.master, self.wandb, self.step = master, None, 0
+        self.lock, self.closing, self.stage, self.done = threading.Lock(), threading.Event(), None, None
         if not master:
             return
         Path("logs").mkdir(exist_ok=True)
@@ -1983,13 +2028,32 @@ class RunLog:
                 self.wandb = wandb.init(project=os.environ.get("WANDB_PROJECT", "moe-golf"), name=cfg.run_id, config=vars(cfg))
             except Exception as e:  # wandb's own errors: the server unreachable, the key refused
                 raise RunFailed(f"WANDB=1: wandb.init failed ({' '.join(str(e).split())[:300]})", 1) from None
+        self.last_line = self.stage_start = time.monotonic()
+        self.heartbeat = threading.Thread(target=self._heartbeat, daemon=True)
+        self.heartbeat.start()
 
     def text(self, line: str, echo: bool = True):
         if self.master:
-            if echo:
-                tqdm.write(line)  # above the progress bar, if one is drawn
-                sys.stdout.flush()
-            self.write(self.text_file, line)
+            with self.lock:
+                if echo:
+                    tqdm.write(line)  # above the progress bar, if one is drawn
+                    sys.stdout.flush()
+                    self.last_line = time.monotonic()
+                self.write(self.text_file, line)
+
+    def begin(self, stage: str, **values):
+        """A stage's start line (`<stage>_start` and what it will do); its progress lines name it until the next."""
+        self.stage, self.stage_start, self.done = stage, time.monotonic(), None
+        self.metrics(f"{stage}_start", **values)
+
+    def _heartbeat(self):
+        while not self.closing.wait(1.0):
+            self.beat(time.monotonic())
+
+    def beat(self, now: float):
+        if self.stage and now - self.last_line >= PROGRESS_SECONDS:
+            done = "" if self.done is None else f" done:{self.done}"
+            self.text(f"progress stage:{self.stage} elapsed_s:{now - self.stage_start:.0f}{done}")
 
     def metrics(self, event: str, **values):
         """A key:value line in the text log and on stdout, and the same as a JSON line (and wandb)."""
@@ -2024,6 +2088,8 @@ class RunLog:
 
     def close(self):
         if self.master:
+            self.closing.set()
+            self.heartbeat.join()
             self.text_file.close()
             self.json_file.close()
             if self.wandb is not None:
@@ -2076,11 +2142,17 @@ def _interrupt(signum, frame):
 
 def main():
     report = os.environ.get("RANK", "0") == "0"  # under torchrun every rank stops alike; rank 0 says why
+    if sys.argv[1:] in (["--help"], ["-h"]):
+        print(settings_help())
+        return
     for sig in STOP_SIGNALS:
         signal.signal(sig, _interrupt)
     try:
         for sig in STOPPED_IMPORTING[:1]:
             signal.raise_signal(sig)
+        if sys.argv[1:]:
+            raise ConfigError(f"{shlex.join(sys.argv[1:])}: train_moe.py takes no arguments; its settings are environment "
+                              "variables (python train_moe.py --help lists them)")
         cfg = Hyperparameters()
         for warning in cfg.warnings if report else []:
             print(f"config_warning: {warning}", file=sys.stderr)
@@ -2245,7 +2317,7 @@ def train(cfg: Hyperparameters, sp: spm.SentencePieceProcessor, val_tokens: Tens
     # Every rank must agree on the run id: it names the artifact that all ranks read back.
     cfg.run_id = master_decides(cfg.run_id or f"{time.strftime('%Y%m%d_%H%M%S')}_{uuid.uuid4().hex[:6]}", distributed)
     final = [Path("logs") / f"{cfg.run_id}.txt", Path("logs") / f"{cfg.run_id}.jsonl",
-             Path("artifacts") / f"{cfg.run_id}.moe.zst", Path("artifacts") / f"{cfg.run_id}.fp32.pt"]
+             Path("artifacts") / f"{cfg.run_id}.moe", Path("artifacts") / f"{cfg.run_id}.fp32.pt"]
     log, succeeded = None, False
     try:
         with run_lock(Path("logs") / f"{cfg.run_id}.lock", master, distributed):
@@ -2287,6 +2359,7 @@ def run(cfg, sp, val_tokens, device, distributed, log, artifact_path: Path, fp32
             log.text(f"config {key}:{value}", echo=key == "launch")  # all in the log; on screen, the command
     for warning in cfg.warnings:
         log.text(f"config_warning: {warning}", echo=False)
+    log.metrics("paths", text_log=f"logs/{cfg.run_id}.txt", json_log=f"logs/{cfg.run_id}.jsonl", artifact=str(artifact_path))
 
     torch.manual_seed(cfg.seed)
     tables = build_byte_tables(sp, device)
@@ -2294,7 +2367,9 @@ def run(cfg, sp, val_tokens, device, distributed, log, artifact_path: Path, fp32
     optimizers = build_optimizers(model, cfg)
     train_model = compiled(model, cfg)
     if distributed:
-        train_model = DDP(train_model, device_ids=[cfg.local_rank] if device.type == "cuda" else None, broadcast_buffers=False)
+        # No buffer broadcast each forward: router biases move alike on every rank (torch 2.13 renamed the flag).
+        no_sync = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters else "broadcast_buffers"
+        train_model = DDP(train_model, device_ids=[cfg.local_rank] if device.type == "cuda" else None, **{no_sync: False})
     eval_losses = compiled(model.token_losses, cfg)
     params = parameter_report(model)
     log.metrics("model", params=params.pop("total"), active_params=params.pop("active"), **params,
@@ -2312,6 +2387,7 @@ def run(cfg, sp, val_tokens, device, distributed, log, artifact_path: Path, fp32
     # Compile warm-up: real steps so every graph is built before the clock starts, then rolled back so the
     # measured run starts from the same weights, optimizer state and data as if it had not happened.
     if cfg.warmup_steps > 0 and cfg.compile:  # eager runs have nothing to warm up
+        log.begin("warmup", steps=cfg.warmup_steps)
         t0 = time.perf_counter()
         initial_model = copy.deepcopy(model.state_dict())
         initial_opts = [copy.deepcopy(opt.state_dict()) for opt in optimizers]
@@ -2337,6 +2413,7 @@ def run(cfg, sp, val_tokens, device, distributed, log, artifact_path: Path, fp32
     cap_ms = 1000 * cfg.max_wallclock_seconds if cfg.max_wallclock_seconds > 0 else math.inf
     costs = {}
     if cfg.calibrates and math.isfinite(cap_ms):
+        log.begin("calibration_rehearsal", tokens=cfg.calibration_tokens, quant_fit=int(cfg.quant_fit), method=cfg.quant_method)
         t0 = time.perf_counter()
         costs = master_decides(rehearse_calibration(model, cfg, device) if master else None, distributed)
         reserve_ms = 1000 * CalibrationCost.total(list(costs.values())).seconds(cfg.calibration_tokens)
@@ -2359,6 +2436,8 @@ def run(cfg, sp, val_tokens, device, distributed, log, artifact_path: Path, fp32
     looped = not cfg.recur_layers or cfg.recur_start_frac == 0  # depth recurrence switched on
     # A step bar on a terminal only (stderr): never in the log files, nor in redirected output.
     progress = tqdm(total=cfg.iterations, unit="step", leave=False, disable=not (master and sys.stderr.isatty()))
+    log.begin("train", iterations=cfg.iterations, loop_seconds=loop_ms / 1000 if math.isfinite(loop_ms) else 0,
+              batch_tokens=cfg.train_batch_tokens)
     synchronize(device)
     t0 = time.perf_counter()
     while True:
@@ -2386,14 +2465,7 @@ def run(cfg, sp, val_tokens, device, distributed, log, artifact_path: Path, fp32
         eta = eta_seconds(cfg, step, elapsed_ms, loop_ms)
         progress.total = step + round(1000 * eta * step / elapsed_ms)
         progress.update()
-        if step % cfg.train_log_every == 0 or step <= 10 or step == cfg.iterations:
-            check_finite(first_nonfinite)
-            if distributed:
-                dist.all_reduce(train_loss, op=dist.ReduceOp.AVG)
-            log.metrics("train", step=step, train_loss=train_loss.item(), lr_scale=scale, train_time_ms=round(elapsed_ms),
-                        step_avg_ms=elapsed_ms / step, tokens_per_s=round(step * cfg.train_batch_tokens / (elapsed_ms / 1000)),
-                        eta_s=round(eta))
-            telemetry.report(log, step)
+        log.done = step
         # Stop before a step that would end past the loop's share, not after it: at most one step early.
         reached_cap = elapsed_ms + elapsed_ms / step > loop_ms
         loop_next = looped or max(step / cfg.iterations, elapsed_ms / loop_ms) >= cfg.recur_start_frac
@@ -2405,6 +2477,15 @@ def run(cfg, sp, val_tokens, device, distributed, log, artifact_path: Path, fp32
         if loop_next and not looped:
             looped = True
             log.metrics("recurrence", step=step, train_time_ms=round(elapsed_ms), layers=len(layer_order(cfg, True)))
+        # The last step is always logged, whichever limit ends the run: the logs and the dashboard end where it did.
+        if step % cfg.train_log_every == 0 or step <= 10 or step == cfg.iterations or reached_cap:
+            check_finite(first_nonfinite)
+            if distributed:
+                dist.all_reduce(train_loss, op=dist.ReduceOp.AVG)
+            log.metrics("train", step=step, train_loss=train_loss.item(), lr_scale=scale, train_time_ms=round(elapsed_ms),
+                        step_avg_ms=elapsed_ms / step, tokens_per_s=round(step * cfg.train_batch_tokens / (elapsed_ms / 1000)),
+                        eta_s=round(eta))
+            telemetry.report(log, step)
         if reached_cap and stop_at is None:
             stop_at = step
     progress.close()
@@ -2412,8 +2493,6 @@ def run(cfg, sp, val_tokens, device, distributed, log, artifact_path: Path, fp32
 
     synchronize(device)
     train_ms += 1000 * (time.perf_counter() - t0)
-    if step % cfg.train_log_every and step > 10 and step != cfg.iterations:
-        telemetry.report(log, step)  # the steps since the last report, so the final balance is always logged
 
     # Calibration draws training batches, so its time counts as training time: it gets what the loop left of the cap.
     export_model = copy.deepcopy(model)
@@ -2422,6 +2501,8 @@ def run(cfg, sp, val_tokens, device, distributed, log, artifact_path: Path, fp32
     code_bytes = len(pack_code(SOURCE))
     failure, calibration_ms = None, 0.0
     if master:
+        log.begin("export", method=cfg.quant_method, quant_fit=int(cfg.quant_fit), calibration_tokens=cfg.calibration_tokens
+                  if cfg.calibrates else 0, params=sum(p.numel() for p in export_model.parameters()))
         try:
             nonfinite = [n for n, w in export_model.state_dict().items() if not torch.isfinite(w).all()]
             if nonfinite:
@@ -2451,15 +2532,17 @@ def run(cfg, sp, val_tokens, device, distributed, log, artifact_path: Path, fp32
                 peak_memory_mib=round(torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda"
                                       else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))  # Linux: KiB
 
-    def final_eval(losses_fn) -> dict:
+    def final_eval(name: str, losses_fn) -> dict:
+        log.begin(name, windows=len(eval_windows(val_tokens.numel() - 1, cfg.train_seq_len, cfg.eval_stride)[0]),
+                  eval_stride=cfg.eval_stride, compile=int(cfg.compile))
         t = time.perf_counter()
         val_loss, val_bpb = evaluate(losses_fn, val_tokens, tables, cfg, device, stride=cfg.eval_stride)
         return dict(val_loss=val_loss, val_bpb=val_bpb, eval_stride=cfg.eval_stride, eval_seconds=time.perf_counter() - t)
 
-    log.metrics("final_raw", **final_eval(eval_losses))
+    log.metrics("final_raw", **final_eval("final_raw", eval_losses))
     if ema is not None:
         ema.copy_to(model)
-        log.metrics("final_ema", **final_eval(eval_losses))
+        log.metrics("final_ema", **final_eval("final_ema", eval_losses))
 
     # Score what was written: the roundtrip score is the official one.
     if distributed:
@@ -2469,7 +2552,7 @@ def run(cfg, sp, val_tokens, device, distributed, log, artifact_path: Path, fp32
         fresh.load_state_dict(read_artifact(in_progress(artifact_path).read_bytes())[1])
     except ValueError as e:  # the disk gave back other bytes than were written
         raise RunFailed(f"{in_progress(artifact_path)}: {e}", 1) from None
-    roundtrip = final_eval(compiled(fresh.token_losses, cfg))
+    roundtrip = final_eval("final_roundtrip", compiled(fresh.token_losses, cfg))
     if master:
         model_bytes = in_progress(artifact_path).stat().st_size
         total = code_bytes + model_bytes
@@ -2480,6 +2563,8 @@ def run(cfg, sp, val_tokens, device, distributed, log, artifact_path: Path, fp32
                     limit=cfg.artifact_limit_bytes, status=status, path=str(artifact_path), export_seconds=export_seconds,
                     sha256=hashlib.sha256(blob).hexdigest())
         log.metrics("final_roundtrip", **roundtrip)
+        log.metrics("result", artifact=str(artifact_path) if status != "FAILED" else "(deleted)", artifact_bytes=total,
+                    status=status, roundtrip_val_bpb=roundtrip["val_bpb"])
         failure = {"OK": None, "FAILED": ("the exported model's roundtrip score is not finite", 3),
                    "OVER": (f"artifact {total:,} bytes is over ARTIFACT_LIMIT_BYTES={cfg.artifact_limit_bytes:,}", 4)}[status]
     failure = master_decides(failure, distributed)

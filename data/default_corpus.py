@@ -59,9 +59,11 @@ def build_default_corpus(output_dir: Path, tokenizer_path: Path, vocab_size: int
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--output", type=Path, default=Path("data/datasets/default_sp1024"))
-    parser.add_argument("--tokenizer", type=Path, default=Path("data/tokenizers/default_1024_bpe.model"))
-    parser.add_argument("--vocab-size", type=int, default=1024)
+    parser.add_argument("--output", type=Path, default=Path("data/datasets/default_sp1024"),
+                        help="shards folder (default: %(default)s)")
+    parser.add_argument("--tokenizer", type=Path, default=Path("data/tokenizers/default_1024_bpe.model"),
+                        help="SentencePiece model to write (default: %(default)s)")
+    parser.add_argument("--vocab-size", type=int, default=1024, help="default: %(default)s")
     args = parser.parse_args()
     try:
         summary = build_default_corpus(args.output, args.tokenizer, args.vocab_size)

@@ -24,9 +24,9 @@ from huggingface_hub import hf_hub_download
 from huggingface_hub.errors import (HTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled, RemoteEntryNotFoundError,
                                     RepositoryNotFoundError, RevisionNotFoundError)
 from huggingface_hub.utils import disable_progress_bars, logging as hf_logging
-from tqdm import tqdm
 
-from data.shards import ShardError, read_shard_header, shard_name
+from data.progress import progress
+from data.shards import MAX_SHARD_TOKENS, ShardError, read_shard_header, shard_name
 
 REPO_ID = "willdepueoai/parameter-golf"
 REMOTE_ROOT = "datasets"  # the export lives in this folder of the dataset repo; its contents map onto the output root
@@ -137,12 +137,17 @@ def download(variant: str = "sp1024", train_shards: int = DEFAULT_TRAIN_SHARDS, 
     ensure("manifest.json", output_root, fetch)
     manifest = json.loads((output_root / "manifest.json").read_text(encoding="utf-8"))
     fetched, fetched_bytes = [], 0
-    with tqdm(plan(manifest, variant, train_shards), unit="file", desc=f"fineweb10B_{variant}", disable=None) as bar:
+    files = plan(manifest, variant, train_shards)
+    shards = sum(f.endswith(".bin") for f in files)
+    # A shard is at most MAX_SHARD_TOKENS uint16 tokens: 0.2 GB.
+    print(f"download:start files:{len(files)} shards:{shards} at_most_gb:{shards * 2 * MAX_SHARD_TOKENS / 1e9:.1f} "
+          f"into:{output_root}", flush=True)
+    with progress(files, unit="file", desc=f"fineweb10B_{variant}") as bar:
         for rel_path in bar:
             if ensure(rel_path, output_root, fetch):
                 fetched.append(output_root / rel_path)
                 fetched_bytes += fetched[-1].stat().st_size
-                bar.set_postfix_str(f"{fetched_bytes / 1e9:.2f} GB fetched")
+                bar.set_postfix_str(f"fetched_gb:{fetched_bytes / 1e9:.2f}")
     # Only now: after an interruption the staging folder holds the hub client's partial files, which it resumes.
     shutil.rmtree(output_root / STAGING, ignore_errors=True)
     return fetched

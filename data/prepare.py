@@ -1,4 +1,4 @@
-"""Turn any text into Parameter Golf shards with a SentencePiece tokenizer.
+r"""Turn any text into Parameter Golf shards with a SentencePiece tokenizer.
 
 Inputs are local .json/.jsonl/.txt/.parquet files (optionally .zst or .gz compressed; a .txt holds one
 document per line, per paragraph or per file, as --txt-documents says) or Hugging Face dataset names (NAME or
@@ -31,8 +31,8 @@ import pyarrow
 import pyarrow.parquet as pq
 import sentencepiece as spm
 import zstandard
-from tqdm import tqdm
 
+from data.progress import progress
 from data.shards import MAX_SHARD_TOKENS, shard_name, write_shard
 
 SPECIAL_IDS = {"pad": 0, "bos": 1, "eos": 2, "unk": 3}
@@ -82,8 +82,8 @@ def write_splits(documents: Iterable[str], output_dir: Path, tokenizer_path: Pat
     _check_split_args(val_documents, shard_tokens)
     total = len(documents) if hasattr(documents, "__len__") else None
     splits = {"val": [], "train": []}  # per document: (tokens, utf8 bytes, byte-fallback tokens)
-    for tokens, doc_bytes, fallback in tqdm(_encode(documents, tokenizer_path, workers), total=total, disable=None,
-                                            desc="tokenizing", unit="doc", unit_scale=True):
+    for tokens, doc_bytes, fallback in progress(_encode(documents, tokenizer_path, workers), total=total,
+                                                desc="tokenizing", unit="doc", unit_scale=True):
         split = "val" if len(splits["val"]) < val_documents else "train"
         splits[split].append((tokens, doc_bytes, fallback))
     _check_split_sizes(len(splits["val"]) + len(splits["train"]), val_documents)
@@ -429,7 +429,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-docs", type=int, help="stop reading after this many documents (for hub datasets)")
     parser.add_argument("--seed", type=int, default=1337, help="shuffles the train split")
     parser.add_argument("--shard-tokens", type=int, default=MAX_SHARD_TOKENS)
-    parser.add_argument("--workers", type=int, default=os.cpu_count())
+    parser.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                        else os.cpu_count(), help="tokenizing processes (default: the cores this process may use)")
     parser.add_argument("--overwrite", action="store_true", help="replace the shards (and tokenizer) already there")
     args = parser.parse_args(argv)
     try:
@@ -479,11 +480,13 @@ def _check_writable(path: Path, flag: str) -> None:
 
 def _prepare(args: argparse.Namespace) -> tuple[Path, dict]:
     documents = islice(_read_documents(args.input, args.text_column, args.txt_documents), args.max_docs)
+    print(f"prepare:start inputs:{len(args.input)} max_docs:{args.max_docs} output:{args.output} "
+          f"tokenizer:{args.tokenizer_out or args.tokenizer} workers:{args.workers}", flush=True)
     if not args.tokenizer_out:
         return args.tokenizer, write_splits(documents, args.output, args.tokenizer, args.val_docs, args.seed,
                                             args.shard_tokens, args.workers)
     # The tokenizer learns from the start of the shuffled train split, so the text must be in memory.
-    documents = list(tqdm(documents, desc="reading", unit="doc", unit_scale=True, disable=None))
+    documents = list(progress(documents, desc="reading", unit="doc", unit_scale=True))
     _check_split_sizes(len(documents), args.val_docs)
     train = documents[args.val_docs:]
     sample = _first_chars((train[i] for i in _train_order(len(train), args.seed)), args.tokenizer_train_chars)
@@ -491,7 +494,10 @@ def _prepare(args: argparse.Namespace) -> tuple[Path, dict]:
     # tokenizer behind, nor replaces the old one.
     partial = args.tokenizer_out.with_name(f".{args.tokenizer_out.stem}.partial.model")
     try:
-        train_tokenizer(sample, partial, args.vocab_size)
+        print(f"prepare:tokenizer_training documents:{len(documents)} train_chars:{args.tokenizer_train_chars} "
+              f"vocab_size:{args.vocab_size}", flush=True)
+        with progress(desc="tokenizer_training", unit="step"):  # one call into SentencePiece: lines off a terminal
+            train_tokenizer(sample, partial, args.vocab_size)
         summary = write_splits(documents, args.output, partial, args.val_docs, args.seed, args.shard_tokens,
                                args.workers)
         for suffix in (".model", ".vocab"):

@@ -1,6 +1,6 @@
 """Compressors on an artifact's own quantized levels: bytes, pack and unpack seconds, side by side.
 
-    python scripts/compress_bench.py artifacts/<RUN_ID>.moe.zst [...] [--json bench.json] [--threads 16]
+    python scripts/compress_bench.py artifacts/<RUN_ID>.moe [...] [--json bench.json] [--threads 16]
     python scripts/compress_bench.py ... --fp32 artifacts/<RUN_ID>.fp32.pt    # also the challenge's int8 on those weights
 
 Each artifact is decompressed to its payload (the JSON header and the arrays: integer levels, fp16 scales, float

@@ -1,17 +1,24 @@
 """Export a moe-golf artifact as a Hugging Face transformers model folder.
 
-    python scripts/export_hf.py artifacts/<RUN_ID>.moe.zst --out hf/<RUN_ID> [--layout fused|per-expert|mlx]
+    python scripts/export_hf.py artifacts/<RUN_ID>.moe --out hf/<RUN_ID> [--layout fused|per-expert|mlx]
+        [--tokenizer PATH]
 
-writes model.safetensors (the dequantized weights, fp32), config.json and modeling_moe_golf.py, which loads offline:
+writes model.safetensors (the dequantized weights, fp32), config.json, generation_config.json, modeling_moe_golf.py
+and the run's tokenizer (tokenizer.json, tokenizer_config.json), which load offline:
 
+    AutoTokenizer.from_pretrained("hf/<RUN_ID>", trust_remote_code=True)
     AutoModelForCausalLM.from_pretrained("hf/<RUN_ID>", trust_remote_code=True)
+
+The tokenizer is the one the artifact records (found as scripts/sample.py finds it, or --tokenizer; its SHA-256 must
+match), converted for transformers: it encodes as SentencePiece does and starts every text with BOS, as every training
+document starts; generate stops where the model starts the next document (emits BOS).
 
 --layout is how the routed experts are stored (names in scripts/hf_layouts.py and modeling_moe_golf.py): fused, one
 [E, 2F, D] gate_up_proj bank per layer, as transformers v5; per-expert, one set of Linear weights per expert, as
 transformers v4 and most tools; mlx, mlx-lm's switch_mlp banks. Hash-routed layers' tables are written as tensors
 (mlp.gate.tid2eid). Before the folder appears, the written files are loaded back and must give train_moe's logits on
-random tokens: what the modeling file cannot reproduce is refused, with nothing written. So is an --out that exists
-and is not empty.
+random tokens, and the tokenizer SentencePiece's ids on sample texts: what they cannot reproduce is refused, with
+nothing written. So is an --out that exists and is not empty.
 """
 import argparse
 import json
@@ -20,19 +27,26 @@ import shutil
 import sys
 from pathlib import Path
 
+import sentencepiece as spm
 import torch
 import transformers
 from safetensors.torch import save_file
+from tokenizers import processors
+from transformers import GenerationConfig, PreTrainedTokenizerFast
+from transformers.convert_slow_tokenizer import SpmConverter, import_protobuf
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import train_moe as tm  # noqa: E402
 from hf_layouts import LAYOUTS, check_new_folder, convert, new_folder  # noqa: E402
 from modeling_moe_golf import MoeGolfForCausalLM  # noqa: E402
-from sample import load_model  # noqa: E402
+from sample import load_model, load_tokenizer  # noqa: E402
 
 MODELING = Path(__file__).with_name("modeling_moe_golf.py")
 # fp32 on both sides; what is left is summation order (~1e-6). A wrong routing weight or a swapped gate is >1e-2.
 LOGIT_TOLERANCE = 1e-3
+# What the converted tokenizer must encode exactly as SentencePiece: spaces, tabs, newlines, NFKC folding, digits,
+# byte fallback.
+TOKENIZER_CHECK = ["The history of", "  two  spaces,\ttabs\nand lines  ", "ﬁne ｆｕｌｌ-width 2026-12-03", "5€ 🙂 ü"]
 RENAMES = [
     (r"tok_emb\.weight", "model.embed_tokens.weight"),
     (r"lm_head\.weight", "lm_head.weight"),
@@ -111,16 +125,39 @@ def logit_gap(folder: Path, model: tm.GPT, cfg: tm.Hyperparameters) -> float:
     return (loaded.eval()(ids).logits - expected).abs().max().item()
 
 
-def export(artifact: Path, out: Path, layout: str) -> float:
+def hf_tokenizer(path: Path, sp: spm.SentencePieceProcessor) -> PreTrainedTokenizerFast:
+    """The SentencePiece model as a transformers tokenizer: transformers' converter, which follows the model's own
+    normalizer and merges, then BOS before every text, as every training document starts."""
+    proto = import_protobuf().ModelProto()
+    proto.ParseFromString(path.read_bytes())
+    backend = SpmConverter.build_tokenizer_from_spm_proto(proto, {p.piece: i for i, p in enumerate(proto.pieces)}, legacy=False)
+    bos = sp.id_to_piece(sp.bos_id())
+    backend.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+                                                           special_tokens=[(bos, sp.bos_id())])
+    names = {f"{kind}_token": sp.id_to_piece(i) for kind, i in (("bos", sp.bos_id()), ("eos", sp.eos_id()), ("unk", sp.unk_id()),
+                                                                ("pad", sp.pad_id())) if i >= 0}
+    return PreTrainedTokenizerFast(tokenizer_object=backend, **names)
+
+
+def export(artifact: Path, out: Path, layout: str, tokenizer: Path | None = None) -> float:
     """Write the folder; returns the max |logit difference| it was checked with."""
     check_new_folder(out)  # before the work of loading
     cfg, model = load_model(artifact)
+    tokenizer, sp = load_tokenizer(artifact, cfg, tokenizer)
     config = hf_config(cfg, layout)
     state = convert(hf_state(model, cfg), layout, cfg.num_experts)
     with new_folder(out) as folder:
         save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
         (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         shutil.copy2(MODELING, folder / MODELING.name)
+        hf_tokenizer(tokenizer, sp).save_pretrained(folder)
+        # Training documents are BOS + text with no EOS: the model ends a document by starting the next one.
+        GenerationConfig(bos_token_id=sp.bos_id(), eos_token_id=sp.bos_id(), pad_token_id=max(sp.pad_id(), 0)).save_pretrained(folder)
+        loaded = transformers.AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
+        wrong = [text for text in TOKENIZER_CHECK if loaded(text)["input_ids"] != [sp.bos_id()] + sp.encode(text)]
+        if wrong:
+            raise ValueError(f"{tokenizer}: converted for transformers, it encodes {wrong[0]!r} unlike SentencePiece; "
+                             "not exported")
         gap = logit_gap(folder, model, cfg)
         if not gap < LOGIT_TOLERANCE:
             raise ValueError(f"{artifact}: the exported model's logits differ from train_moe's by up to {gap:.3g} "
@@ -131,13 +168,15 @@ def export(artifact: Path, out: Path, layout: str) -> float:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("artifact", type=Path, help="artifacts/<RUN_ID>.moe.zst written by train_moe.py")
+    parser.add_argument("artifact", type=Path, help="artifacts/<RUN_ID>.moe written by train_moe.py")
     parser.add_argument("--out", required=True, type=Path, help="a new (or empty) folder")
     parser.add_argument("--layout", choices=LAYOUTS, default="fused", help="how the routed experts are stored")
+    parser.add_argument("--tokenizer", type=Path, help="the run's SentencePiece model (default: the one the artifact "
+                        "records, found beside it or where the run read it)")
     args = parser.parse_args(argv)
     transformers.utils.logging.disable_progress_bar()  # the check's "Loading weights" bar, on stderr with the errors
     try:
-        gap = export(args.artifact, args.out, args.layout)
+        gap = export(args.artifact, args.out, args.layout, args.tokenizer)
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -1,4 +1,4 @@
-"""Export variants of one trained model side by side: artifact bytes and roundtrip val_bpb per export setting.
+r"""Export variants of one trained model side by side: artifact bytes and roundtrip val_bpb per export setting.
 
     SAVE_FP32=1 python train_moe.py                    # also writes artifacts/<RUN_ID>.fp32.pt
     python scripts/export_sweep.py artifacts/<RUN_ID>.fp32.pt \
@@ -9,7 +9,8 @@ A variant is NAME:SETTINGS, trainer settings on top of the run's own (saved in t
 same weights as the trainer would (calibration batches from the start of the run's train shards), packs them, reads
 the artifact back into a fresh model and scores it on the whole val split. The weights before export are scored once
 first, so a variant's quantization gap is its roundtrip minus that, free of run-to-run noise. Scoring is eager (no
-compile per variant) at the run's EVAL_STRIDE. A table on stdout, the same rows as JSON.
+compile per variant) at the run's EVAL_STRIDE. A table on stdout, the same rows as JSON; while it works, a bar on a
+terminal, `progress` lines elsewhere.
 """
 import argparse
 import json
@@ -20,16 +21,18 @@ import sys
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import train_moe as tm  # noqa: E402
+from data.progress import progress  # noqa: E402
 
 
 class PrintLog:
     """The trainer's key:value lines on stdout, for what export logs on its way (QUANT_FIT's options and choice)."""
 
     def metrics(self, event: str, **values):
-        print(f"{event} " + " ".join(f"{k}:{tm._show(k, v)}" for k, v in values.items()), flush=True)
+        tqdm.write(f"{event} " + " ".join(f"{k}:{tm._show(k, v)}" for k, v in values.items()))  # above a bar
 
 
 # What a variant may change: the export. Anything else would not fit the checkpoint's weights.
@@ -72,21 +75,27 @@ def sweep(checkpoint: Path, variants: list[tuple[str, dict]], log=PrintLog()) ->
         model.load_state_dict(state)
         return tm.evaluate(model.token_losses, val_tokens, tables, cfg, device, cfg.eval_stride)[1]
 
-    pre_export = score(base, saved["state"])
-    rows = [dict(variant="pre-export", val_bpb=pre_export)]
-    print(f"sweep variant:pre-export val_bpb:{pre_export:.6f}", flush=True)
-    for (name, settings), cfg in zip(variants, configs):
-        model = tm.GPT(cfg).to(device)
-        model.load_state_dict(saved["state"])
-        bits, blob, quantize_seconds, pack_seconds = tm.export_artifact(model, cfg, tm.DistributedTokenLoader(cfg, device),
-                                                                         code_bytes, log, {}, math.inf)
-        val_bpb = score(cfg, tm.read_artifact(blob)[1])
-        row = dict(variant=name, settings=settings, **{f"{c}_bits": b for c, b in bits.items()},
-                   model_bytes=len(blob), artifact_bytes=code_bytes + len(blob),
-                   status="OK" if code_bytes + len(blob) <= cfg.artifact_limit_bytes else "OVER",
-                   val_bpb=val_bpb, gap=val_bpb - pre_export, quantize_seconds=quantize_seconds, pack_seconds=pack_seconds)
-        rows.append(row)
-        print("sweep " + " ".join(f"{k}:{tm._show(k, v)}" for k, v in row.items() if k != "settings"), flush=True)
+    print(f"sweep_start variants:{len(variants)} scorings:{len(variants) + 1} val_tokens:{val_tokens.numel() - 1} "
+          f"eval_stride:{base.eval_stride} device:{device.type}", flush=True)
+    with progress(total=len(variants) + 1, desc="sweep", unit="scoring") as bar:
+        pre_export = score(base, saved["state"])
+        rows = [dict(variant="pre-export", val_bpb=pre_export)]
+        bar.update()
+        tqdm.write(f"sweep variant:pre-export val_bpb:{pre_export:.6f}")
+        for (name, settings), cfg in zip(variants, configs):
+            cfg.model_settings = base.model_settings  # the same model: its settings and tokenizer record, as the run packed
+            model = tm.GPT(cfg).to(device)
+            model.load_state_dict(saved["state"])
+            bits, blob, quantize_seconds, pack_seconds = tm.export_artifact(
+                model, cfg, tm.DistributedTokenLoader(cfg, device), code_bytes, log, {}, math.inf)
+            val_bpb = score(cfg, tm.read_artifact(blob)[1])
+            row = dict(variant=name, settings=settings, **{f"{c}_bits": b for c, b in bits.items()},
+                       model_bytes=len(blob), artifact_bytes=code_bytes + len(blob),
+                       status="OK" if code_bytes + len(blob) <= cfg.artifact_limit_bytes else "OVER",
+                       val_bpb=val_bpb, gap=val_bpb - pre_export, quantize_seconds=quantize_seconds, pack_seconds=pack_seconds)
+            rows.append(row)
+            bar.update()
+            tqdm.write("sweep " + " ".join(f"{k}:{tm._show(k, v)}" for k, v in row.items() if k != "settings"))
     return rows
 
 

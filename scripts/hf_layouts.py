@@ -184,6 +184,11 @@ def new_folder(out: Path):
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         yield staging
+        # mkdtemp makes the folder 700 and safetensors writes 600: give them the modes the umask gives new files.
+        umask = os.umask(0)
+        os.umask(umask)
+        for path in (staging, *staging.iterdir()):
+            path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
         if out.exists():
             out.rmdir()
         os.replace(staging, out)
@@ -227,6 +232,7 @@ def main(argv=None) -> int:
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    print(f"converted {args.folder} to {args.out} (layout {args.to})")
     return 0
 
 

@@ -1,4 +1,4 @@
-"""Build a Parameter Golf record folder from finished train_moe.py runs (one per seed).
+r"""Build a Parameter Golf record folder from finished train_moe.py runs (one per seed).
 
     python scripts/make_record.py --runs logs/seed1.txt logs/seed2.txt logs/seed3.txt \
         --track track_10min_16mb --name "Sparse MoE 8x top-2" --author "Ada" --github-id ada \

@@ -12,8 +12,11 @@ export NUM_LAYERS=${NUM_LAYERS:-4} MODEL_DIM=${MODEL_DIM:-128} NUM_HEADS=${NUM_H
 export TRAIN_SEQ_LEN=${TRAIN_SEQ_LEN:-256} TRAIN_BATCH_TOKENS=${TRAIN_BATCH_TOKENS:-16384} VAL_BATCH_SIZE=${VAL_BATCH_SIZE:-32768}
 export ITERATIONS=${ITERATIONS:-120} WARMDOWN_ITERS=${WARMDOWN_ITERS:-40}
 export VAL_LOSS_EVERY=${VAL_LOSS_EVERY:-60} TRAIN_LOG_EVERY=${TRAIN_LOG_EVERY:-20}
-# torch.compile pays ~20 s per graph on a CPU and does not speed up a model this small there.
+# The run is its 120 steps, however busy the machine: no wallclock cap to cut it short (2 idle cores: ~2 s a step).
+export MAX_WALLCLOCK_SECONDS=${MAX_WALLCLOCK_SECONDS:-0}
+# Eager: on 2 idle cores torch.compile took 44 s to build the step, then ran it at 1.54-1.63 s against eager's 1.80 s;
+# with its 20 warm-up steps and the evaluation graphs on top, 120 steps never pay that back.
 export COMPILE=${COMPILE:-0}
-# QUANT_FIT scores 25 roundings of the model on the calibration tokens: the GPU's 131072 took 4 minutes on 2 cores.
+# QUANT_FIT scores 25 roundings of the model on the calibration tokens: 16384 took 16 s on 2 idle cores.
 export CALIBRATION_TOKENS=${CALIBRATION_TOKENS:-16384}
 python train_moe.py

@@ -6,9 +6,11 @@ Usage:
 The HTML embeds every figure as a base64 PNG (no network, no JS); the same PNGs are written to --png-dir
 (default: <out stem>_png/ beside the HTML). The page stacks everything vertically, each figure fitting a 1400 px
 window: a red banner naming each collapsed MoE layer (a router_alert fired, or its least-used expert is under
-ALERT_MIN_LOAD of a fair share at the last step); a table of runs and one of MoE layers (min/mean, MaxVio, dead
-experts, alerts; collapsed rows and cells in red); train loss and val_bpb of all runs overlaid, one colour per
-run, with the final (EMA, else raw) and roundtrip scores marked at the last step; per run, one expert-load heatmap
+ALERT_MIN_LOAD of a fair share at the last step); a table of runs (the step it ended at, its last periodic val_bpb
+and that step, its final and roundtrip scores) and one of MoE layers (min/mean, MaxVio, dead experts, alerts; red:
+what makes a layer collapsed, its row pink; amber: under the threshold earlier, or dead experts); train loss and
+val_bpb of all runs overlaid, one colour per run, with the final (EMA, else raw) and roundtrip scores marked at the
+last step (train_done's, when it logged no train line there); per run, one expert-load heatmap
 per MoE layer (colour = load / fair share on one fixed scale, router_alert steps marked in red) and per-layer
 curves (one colour per layer) of normalized load entropy (logged already divided by ln E), token entropy, min/mean,
 MaxVio and dead experts, each on one y scale shared by all runs.
@@ -49,6 +51,7 @@ FIELDS = {
     "router": {"step": INT, "layer": INT, "load": LOADS, **{k: OPTIONAL for k in ROUTER_SERIES}},
     "router_alert": {"step": INT, "layer": INT, "min_over_mean": OPTIONAL, "dead": OPTIONAL, "max_over_mean": OPTIONAL},
     "model": {"params": INT},
+    "train_done": {"steps": INT},
     **{event: {"val_bpb": NUMBER} for event in ("final_raw", "final_ema", "final_roundtrip")},
 }
 FINAL_MARKERS = {"final_ema": ("*", 15), "final_raw": ("s", 11), "final_roundtrip": ("X", 8)}  # small on top
@@ -203,6 +206,11 @@ def shared_look(runs: list[dict]) -> dict:
             "xlim": (min(e[0] for e in edges), max(e[-1] for e in edges)) if data else None, "ylim": ylim}
 
 
+def _last_step(run: dict) -> int:
+    """The step the run ended at: a run stopped by its wallclock cap logged no train line there before this fix."""
+    return int(max([0, *run["train"][:, 0], *run["val"][:, 0], run.get("train_done", {}).get("steps", 0)]))
+
+
 def _final_events(run: dict) -> list[str]:
     return [e for e in ("final_ema" if "final_ema" in run else "final_raw", "final_roundtrip") if e in run]
 
@@ -215,10 +223,9 @@ def _fig_compare(runs: list[dict], look: dict):
             ax1.plot(run["train"][:, 0], run["train"][:, 1], color=color, lw=1.2)
         if len(run["val"]):
             ax2.plot(run["val"][:, 0], run["val"][:, 1], "o-", color=color, ms=3)
-        last_step = max([0, *run["train"][:, 0], *run["val"][:, 0]])  # the final evals score the last step's model
-        for event in _final_events(run):
+        for event in _final_events(run):  # the final evals score the last step's model
             marker, size = FINAL_MARKERS[event]
-            ax2.plot(last_step, run[event]["val_bpb"], marker, color=color, ms=size, mec="black", mew=0.7)
+            ax2.plot(_last_step(run), run[event]["val_bpb"], marker, color=color, ms=size, mec="black", mew=0.7)
             finals.add(event)
     for ax, title in ((ax1, "train loss"), (ax2, "val_bpb")):
         ax.set(title=title, xlabel="step")
@@ -277,10 +284,10 @@ def _fmt(x, spec=".3f") -> str:
 
 
 def _table(head: list[str], rows: list[tuple[list, bool]]) -> str:
-    """rows: (cells, collapsed); a cell is its text, or (text, True) to colour it red."""
+    """rows: (cells, collapsed); a cell is its text, or (text, "bad") to colour it red, (text, "warn") amber."""
     def td(cell):
-        text, bad = cell if isinstance(cell, tuple) else (cell, False)
-        return f'<td{" class=bad" if bad else ""}>{html.escape(text)}</td>'
+        text, mark = cell if isinstance(cell, tuple) else (cell, "")
+        return f'<td{f" class={mark}" if mark else ""}>{html.escape(text)}</td>'
     return ("<table><tr>" + "".join(f"<th>{h}</th>" for h in head) + "</tr>" + "".join(
         f'<tr{" class=collapsed" if collapsed else ""}>{"".join(map(td, cells))}</tr>' for cells, collapsed in rows)
             + "</table>")
@@ -288,22 +295,24 @@ def _table(head: list[str], rows: list[tuple[list, bool]]) -> str:
 
 def _run_row(run: dict, health: dict) -> tuple[list, bool]:
     collapsed = [f"L{layer}" for layer, h in health.items() if h["collapsed"]]
-    verdict = ("COLLAPSED: " + ", ".join(collapsed), True) if collapsed else "ok" if health else "dense"
+    verdict = ("COLLAPSED: " + ", ".join(collapsed), "bad") if collapsed else "ok" if health else "dense"
     final = run.get("final_ema", run.get("final_raw", {}))
-    return [run["name"], _fmt(run.get("model", {}).get("params"), ","),
-            _fmt(int(run["train"][-1, 0]) if len(run["train"]) else None, "d"),
-            _fmt(run["train"][-1, 1] if len(run["train"]) else None, ".4f"),
-            _fmt(run["val"][-1, 1] if len(run["val"]) else None, ".4f"), _fmt(final.get("val_bpb"), ".4f"),
+    val = f"{run['val'][-1, 1]:.4f} @{run['val'][-1, 0]:.0f}" if len(run["val"]) else "-"
+    return [run["name"], _fmt(run.get("model", {}).get("params"), ","), str(_last_step(run)),
+            _fmt(run["train"][-1, 1] if len(run["train"]) else None, ".4f"), val, _fmt(final.get("val_bpb"), ".4f"),
             _fmt(run.get("final_roundtrip", {}).get("val_bpb"), ".4f"), str(len(health)) if health else "dense",
-            (str(len(run["alerts"])), True) if run["alerts"] else "0", verdict], bool(collapsed)
+            (str(len(run["alerts"])), "bad") if run["alerts"] else "0", verdict], bool(collapsed)
 
 
 def _layer_row(run: dict, layer: int, h: dict) -> tuple[list, bool]:
     alerts = f"{len(h['alerts'])} (" + ", ".join(f"@{s}" for s in h["alerts"]) + ")" if h["alerts"] else "0"
-    return [run["name"], f"L{layer}", str(h["experts"]), (_fmt(h["mom_last"]), h["mom_last"] < ALERT_MIN_LOAD),
-            (_fmt(h["mom_worst"]), h["mom_worst"] < ALERT_MIN_LOAD), _fmt(h["maxvio_last"]), _fmt(h["maxvio_worst"]),
-            (_fmt(h["dead_last"], ".0f"), h["dead_last"] > 0), (_fmt(h["dead_max"], ".0f"), h["dead_max"] > 0),
-            (alerts, bool(h["alerts"]))], h["collapsed"]
+    # Red: what makes the layer collapsed, as the legend says; amber: trouble that alone does not.
+    low_last, low_ever = h["mom_last"] < ALERT_MIN_LOAD, h["mom_worst"] < ALERT_MIN_LOAD
+    return [run["name"], f"L{layer}", str(h["experts"]), (_fmt(h["mom_last"]), "bad" if low_last else ""),
+            (_fmt(h["mom_worst"]), "warn" if low_ever else ""), _fmt(h["maxvio_last"]), _fmt(h["maxvio_worst"]),
+            (_fmt(h["dead_last"], ".0f"), "warn" if h["dead_last"] > 0 else ""),
+            (_fmt(h["dead_max"], ".0f"), "warn" if h["dead_max"] > 0 else ""),
+            (alerts, "bad" if h["alerts"] else "")], h["collapsed"]
 
 
 def _banner(runs: list[dict], healths: list[dict]) -> str:
@@ -354,21 +363,24 @@ def build_dashboard(runs: list[dict], out_html, png_dir=None) -> list[Path]:
         else:
             parts.append("<p><i>dense run: no router events</i></p>")
         sections.append(f'<section class="run{" collapsed" if collapsed else ""}">{"".join(parts)}</section>')
-    runs_table = _table(["run", "params", "last step", "train loss", "val_bpb", "final bpb (EMA, else raw)",
+    runs_table = _table(["run", "params", "last step", "last train loss", "last val_bpb @step", "final bpb (EMA, else raw)",
                          "roundtrip bpb", "MoE layers", "router alerts", "router health"],
                         [_run_row(run, health) for run, health in zip(runs, healths)])
     layers_table = _table(["run", "layer", "experts", "min/mean last", "min/mean worst", "MaxVio last",
                            "MaxVio worst", "dead last", "dead max", "router_alert"],
                           [_layer_row(run, layer, h) for run, health in zip(runs, healths)
                            for layer, h in health.items()])
-    router = (f"<h3>MoE layers (red: an alert fired, or min/mean under {ALERT_MIN_LOAD:g} at the last step)</h3>"
-              + layers_table) if any(healths) else ""
+    legend = (f'<p class="legend"><span class=bad>red</span>: collapsed: a router_alert fired, or min/mean under '
+              f'{ALERT_MIN_LOAD:g} at the last step (the row pink); <span class=warn>amber</span>: min/mean under '
+              f'{ALERT_MIN_LOAD:g} earlier in the run, or dead experts</p>') if any(healths) else ""
+    router = "<h3>MoE layers</h3>" + layers_table if any(healths) else ""
     page = f"""<!DOCTYPE html>
 <html><head><meta charset="utf-8"><title>MoE router dashboard</title><style>
 body{{font-family:sans-serif;margin:16px;background:#fff;color:#222}}
 img{{max-width:100%;height:auto;display:block;margin:6px 0}} table{{border-collapse:collapse;margin:8px 0}}
 td,th{{border:1px solid #bbb;padding:3px 8px;text-align:right;overflow-wrap:anywhere}} td:first-child{{text-align:left}}
-tr.collapsed td{{background:#fde0e0}} tr td.bad{{background:#c62828;color:#fff;font-weight:bold}}
+tr.collapsed td{{background:#fde0e0}} tr td.bad,.legend .bad{{background:#c62828;color:#fff;font-weight:bold}}
+tr td.warn,.legend .warn{{background:#ffb74d}} .legend span{{padding:0 4px}}
 .alert{{background:#c62828;color:#fff;font-size:18px;padding:8px 16px;margin:8px 0;border-radius:4px}}
 .badge{{background:#c62828;color:#fff;font-size:16px;padding:2px 8px;border-radius:4px;vertical-align:middle}}
 .run{{margin:24px 0;padding-left:10px;border-left:6px solid #ddd}} .run.collapsed{{border-left-color:#c62828}}
@@ -376,6 +388,7 @@ tr.collapsed td{{background:#fde0e0}} tr td.bad{{background:#c62828;color:#fff;f
 </style></head><body>
 <h1>MoE router dashboard</h1>
 {_banner(runs, healths)}
+{legend}
 {runs_table}
 {router}
 {_img(compare, pngs[compare])}

@@ -1,16 +1,18 @@
 """Generate text from a moe-golf artifact, printed as it is produced.
 
-    python scripts/sample.py artifacts/<RUN_ID>.moe.zst --prompt "The history of" [--tokens 200] [--temperature 0.8]
-        [--seed 0] [--tokenizer data/tokenizers/fineweb_1024_bpe.model]
+    python scripts/sample.py artifacts/<RUN_ID>.moe --prompt "The history of" [--tokens 200] [--temperature 0.8]
+        [--seed 0] [--tokenizer PATH]
 
 The artifact's own model (train_moe.py's GPT on the dequantized weights, CPU, fp32) with a KV cache: each new token
 costs one position of attention instead of the whole sequence again. The prompt starts a document, as every
 training document does (after BOS), and generation stops early where the model starts the next one (emits BOS).
 Temperature 0 picks the likeliest token (greedy); above 0 it samples, reproducibly for a --seed. Past the run's
-TRAIN_SEQ_LEN the model sees positions it never trained on. The tokenizer defaults to the TOKENIZER_PATH default.
+TRAIN_SEQ_LEN the model sees positions it never trained on. The tokenizer is the one the artifact records (its name
+and SHA-256), found beside the artifact or at the path the run used, or --tokenizer; one with another hash is refused.
 """
 import argparse
 import contextlib
+import hashlib
 import os
 import sys
 from collections.abc import Iterator
@@ -21,7 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
 import train_moe as tm  # noqa: E402
 
 
@@ -34,6 +37,39 @@ def load_artifact(path: Path) -> tuple[tm.Hyperparameters, dict[str, torch.Tenso
         return tm.Hyperparameters(settings), state
     except ValueError as e:  # tm.ConfigError too: settings this train_moe.py cannot build
         raise ValueError(f"{path}: {e}") from None
+    if not settings:
+        raise ValueError(f"{path}: the artifact has no model settings to rebuild its model from")
+    cfg = tm.Hyperparameters(settings)
+    cfg.model_settings = settings  # as packed: the model's settings and its tokenizer's record
+    return cfg, state
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def load_tokenizer(artifact: Path, cfg: tm.Hyperparameters, given: Path | None = None) -> tuple[Path, spm.SentencePieceProcessor]:
+    """The tokenizer the artifact's model was trained with: `given`, else the file its record names, beside the
+    artifact or at the path the run used (as given, then from the repo root). With a record, its SHA-256 must match;
+    an older artifact without one takes `given` or the TOKENIZER_PATH default, checked by its size only."""
+    recorded, path = cfg.model_settings.get("TOKENIZER_SHA256"), Path(cfg.tokenizer_path)
+    candidates = list(dict.fromkeys([given] if given else [artifact.parent / path.name, path, REPO / path] if recorded else [path]))
+    found = [p for p in candidates if p.is_file()]
+    if not found:
+        raise ValueError(f"{', '.join(map(str, candidates))}: no such tokenizer; pass the run's with --tokenizer")
+    if recorded:
+        matching = [p for p in found if sha256(p) == recorded]
+        if not matching:
+            raise ValueError(f"{found[0]}: SHA-256 {sha256(found[0])[:12]}..., but {artifact} was trained with {path.name} "
+                             f"of SHA-256 {recorded[:12]}...; pass that tokenizer with --tokenizer")
+        found = matching
+    try:
+        sp = spm.SentencePieceProcessor(model_file=str(found[0]))
+    except (RuntimeError, OSError) as e:
+        raise ValueError(f"{found[0]}: not a SentencePiece model ({e})") from None
+    if sp.vocab_size() != cfg.vocab_size:
+        raise ValueError(f"{found[0]}: {sp.vocab_size()} pieces, but the model has VOCAB_SIZE={cfg.vocab_size}")
+    return found[0], sp
 
 
 def load_model(path: Path) -> tuple[tm.Hyperparameters, tm.GPT]:
@@ -126,12 +162,13 @@ def text_pieces(sp: spm.SentencePieceProcessor, prompt: list[int], tokens: Itera
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("artifact", type=Path, help="artifacts/<RUN_ID>.moe.zst written by train_moe.py")
+    parser.add_argument("artifact", type=Path, help="artifacts/<RUN_ID>.moe written by train_moe.py")
     parser.add_argument("--prompt", required=True, help="the text to continue")
     parser.add_argument("--tokens", type=int, default=200, help="how many tokens to generate at most")
     parser.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
     parser.add_argument("--seed", type=int, default=0, help="0 to 2**64 - 1")
-    parser.add_argument("--tokenizer", type=Path, help="the run's SentencePiece model (default: TOKENIZER_PATH's default)")
+    parser.add_argument("--tokenizer", type=Path, help="the run's SentencePiece model (default: the one the artifact "
+                        "records, found beside it or where the run read it)")
     args = parser.parse_args(argv)
     try:
         if not args.prompt:
@@ -147,15 +184,7 @@ def main(argv=None) -> int:
         except UnicodeEncodeError:  # argv bytes that are not UTF-8 arrive as lone surrogates
             raise ValueError("--prompt holds bytes that are not UTF-8 text") from None
         cfg, model = load_model(args.artifact)
-        tokenizer = args.tokenizer or Path(cfg.tokenizer_path)
-        if not tokenizer.is_file():
-            raise ValueError(f"{tokenizer}: no such tokenizer; pass the run's with --tokenizer")
-        try:
-            sp = spm.SentencePieceProcessor(model_file=str(tokenizer))
-        except (RuntimeError, OSError) as e:
-            raise ValueError(f"{tokenizer}: not a SentencePiece model ({e})") from None
-        if sp.vocab_size() != cfg.vocab_size:
-            raise ValueError(f"{tokenizer}: {sp.vocab_size()} pieces, but the model has VOCAB_SIZE={cfg.vocab_size}")
+        _, sp = load_tokenizer(args.artifact, cfg, args.tokenizer)
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -189,35 +189,38 @@ def results_table(logs: Path, configs=CONFIGS) -> str:
 
 def launch(queue: list[dict], parallel: int) -> None:
     """Each run's trainer, at most `parallel` at a time (each's output then in logs/<RUN_ID>.out); one that fails is
-    reported and the rest go on."""
-    running = []
+    reported and the rest go on. Each run prints its own lines (a progress line at least every 30 s); these count them."""
+    running, seconds = [], []
 
     def reap(keep: int):
         while len(running) > keep:
             for item in running:
-                env, process = item
+                env, process, start = item
                 if process.poll() is not None:
                     running.remove(item)
+                    seconds.append(time.monotonic() - start)
                     if process.returncode:
                         print(f"study failed:{env['RUN_ID']} exit:{process.returncode}", flush=True)
                     break
             else:
                 time.sleep(1)
 
-    for env in queue:
+    for n, env in enumerate(queue, 1):
         reap(parallel - 1)
-        print(f"study run:{env['RUN_ID']}", flush=True)
+        eta = f" eta_s:{statistics.fmean(seconds) * (len(queue) - n + 1) / parallel:.0f}" if seconds else ""
+        print(f"study run:{env['RUN_ID']} n:{n}/{len(queue)}{eta}", flush=True)
         out = open(Path("logs") / f"{env['RUN_ID']}.out", "w") if parallel > 1 else None
         running.append((env, subprocess.Popen([sys.executable, "train_moe.py"], env={**os.environ, **env}, stdout=out,
-                                              stderr=subprocess.STDOUT if out else None)))
+                                              stderr=subprocess.STDOUT if out else None), time.monotonic()))
     reap(0)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("action", choices=("prepare", "run", "commands", "table"))
-    parser.add_argument("--only", nargs="+", choices=sorted(ALL), default=list(CONFIGS))
-    parser.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS))
+    parser.add_argument("--only", nargs="+", choices=sorted(ALL), default=list(CONFIGS), metavar="CONFIG",
+                        help=f"configurations (default: the first study's): {', '.join(ALL)}")
+    parser.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS), help="default: %(default)s")
     # Dense stepped at 121-122 ms on one H100 (docs/study.md): 65 s is 1.33 passes over the 52.9M training tokens,
     # leaving room under 2 for a step up to a third faster.
     parser.add_argument("--wallclock", type=float, default=65.0, help="MAX_WALLCLOCK_SECONDS of every run")
@@ -243,17 +246,17 @@ def main(argv=None) -> int:
         return 0
     if args.action == "run" and not Path(DATA_PATH).is_dir():
         parser.error(f"{DATA_PATH}: no shards; run `python scripts/study.py prepare` first")
-    queue = []
-    for seed in args.seeds:  # seed by seed, so a study cut short still has one run of every configuration
-        for config in args.only:
-            env = run_env(config, seed, args.wallclock, args.steps)
-            log = Path("logs") / f"{env['RUN_ID']}.jsonl"
-            if args.action == "commands":
-                print(command_line(env))
-            elif log.is_file() and run_row(log):
-                print(f"study skip:{env['RUN_ID']} (finished)", flush=True)
-            else:
-                queue.append(env)
+    # Seed by seed, so that a study cut short still has one run of every configuration.
+    runs, queue = [(seed, config) for seed in args.seeds for config in args.only], []
+    for n, (seed, config) in enumerate(runs, 1):
+        env = run_env(config, seed, args.wallclock, args.steps)
+        log = Path("logs") / f"{env['RUN_ID']}.jsonl"
+        if args.action == "commands":
+            print(command_line(env))
+        elif log.is_file() and run_row(log):
+            print(f"study skip:{env['RUN_ID']} n:{n}/{len(runs)} (finished)", flush=True)
+        else:
+            queue.append(env)
     Path("logs").mkdir(exist_ok=True)
     launch(queue, args.parallel)
     return 0

@@ -21,7 +21,7 @@ import sample  # noqa: E402
 @pytest.fixture(scope="module")
 def good(tmp_path_factory) -> bytes:
     """An artifact as the trainer packs it, of a model whose settings differ from the defaults (NORM_TOPK_PROB=1)."""
-    return make_artifact(tmp_path_factory.mktemp("integrity") / "good.moe.zst", "softmax_norm_untied").read_bytes()
+    return make_artifact(tmp_path_factory.mktemp("integrity") / "good.moe", "softmax_norm_untied").read_bytes()
 
 
 def flip(data: bytes, offset: int) -> bytes:
@@ -96,8 +96,8 @@ CASES = {
 
 
 def test_the_unchanged_artifact_loads(good, tmp_path):
-    (tmp_path / "good.moe.zst").write_bytes(good)
-    cfg, model = sample.load_model(tmp_path / "good.moe.zst")
+    (tmp_path / "good.moe").write_bytes(good)
+    cfg, model = sample.load_model(tmp_path / "good.moe")
     assert cfg.norm_topk_prob == 1 and cfg.logit_softcap == 30.0 and not model.training
 
 
@@ -114,7 +114,7 @@ def test_the_trainers_reader_refuses(make, message, good):
 @pytest.mark.parametrize("make, message, in_trainer", CASES.values(), ids=CASES)
 def test_the_tools_refuse(make, message, in_trainer, tool, good, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    path = tmp_path / "changed.moe.zst"
+    path = tmp_path / "changed.moe"
     path.write_bytes(make(good))
     before = tree(tmp_path)
     if tool == "sample.py":

@@ -158,9 +158,9 @@ def test_dashboard_html_and_pngs(logs, tmp_path):
 
 
 def _rows(text):
-    """Table rows as (is the row marked collapsed, [(cell text, is the cell marked bad)])."""
-    cells = r"<td([^>]*)>([^<]*)</td>"
-    return [(" class=collapsed" in attrs, [(c, " class=bad" in a) for a, c in re.findall(cells, row)])
+    """Table rows as (is the row marked collapsed, [(cell text, its mark: "bad" red, "warn" amber or "")])."""
+    cells = r"<td(?: class=(\w+))?>([^<]*)</td>"
+    return [(" class=collapsed" in attrs, [(c, mark) for mark, c in re.findall(cells, row)])
             for attrs, row in re.findall(r"<tr([^>]*)>(.*?)</tr>", text) if "<td" in row]
 
 
@@ -170,23 +170,24 @@ def test_summary_flags_the_collapsed_layer(logs, tmp_path):
     text = (tmp_path / "d.html").read_text()
     rows = {tuple(c for c, _ in cells[:2]): (collapsed, cells) for collapsed, cells in _rows(text)}
     collapsed, cells = rows[("collapsed", "L3")]  # per layer: min/mean, MaxVio, dead (last, worst) and alerts
-    assert collapsed and cells[3:] == [("0.000", True), ("0.000", True), ("3.000", False), ("3.000", False),
-                                       ("3", True), ("3", True), ("1 (@500)", True)]
-    assert not rows[("collapsed", "L1")][0] and not any(bad for _, bad in rows[("collapsed", "L1")][1])
+    assert collapsed and cells[3:] == [("0.000", "bad"), ("0.000", "warn"), ("3.000", ""), ("3.000", ""),
+                                       ("3", "warn"), ("3", "warn"), ("1 (@500)", "bad")]
+    assert not rows[("collapsed", "L1")][0] and not any(mark for _, mark in rows[("collapsed", "L1")][1])
     for run in ("balanced", "balanced_b"):
         for layer in ("L1", "L3"):
-            assert not rows[(run, layer)][0] and not any(bad for _, bad in rows[(run, layer)][1])
+            assert not rows[(run, layer)][0] and not any(mark for _, mark in rows[(run, layer)][1])
     collapsed, cells = rows[("collapsed", "123,456")]  # the run's row: final bpb (raw, no EMA), roundtrip, verdict
-    assert collapsed and cells[5:7] == [("2.0500", False), ("2.1000", False)] and cells[-1] == ("COLLAPSED: L3", True)
-    assert rows[("balanced", "123,456")][1][5:7] == [("1.7800", False), ("1.7700", False)]
-    assert rows[("dense", "-")][1][-1] == ("dense", False)
+    assert collapsed and cells[5:7] == [("2.0500", ""), ("2.1000", "")] and cells[-1] == ("COLLAPSED: L3", "bad")
+    assert rows[("balanced", "123,456")][1][2:7] == [("1000", ""), ("3.0000", ""), ("1.7059 @1000", ""),
+                                                     ("1.7800", ""), ("1.7700", "")]
+    assert rows[("dense", "-")][1][-1] == ("dense", "")
     banner = re.search(r'<div class="alert">(.*?)</div>', text).group(1)
     assert "<b>collapsed</b> layer 3: router_alert at step 500" in banner and "3 of 4 experts dead" in banner
     assert banner.count("<li>") == 1 and '<h2>collapsed <span class="badge">COLLAPSED: L3</span>' in text
 
     rd.build_dashboard(runs[:2], tmp_path / "ok.html")
     ok = (tmp_path / "ok.html").read_text()
-    assert 'class="alert"' not in ok and "class=bad" not in ok and "class=collapsed" not in ok
+    assert 'class="alert"' not in ok and "<td class=bad" not in ok and "class=collapsed" not in ok
 
 
 def test_low_min_over_mean_collapses_without_an_alert(tmp_path):
@@ -337,3 +338,43 @@ def test_browser_shows_the_collapse_first(three_runs_page, tmp_path):
     assert len(np.unique(img.reshape(-1, 3), axis=0)) > 200  # the page rendered: text, tables, figures
     alarm = (np.abs(img - [0xC6, 0x28, 0x28]).max(axis=-1) <= 8).sum()  # the banner's and bad cells' red
     assert alarm > 20_000, f"the collapse is not flagged in the first screen ({alarm} red pixels)"
+
+
+def test_a_run_stopped_by_its_cap_shows_its_last_step_and_scores(tmp_path):
+    """As the trainer logged it before it logged a train line at the step where it stops: train lines every 10
+    steps up to 20, a val line at step 0 only, the cap at step 35. The table and the figure end at 35, the val
+    column says which step its score is from, and the final and roundtrip scores are there."""
+    records = [{"event": "model", "params": 1000}, {"event": "val", "step": 0, "val_loss": 6.9, "val_bpb": 3.8344}]
+    records += [{"event": "train", "step": step, "train_loss": 7 - step / 10} for step in (1, 10, 20)]
+    records += [{"event": "train_done", "steps": 35, "stopped_by": "wallclock"}, _final("final_raw", 2.5),
+                _final("final_ema", 2.4), _final("final_roundtrip", 2.45)]
+    run = rd.load_run(_write(tmp_path / "capped.jsonl", records))
+    rd.build_dashboard([run], tmp_path / "d.html")
+    (_, cells), = _rows((tmp_path / "d.html").read_text())
+    assert [c for c, _ in cells[2:7]] == ["35", "5.0000", "3.8344 @0", "2.4000", "2.4500"]
+    fig = rd._fig_compare([run], rd.shared_look([run]))
+    finals = [tuple(line.get_xydata()[0]) for line in _axes(fig)["val_bpb"].lines if line.get_marker() in ("*", "X")]
+    assert finals == [(35, 2.4), (35, 2.45)]
+
+
+def test_every_coloured_cell_follows_the_legend(logs, tmp_path):
+    """Red only where the legend's collapse rule holds (an alert, or min/mean under the threshold at the last step),
+    in a row marked collapsed; amber only for a dip earlier in the run or dead experts."""
+    runs = [rd.load_run(logs[k]) for k in ("balanced", "collapsed")]
+    fair, dipped = [0.25] * 4, [0.97, 0.01, 0.01, 0.01]
+    recovered = [_router(step, 1, load) for step, load in ((10, dipped), (20, [0.4, 0.4, 0.2, 0.0]), (30, fair))]
+    runs.append(rd.load_run(_write(tmp_path / "recovered.jsonl", recovered)))
+    rd.build_dashboard(runs, tmp_path / "d.html")
+    text = (tmp_path / "d.html").read_text()
+    legend = re.search(r'<p class="legend">(.*?)</p>', text).group(1)
+    assert "router_alert fired, or min/mean under 0.1 at the last step" in legend and "dead experts" in legend
+    layers = text[text.index("<h3>MoE layers"):]
+    head = re.findall(r"<th>([^<]*)</th>", layers)
+    marked = {}
+    for collapsed, cells in _rows(layers):
+        for column, (_, mark) in zip(head, cells):
+            if mark:
+                marked.setdefault((mark, column), set()).add(collapsed)
+    assert marked == {("bad", "min/mean last"): {True}, ("bad", "router_alert"): {True},
+                      ("warn", "min/mean worst"): {True, False}, ("warn", "dead last"): {True},
+                      ("warn", "dead max"): {True, False}}

@@ -175,6 +175,10 @@ def test_cli_with_the_real_hub_client(repo, tmp_path, endpoint):
     result = run_cli(out, tmp_path, HF_ENDPOINT=url)
     assert result.returncode == 0, result.stderr
     expected = ["manifest.json"] + VAL + TRAIN[:2] + TOKENIZER
+    # Off a terminal: what it will fetch first, then (for a long download) progress lines, then what it did.
+    assert result.stdout.splitlines() == [f"download:start files:{len(expected) - 1} shards:{len(VAL) + 2} "
+                                          f"at_most_gb:{(len(VAL) + 2) * 0.2:.1f} into:{out}",
+                                          f"fetched {len(expected) - 1} files into {out}"]
     assert files_under(out) == set(expected)
     for rel in expected:
         assert (out / rel).read_bytes() == (repo / rel).read_bytes()

@@ -194,7 +194,7 @@ def test_quant_fit_fails_clearly_when_nothing_fits(tiny_data, tmp_path):
     assert result.returncode == 4
     assert result.stderr.strip().splitlines()[-1].startswith("error: QUANT_FIT: nothing fits")
     assert len(result.stderr.strip().splitlines()) == 1
-    assert not (tmp_path / "artifacts" / "nofit.moe.zst").exists()
+    assert not (tmp_path / "artifacts" / "nofit.moe").exists()
 
 
 class Metrics:

@@ -1,16 +1,23 @@
 """scripts/export_hf.py, modeling_moe_golf.py and hf_layouts.py: every MLP mode and router exported in every expert
-layout loads with AutoModelForCausalLM and gives train_moe's logits; layout conversions are exact and refuse
-incomplete experts; bad inputs are one error line with nothing written."""
+layout loads with AutoModelForCausalLM and gives train_moe's logits; the run's tokenizer travels with it and encodes as
+SentencePiece; the README's snippet generates sample.py's text; layout conversions are exact and refuse incomplete
+experts; bad inputs are one error line with nothing written."""
+import hashlib
 import json
+import os
+import re
+import shlex
+import subprocess
 import sys
 
 import pytest
+import sentencepiece as spm
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import train_moe as tm
-from conftest import REPO
+from conftest import REPO, run_trainer, tiny_env
 
 sys.path.insert(0, str(REPO / "scripts"))
 import export_hf  # noqa: E402
@@ -39,12 +46,20 @@ if "sqrtsoftplus" in tm.ROUTERS:
         "hash_layers_softmax": {"MLP_MODE": "shared_routed", "HASH_LAYERS": "1", "ROUTE_SCALE": "2"},
     })
 PARITY = 1e-4
+FOLDER = ["config.json", "generation_config.json", "model.safetensors", "modeling_moe_golf.py", "tokenizer.json",
+          "tokenizer_config.json"]
 
 
-def make_artifact(path, mode: str, seed: int = 0, **overrides):
+def make_artifact(path, mode: str, seed: int = 0, tokenizer=None, **overrides):
     """A randomized model of `mode` (no zero-initialised output weights, random selection biases) packed as the trainer
-    packs it, at 8 bits; returns the path."""
+    packs it, at 8 bits; with a tokenizer, the model's vocabulary is its and the artifact records it as a run's does.
+    Returns the path."""
+    if tokenizer is not None:
+        overrides["VOCAB_SIZE"] = str(spm.SentencePieceProcessor(model_file=str(tokenizer)).vocab_size())
     cfg = tm.Hyperparameters({**TINY, **MODES[mode], **overrides})
+    if tokenizer is not None:
+        cfg.model_settings.update(TOKENIZER_PATH=str(tokenizer),
+                                  TOKENIZER_SHA256=hashlib.sha256(tokenizer.read_bytes()).hexdigest())
     torch.manual_seed(seed)
     model = tm.GPT(cfg)
     g = torch.Generator().manual_seed(seed)
@@ -78,20 +93,18 @@ def logit_gap(folder, model: tm.GPT) -> float:
 
 
 @pytest.fixture(scope="module")
-def artifacts(tmp_path_factory):
+def artifacts(tiny_data, tmp_path_factory):
     root = tmp_path_factory.mktemp("artifacts")
-    return {mode: make_artifact(root / f"{mode}.moe.zst", mode) for mode in MODES}
+    return {mode: make_artifact(root / f"{mode}.moe", mode, tokenizer=tiny_data["tokenizer_path"]) for mode in MODES}
 
 
 @pytest.mark.parametrize("layout", hf_layouts.LAYOUTS)
 @pytest.mark.parametrize("mode", MODES)
-def test_exported_model_gives_train_moes_logits(artifacts, tmp_path, capsys, mode, layout):
+def test_exported_model_gives_train_moes_logits(artifacts, tmp_path, mode, layout):
     out = tmp_path / "hf"
     assert export_hf.main([str(artifacts[mode]), "--out", str(out), "--layout", layout]) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "modeling_moe_golf.py"]
+    assert sorted(p.name for p in out.iterdir()) == FOLDER
     gap = logit_gap(out, reference(artifacts[mode]))
-    with capsys.disabled():
-        print(f"\n  {mode:22s} {layout:10s} max |logit difference| {gap:.2e}", end="")
     assert gap < PARITY
     names = load_file(out / "model.safetensors")
     expert_names = [n for n in names if ".experts." in n or ".switch_mlp." in n]
@@ -275,23 +288,23 @@ def assert_refused(capsys, code: int, message: str) -> str:
 
 
 @pytest.mark.parametrize("case,message", [
-    ("missing", "{root}/missing.moe.zst: no such artifact"),
-    ("garbage", "{root}/garbage.moe.zst: corrupt, or not a moe-golf artifact: it does not decompress (zstd "),
-    ("no_settings", "{root}/no_settings.moe.zst: the artifact has no model settings to rebuild its model from"),
-    ("extra_tensor", "{root}/extra_tensor.moe.zst: its tensors do not fit train_moe.py's model for its settings "
+    ("missing", "{root}/missing.moe: no such artifact"),
+    ("garbage", "{root}/garbage.moe: corrupt, or not a moe-golf artifact: it does not decompress (zstd "),
+    ("no_settings", "{root}/no_settings.moe: the artifact has no model settings to rebuild its model from"),
+    ("extra_tensor", "{root}/extra_tensor.moe: its tensors do not fit train_moe.py's model for its settings "
                      "(Unexpected key(s) in state_dict: \"blocks.1.mlp.mystery\"."),
     ("out_not_empty", "{root}/full: exists and is not an empty folder; choose a new one"),
 ])
 def test_bad_inputs_are_one_error_line_and_write_nothing(artifacts, tmp_path, capsys, case, message):
-    (tmp_path / "garbage.moe.zst").write_bytes(b"not an artifact")
+    (tmp_path / "garbage.moe").write_bytes(b"not an artifact")
     state = reference(artifacts["softmax"]).state_dict()
-    (tmp_path / "no_settings.moe.zst").write_bytes(tm.pack_artifact(*tm.quantize_state(state, {})))
+    (tmp_path / "no_settings.moe").write_bytes(tm.pack_artifact(*tm.quantize_state(state, {})))
     cfg, _ = sample.load_artifact(artifacts["softmax"])
-    (tmp_path / "extra_tensor.moe.zst").write_bytes(
+    (tmp_path / "extra_tensor.moe").write_bytes(
         tm.pack_artifact(*tm.quantize_state({**state, "blocks.1.mlp.mystery": torch.ones(3)}, {}), cfg.model_settings))
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "notes.txt").write_text("keep me")
-    artifact = artifacts["softmax"] if case == "out_not_empty" else tmp_path / f"{case}.moe.zst"
+    artifact = artifacts["softmax"] if case == "out_not_empty" else tmp_path / f"{case}.moe"
     out = tmp_path / ("full" if case == "out_not_empty" else "hf")
     before = tree(tmp_path)
     assert_refused(capsys, export_hf.main([str(artifact), "--out", str(out)]), message.format(root=tmp_path))
@@ -326,3 +339,73 @@ def test_layout_cli_refusals(artifacts, tmp_path, capsys, monkeypatch, args, mes
     before = tree(tmp_path)
     assert_refused(capsys, hf_layouts.main(args), message)
     assert tree(tmp_path) == before
+
+
+# ---------------------------------------------------------------- the tokenizer, the README, file modes
+
+def test_the_folders_tokenizer_encodes_and_decodes_as_sentencepiece(artifacts, tiny_data, tmp_path):
+    export_hf.export(artifacts["softmax"], tmp_path / "hf", "fused")
+    hf = AutoTokenizer.from_pretrained(tmp_path / "hf", trust_remote_code=True)
+    sp = spm.SentencePieceProcessor(model_file=str(tiny_data["tokenizer_path"]))
+    texts = tiny_data["documents"] + export_hf.TOKENIZER_CHECK  # the tokenizer's own training text and edge cases
+    for text in texts:
+        ids = hf(text)["input_ids"]
+        assert ids == [sp.bos_id()] + sp.encode(text), text[:60]
+        assert hf.decode(ids, skip_special_tokens=True) == sp.decode(ids)
+    assert any(sp.is_byte(i) for text in texts for i in sp.encode(text))  # byte fallback was exercised
+    generation = json.loads((tmp_path / "hf" / "generation_config.json").read_text())
+    assert generation["eos_token_id"] == sp.bos_id()  # a document ends where the model starts the next one
+
+
+def readme_commands() -> tuple[list[list[str]], str]:
+    """The README's commands after the quick start (the tools on its artifact) and its Python snippet."""
+    readme = (REPO / "README.md").read_text()
+    bash = next(b for b in re.findall(r"```bash\n(.*?)```", readme, re.S) if "scripts/sample.py" in b)
+    commands = [shlex.split(line, comments=True) for line in bash.splitlines()]
+    python = next(b for b in re.findall(r"```python\n(.*?)```", readme, re.S) if "AutoTokenizer" in b)
+    return [c for c in commands if c[1] in ("scripts/sample.py", "scripts/export_hf.py")], python
+
+
+def test_the_readme_snippet_as_written_generates_sample_pys_greedy_text(tiny_data, tmp_path):
+    """In a folder laid out as the repo after the quick start (a tiny MoE run in its place), the README's sample and
+    export commands and then its snippet, all as written: the snippet prints sample.py's text. (A trained model: an
+    untrained one emits byte pieces that are no UTF-8, which SentencePiece and transformers decode differently.)"""
+    env = tiny_env(tiny_data, RUN_ID="quickstart", ITERATIONS=40, MLP_MODE="sparse", MOE_LAYERS="1", NUM_EXPERTS=4,
+                   EXPERT_HIDDEN=32)
+    trained = run_trainer(tmp_path, env)
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    (tmp_path / "scripts").symlink_to(REPO / "scripts")
+    commands, snippet = readme_commands()
+    assert [c[1] for c in commands] == ["scripts/sample.py", "scripts/export_hf.py"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    outputs = [subprocess.run([sys.executable, *c[1:]], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+               for c in commands]
+    assert all(r.returncode == 0 for r in outputs), [r.stderr[-2000:] for r in outputs]
+    (tmp_path / "snippet.py").write_text(snippet)
+    ran = subprocess.run([sys.executable, "snippet.py"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert ran.returncode == 0, ran.stderr[-2000:]
+    assert ran.stdout == outputs[0].stdout and len(ran.stdout) > len("The history of") + 20
+
+
+def test_outputs_get_the_modes_the_umask_gives(artifacts, tmp_path, capsys):
+    """mkdtemp makes 700 and safetensors writes 600; an exported or converted folder is 755 with 644 files."""
+    umask = os.umask(0o022)
+    try:
+        export_hf.export(artifacts["softmax"], tmp_path / "hf", "fused")
+        assert hf_layouts.main([str(tmp_path / "hf"), "--to", "mlx", "--out", str(tmp_path / "mlx")]) == 0
+    finally:
+        os.umask(umask)
+    assert capsys.readouterr().out == f"converted {tmp_path / 'hf'} to {tmp_path / 'mlx'} (layout mlx)\n"
+    for folder in (tmp_path / "hf", tmp_path / "mlx"):
+        assert oct(folder.stat().st_mode & 0o777) == "0o755"
+        assert {p.name: oct(p.stat().st_mode & 0o777) for p in folder.iterdir()} == {name: "0o644" for name in FOLDER}
+
+
+def test_a_tokenizer_of_another_hash_is_refused(artifacts, tiny_data, tmp_path, capsys):
+    other = tmp_path / "other.model"
+    other.write_bytes(tiny_data["tokenizer_path"].read_bytes() + b"\n")
+    code = export_hf.main([str(artifacts["softmax"]), "--out", str(tmp_path / "hf"), "--tokenizer", str(other)])
+    recorded = hashlib.sha256(tiny_data["tokenizer_path"].read_bytes()).hexdigest()
+    assert_refused(capsys, code, f"{other}: SHA-256 {hashlib.sha256(other.read_bytes()).hexdigest()[:12]}..., but "
+                                 f"{artifacts['softmax']} was trained with tok.model of SHA-256 {recorded[:12]}...")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["other.model"]

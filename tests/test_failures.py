@@ -113,7 +113,7 @@ CHECKS = {
 def earlier_run(tmp_path):
     """Files of a finished run with the RUN_ID the failing rerun uses: they must come out untouched."""
     files = {tmp_path / "logs" / "again.txt": b"log", tmp_path / "logs" / "again.jsonl": b"{}",
-             tmp_path / "artifacts" / "again.moe.zst": b"artifact"}
+             tmp_path / "artifacts" / "again.moe": b"artifact"}
     return files
 
 
@@ -146,7 +146,7 @@ def test_a_bad_later_shard_stops_the_run_naming_it(tiny_data, tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         f"config_error: VOCAB_SIZE={tiny_data['vocab_size']}: {data / 'fineweb_train_000001.bin'} holds token id {tiny_data['vocab_size'] + 1}"]
-    assert not (tmp_path / "artifacts" / "later.moe.zst").exists()
+    assert not (tmp_path / "artifacts" / "later.moe").exists()
     assert "config_error: VOCAB_SIZE=" in (tmp_path / "logs" / "later.txt").read_text()
 
 
@@ -255,8 +255,8 @@ RERUN_FAULTS = {
                             "error: logs/again.txt.partial: No space left on device"),
     "full disk: jsonl log": (full_disk("logs/again.jsonl.partial"), 1,
                              "error: logs/again.jsonl.partial: No space left on device"),
-    "full disk: artifact": (full_disk("artifacts/again.moe.zst.partial.tmp"), 1,
-                            "error: artifacts/again.moe.zst.partial.tmp: No space left on device"),
+    "full disk: artifact": (full_disk("artifacts/again.moe.partial.tmp"), 1,
+                            "error: artifacts/again.moe.partial.tmp: No space left on device"),
     "full disk: SAVE_FP32": (full_disk("artifacts/again.fp32.pt.partial.tmp", SAVE_FP32="1"), 1,
                              "error: artifacts/again.fp32.pt.partial.tmp: No space left on device"),
 }
@@ -282,7 +282,7 @@ def test_a_rerun_that_succeeds_replaces_the_finished_run_and_a_stale_lock(finish
     assert sorted(now) == sorted(earlier)
     assert all(now[name] != earlier[name] for name in now)
     artifact = [json.loads(line) for line in now["logs/again.jsonl"].decode().splitlines()][-2]
-    assert artifact["event"] == "artifact" and artifact["sha256"] == tm.hashlib.sha256(now["artifacts/again.moe.zst"]).hexdigest()
+    assert artifact["event"] == "artifact" and artifact["sha256"] == tm.hashlib.sha256(now["artifacts/again.moe"]).hexdigest()
 
 
 def start_trainer(cwd: Path, env: dict) -> subprocess.Popen:
@@ -400,5 +400,5 @@ def test_an_artifact_that_reads_back_changed_is_not_scored(finished_run, tiny_da
     real_write_artifact = tm.write_artifact
     monkeypatch.setattr(tm, "write_artifact", lambda path, blob: real_write_artifact(path, blob[:-1] + bytes([blob[-1] ^ 1])))
     status, err = main_in_process(tmp_path, tiny_env(tiny_data, RUN_ID="again", ITERATIONS=3), monkeypatch, capsys)
-    assert status == 1 and len(err) == 1 and err[0].startswith("error: artifacts/again.moe.zst.partial: corrupt")
+    assert status == 1 and len(err) == 1 and err[0].startswith("error: artifacts/again.moe.partial: corrupt")
     assert_finished_run_intact(tmp_path, earlier, 1)

@@ -241,8 +241,9 @@ def test_txt_documents_set_the_bos_count(prepared, tmp_path):
         output = tmp_path / mode
         lines = run_main(["--input", *inputs, "--txt-documents", mode, "--output", output, "--tokenizer", tokenizer,
                           "--val-docs", 1, "--workers", 1])
+        assert lines[0] == f"prepare:start inputs:2 max_docs:None output:{output} tokenizer:{tokenizer} workers:1"
         summary = {fields.pop("split"): fields for fields in (dict(f.split(":", 1) for f in line.split())
-                                                               for line in lines[1:])}
+                                                               for line in lines if line.startswith("split:"))}
         documents = 2 * len(expected)
         assert int(summary["val"]["documents"]) + int(summary["train"]["documents"]) == documents, mode
         tokens = np.concatenate([split_stream(output, split)[1] for split in ("val", "train")])

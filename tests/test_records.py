@@ -37,7 +37,7 @@ CHALLENGE_CONFIG = dict(world_size="8", vocab_size="1024", train_seq_len="1024",
 
 @pytest.fixture(scope="module")
 def finished_runs(tiny_data, tmp_path_factory) -> Path:
-    """Two seeds of a tiny 4-expert sparse model, finished: logs/s1.*, logs/s2.*, artifacts/s*.moe.zst."""
+    """Two seeds of a tiny 4-expert sparse model, finished: logs/s1.*, logs/s2.*, artifacts/s*.moe."""
     root = tmp_path_factory.mktemp("runs")
     for seed in (1, 2):
         env = tiny_env(tiny_data, MLP_MODE="sparse", NUM_EXPERTS=4, SEED=seed, RUN_ID=f"s{seed}", ITERATIONS=4)
@@ -285,14 +285,14 @@ def test_every_problem_of_every_run_is_listed(workdir):
     code_bytes = make_record.read_events(logs / "s2.jsonl")["artifact"]["code_bytes"]
     edit_event(logs / "s2.jsonl", "artifact", model_bytes=16_000_000, artifact_bytes=16_000_000 + code_bytes, status="OVER")
     (logs / "s2.txt").write_bytes((logs / "s2.txt").read_bytes().replace(b"import", b"import ", 1))
-    real_size = (workdir / "artifacts/s2.moe.zst").stat().st_size
+    real_size = (workdir / "artifacts/s2.moe").stat().st_size
     result = make(workdir, "s1", "s2", track=RECORD)
     s1, s2 = Path("logs/s1.txt"), Path("logs/s2.txt")
     assert result.returncode == 1 and result.stdout == ""
     assert result.stderr.splitlines() == [
         "error: s1: trained 600001 ms, over track_10min_16mb's 600000 ms",
         f"error: s2: artifact {16_000_000 + code_bytes:,} bytes is over the 16,000,000-byte cap",
-        f"error: s2: {Path('artifacts/s2.moe.zst')} is {real_size} bytes, the log says 16000000",
+        f"error: s2: {Path('artifacts/s2.moe')} is {real_size} bytes, the log says 16000000",
         "error: s2: GPU 'NVIDIA H200' is not an H100: track_10min_16mb runs on 8xH100",
         f"error: {s1} and {s2} ran the same seed 1; give each seed once",
         f"error: {s2} and {s1} ran different train_moe.py sources",
@@ -325,7 +325,7 @@ def test_make_refuses_over_cap_and_unfinished_runs(workdir):
     edit_log = workdir / "logs/s2.jsonl"
     code_bytes = make_record.read_events(edit_log)["artifact"]["code_bytes"]
     edit_event(edit_log, "artifact", model_bytes=16_000_000, artifact_bytes=16_000_000 + code_bytes, status="OVER")
-    (workdir / "artifacts/s2.moe.zst").unlink()  # else its real size contradicts the edited log too
+    (workdir / "artifacts/s2.moe").unlink()  # else its real size contradicts the edited log too
     lines = [json.loads(line) for line in edit_log.read_text().splitlines()]
     result = make(workdir, "s1", "s2")
     assert result.returncode == 1 and result.stderr.startswith("error: ") and "over the 16,000,000-byte cap" in result.stderr
@@ -338,7 +338,7 @@ def test_make_refuses_over_cap_and_unfinished_runs(workdir):
 
 def test_a_jsonl_that_disagrees_with_its_text_log_or_an_artifact_not_the_logged_one_is_refused(workdir):
     """On a real run's logs: a better score in the .jsonl alone, and an artifact of the logged size but other bytes."""
-    logs, artifact = workdir / "logs", workdir / "artifacts/s2.moe.zst"
+    logs, artifact = workdir / "logs", workdir / "artifacts/s2.moe"
     shown = make_record.read_events(logs / "s1.jsonl")["final_roundtrip"]["val_bpb"]
     tamper(logs / "s1.jsonl", "final_roundtrip", val_bpb=shown - 0.01)
     changed = bytearray(artifact.read_bytes())
@@ -348,7 +348,7 @@ def test_a_jsonl_that_disagrees_with_its_text_log_or_an_artifact_not_the_logged_
     assert refusals(workdir, "s1", "s2", track=NON_RECORD) == [
         f"{Path('logs/s1.jsonl')}: final_roundtrip val_bpb is {shown - 0.01}, but {Path('logs/s1.txt')} logs "
         f"val_bpb:{shown:.8f}",
-        f"s2: {Path('artifacts/s2.moe.zst')} is not this run's artifact: its SHA-256 is "
+        f"s2: {Path('artifacts/s2.moe')} is not this run's artifact: its SHA-256 is "
         f"{hashlib.sha256(changed).hexdigest()}, the log says {logged}"]
 
 

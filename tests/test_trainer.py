@@ -1,9 +1,13 @@
-"""train_moe.py: shards, val_bpb, export, config errors, EMA, and whole runs on 1 and 2 CPU processes."""
+"""train_moe.py: shards, val_bpb, export, config errors, EMA, --help, progress lines, and whole runs on 1 and 2 CPU
+processes."""
+import hashlib
 import json
 import math
 import os
+import re
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -453,6 +457,22 @@ def test_tiny_run_learns_exports_and_roundtrips(tiny_data, tmp_path):
     assert only(evs, "train_done")["peak_memory_mib"] > 0 and train[-1]["eta_s"] == 0
     assert f"final_roundtrip val_loss:{rt['val_loss']:.8f} val_bpb:{rt['val_bpb']:.8f}" in result.stdout
     assert list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
+    # The first lines name the files, the last one the artifact, its bytes and the official score.
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("config launch:") and lines[1] == ("paths text_log:logs/tiny.txt json_log:logs/tiny.jsonl "
+                                                                  "artifact:artifacts/tiny.moe")
+    assert lines[-1] == (f"result artifact:artifacts/tiny.moe artifact_bytes:{art['artifact_bytes']} status:OK "
+                         f"roundtrip_val_bpb:{rt['val_bpb']:.8f}")
+    assert [e["event"] for e in evs if e["event"].endswith("_start")] == [
+        "train_start", "export_start", "final_raw_start", "final_ema_start", "final_roundtrip_start"]  # eager: no warm-up
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in (tmp_path / "logs" / "tiny.txt", tmp_path / "logs" / "tiny.jsonl", tmp_path / art["path"]):
+        assert path.stat().st_mode & 0o777 == 0o666 & ~umask
+    # The artifact records its tokenizer: its path as the run read it and the hash of the file, not its bytes.
+    settings, _ = tm.read_artifact((tmp_path / art["path"]).read_bytes())
+    assert settings["TOKENIZER_PATH"] == str(tiny_data["tokenizer_path"])
+    assert settings["TOKENIZER_SHA256"] == hashlib.sha256(tiny_data["tokenizer_path"].read_bytes()).hexdigest()
 
 
 def test_two_processes_match_one_and_warmup_is_rolled_back(tiny_data, tmp_path):
@@ -486,3 +506,61 @@ def test_two_processes_match_one_and_warmup_is_rolled_back(tiny_data, tmp_path):
     assert only(results["two"], "artifact")["status"] == "OVER"
     assert only(results["two"], "final_roundtrip")["val_bpb"] == pytest.approx(
         only(results["one"], "final_roundtrip")["val_bpb"], abs=5e-3)
+
+
+def test_a_run_stopped_by_its_cap_logs_a_train_line_at_its_last_step(tiny_data, tmp_path):
+    env = tiny_env(tiny_data, RUN_ID="capped", ITERATIONS=10**6, MAX_WALLCLOCK_SECONDS=6, TRAIN_LOG_EVERY=10**6,
+                   WARMDOWN_ITERS=0)
+    result = run_trainer(tmp_path, env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    evs = events(tmp_path, "capped")
+    done = only(evs, "train_done")
+    steps = [e["step"] for e in evs if e["event"] == "train"]
+    assert done["stopped_by"] == "wallclock" and steps[-1] == done["steps"] and steps[:10] == list(range(1, 11))
+    assert [e["step"] for e in evs if e["event"] == "router_summary"] == [] and len(steps) == 10 + (done["steps"] > 10)
+
+
+# ---------------------------------------------------------------- --help, progress lines
+
+def test_help_prints_every_setting_with_its_default_and_meaning():
+    result = subprocess.run([sys.executable, str(REPO / "train_moe.py"), "--help"], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0 and result.stderr == ""
+    defaults = tm.setting_defaults()
+    assert len(defaults) > 70 and defaults["ITERATIONS"] == "20000" and defaults["MLP_MODE"] == "sparse"
+    meanings = tm.setting_meanings((REPO / "docs" / "configuration.md").read_text())
+    assert sorted(meanings) == sorted(defaults)  # a row for every setting the trainer reads, none for another name
+    text = result.stdout
+    for name, default in defaults.items():
+        doc_default, meaning = meanings[name]
+        shown = default or f"({doc_default})"
+        first_words = " ".join(meaning.replace("`", "").split()[:3])
+        assert re.search(rf"^  {name}={re.escape(shown)}  {re.escape(first_words)}", text, re.M), name
+        if " " not in doc_default and not re.search("[A-Z]", doc_default) and "," not in doc_default:
+            literal = doc_default.strip("`")  # the docs' default, where it is one value, is the trainer's
+            assert (float(literal) == float(default)) if re.fullmatch(r"[\d.e+-]+", literal) else literal == default, name
+
+
+def test_arguments_are_refused_with_one_line_naming_them(tmp_path):
+    result = subprocess.run([sys.executable, str(REPO / "train_moe.py"), "--iterations", "3"], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and result.stdout == "" and list(tmp_path.iterdir()) == []
+    assert result.stderr == ("config_error: --iterations 3: train_moe.py takes no arguments; its settings are environment "
+                             "variables (python train_moe.py --help lists them)\n")
+
+
+def test_a_silent_stage_gets_a_progress_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    log = tm.RunLog(SimpleNamespace(run_id="quiet", wandb=0), master=True)
+    try:
+        log.begin("export", method="rtn")
+        log.beat(log.last_line + tm.PROGRESS_SECONDS - 1)  # not yet
+        log.done = 7
+        log.beat(log.last_line + tm.PROGRESS_SECONDS)
+        log.beat(log.last_line + 1)  # the progress line counts as a line
+    finally:
+        log.close()
+    lines = (tmp_path / "logs" / "quiet.txt").read_text().splitlines()
+    assert lines[0] == "export_start method:rtn" and len(lines) == 2
+    assert re.fullmatch(rf"progress stage:export elapsed_s:{tm.PROGRESS_SECONDS} done:7", lines[1]), lines[1]
+    assert capsys.readouterr().out.splitlines() == lines
