@@ -314,6 +314,8 @@ class Hyperparameters:
         self.quant_attn_bits = get.choice("QUANT_ATTN_BITS", 6, QUANT_BITS)
         self.quant_mlp_bits = get.choice("QUANT_MLP_BITS", 5, QUANT_BITS)
         self.quant_expert_bits = get.choice("QUANT_EXPERT_BITS", 5, QUANT_BITS)
+        self.quant_bits = {"embed": self.quant_embed_bits, "attn": self.quant_attn_bits, "mlp": self.quant_mlp_bits,
+                           "experts": self.quant_expert_bits}  # per category, with QUANT_FIT=0
         self.artifact_limit_bytes = get.integer("ARTIFACT_LIMIT_BYTES", 16_000_000, 1)
         # GPTQ needs the Hessians of each matrix's inputs, from training batches drawn inside the wallclock cap.
         self.quant_method = get.choice("QUANT_METHOD", "gptq" if torch.cuda.is_available() else "rtn", ("gptq", "rtn"))
@@ -886,9 +888,9 @@ def compress(raw: bytes) -> bytes:
 
 
 def decompress(blob: bytes) -> bytes:
-    if len(blob) < 8:
-        raise ValueError(f"corrupt, or not a moe-golf artifact: {len(blob)} bytes")
     count = int.from_bytes(blob[:4], "little")
+    if len(blob) < 8 or len(blob) < 4 + 4 * count:
+        raise ValueError(f"corrupt, or not a moe-golf artifact: {len(blob)} bytes, too few for a chunk table of {count}")
     ends = list(itertools.accumulate((int.from_bytes(blob[4 + 4 * i : 8 + 4 * i], "little") for i in range(count)),
                                      initial=4 + 4 * count))
     if len(blob) < ends[0] or ends[-1] > len(blob):
@@ -1128,11 +1130,15 @@ class Attention(nn.Module):
         q = rotary(rms_norm(q), self.rope_base, dims=self.rope_dims) * self.q_gain.to(x.dtype)[:, None, None]
         k = rotary(rms_norm(k), self.rope_base, dims=self.rope_dims)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.num_kv_heads != self.num_heads)
+        return self.output(y, v, x)
+
+    def output(self, y: Tensor, v: Tensor, x: Tensor) -> Tensor:
+        """Heads [B, H, T, D] (with their tokens' values v and inputs x) through XSA, the gate and the projection."""
         if self.xsa:
             y = exclusive(y, v)
         if hasattr(self, "gate"):
             y = y * torch.sigmoid(x[..., :GATE_INPUTS] @ self.gate.to(x.dtype).T).transpose(1, 2)[..., None]
-        return self.out(y.transpose(1, 2).reshape(B, T, D))
+        return self.out(y.transpose(1, 2).flatten(2))
 
 
 def activate(h: Tensor, act: str, limit: float = 0.0) -> Tensor:
@@ -1777,18 +1783,18 @@ class CalibrationCost(NamedTuple):
 
     def seconds(self, tokens: int) -> float:
         """The predicted time with its margin: what is reserved for `tokens`."""
-        return CALIBRATION_MARGIN[0] * (self.fixed + self.per_token * tokens) + CALIBRATION_MARGIN[1]
+        return self.fixed + self.per_token * tokens + CALIBRATION_MARGIN
 
     def tokens_within(self, seconds: float, most: int, seq_len: int) -> int:
         """Whole sequences, at most `most` tokens, whose time with its margin fits `seconds` (0: not even one)."""
-        fits = ((seconds - CALIBRATION_MARGIN[1]) / CALIBRATION_MARGIN[0] - self.fixed) / max(self.per_token, 1e-12)
+        fits = (seconds - CALIBRATION_MARGIN - self.fixed) / max(self.per_token, 1e-12)
         return most if fits >= most else max(0, int(fits) // seq_len * seq_len)
 
 
-# The margin on a rehearsed time, (factor, seconds). In five 65 s runs on one H100 calibration took 4-12% less than
-# its rehearsal (which pays the first calls), so no factor; a CPU's sub-second timings vary by a tenth of one. A run
-# that falls behind anyway is cut stage by stage (calibrated_levels).
-CALIBRATION_MARGIN = (1.0, 0.25)
+# Seconds added to a rehearsed time. In five 65 s runs on one H100 calibration took 4-12% less than its rehearsal
+# (which pays the first calls); a CPU's sub-second timings vary by a tenth of one. A run that falls behind anyway is
+# cut stage by stage (calibrated_levels).
+CALIBRATION_MARGIN = 0.25
 
 
 def first_sequences(batches: list[tuple[Tensor, Tensor]], sequences: int) -> list[tuple[Tensor, Tensor]]:
@@ -1922,8 +1928,7 @@ def rehearse_calibration(model: GPT, cfg: Hyperparameters, device) -> dict[str, 
     if cfg.quant_fit:
         costs["fit"] = timed_phase(batches, lambda: fit_options(model, cfg, batches))
     if cfg.quant_method == "gptq":
-        bits = {"embed": cfg.quant_embed_bits, "attn": cfg.quant_attn_bits, "mlp": cfg.quant_mlp_bits, "experts": cfg.quant_expert_bits}
-        costs["gptq"] = timed_phase(batches, lambda: calibrated_levels(copy.deepcopy(model), cfg, batches, bits))
+        costs["gptq"] = timed_phase(batches, lambda: calibrated_levels(copy.deepcopy(model), cfg, batches, cfg.quant_bits))
     return costs
 
 
@@ -2195,8 +2200,7 @@ def export_artifact(model: GPT, cfg: Hyperparameters, loader, code_bytes: int, l
     export, with the seconds spent calibrating (training time: it reads training batches) and packing. Calibration
     gets `seconds` at most: where the rehearsed `costs` say CALIBRATION_TOKENS would not fit, it runs on fewer, and
     with no time for one sequence it falls back to rounding at QUANT_*_BITS."""
-    bits = {"embed": cfg.quant_embed_bits, "attn": cfg.quant_attn_bits, "mlp": cfg.quant_mlp_bits,
-            "experts": cfg.quant_expert_bits}
+    bits = cfg.quant_bits
     start, pack_seconds = time.perf_counter(), 0.0
 
     def seconds_left() -> float:

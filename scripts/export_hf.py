@@ -16,9 +16,11 @@ document starts; generate stops where the model starts the next document (emits 
 --layout is how the routed experts are stored (names in scripts/hf_layouts.py and modeling_moe_golf.py): fused, one
 [E, 2F, D] gate_up_proj bank per layer, as transformers v5; per-expert, one set of Linear weights per expert, as
 transformers v4 and most tools; mlx, mlx-lm's switch_mlp banks. Hash-routed layers' tables are written as tensors
-(mlp.gate.tid2eid). Before the folder appears, the written files are loaded back and must give train_moe's logits on
-random tokens, and the tokenizer SentencePiece's ids on sample texts: what they cannot reproduce is refused, with
-nothing written. So is an --out that exists and is not empty.
+(mlp.gate.tid2eid). train_moe's model techniques (MLP_ACT, EXPERT_ACT, ROPE_DIMS, XSA_LAST_N, LN_SCALE, SMEAR_GATE,
+BIGRAM_BUCKETS, ATTN_GATE, PARALLEL_LAYERS, RECUR_LAYERS) are config.json keys that modeling_moe_golf.py's docstring
+lists; LQER's corrections are in the dequantized weights. Before the folder appears, the written files are loaded back
+and must give train_moe's logits on random tokens, and the tokenizer SentencePiece's ids on sample texts: what they
+cannot reproduce is refused, with nothing written. So is an --out that exists and is not empty.
 """
 import argparse
 import json
@@ -51,11 +53,17 @@ RENAMES = [
     (r"tok_emb\.weight", "model.embed_tokens.weight"),
     (r"lm_head\.weight", "lm_head.weight"),
     (r"skip_weights", "model.skip_weights"),
+    (r"smear\.w", "model.smear_gate.weight"),  # SMEAR_GATE
+    (r"smear\.lam", "model.smear_gate.lam"),
+    (r"bigram\.table", "model.bigram.embed.weight"),  # BIGRAM_BUCKETS
+    (r"bigram\.proj\.weight", "model.bigram.proj.weight"),
+    (r"bigram\.scale", "model.bigram.scale"),
     (r"blocks\.(\d+)\.(attn_scale|mlp_scale|resid_mix)", r"model.layers.\1.\2"),
     (r"blocks\.(\d+)\.attn\.([qkv])\.weight", r"model.layers.\1.self_attn.\2_proj.weight"),
     (r"blocks\.(\d+)\.attn\.out\.weight", r"model.layers.\1.self_attn.o_proj.weight"),
     (r"blocks\.(\d+)\.attn\.q_gain", r"model.layers.\1.self_attn.q_gain"),
-    (r"blocks\.(\d+)\.mlp\.fc\.weight", r"model.layers.\1.mlp.up_proj.weight"),  # dense MLPs are relu^2
+    (r"blocks\.(\d+)\.attn\.gate", r"model.layers.\1.self_attn.output_gate.weight"),  # ATTN_GATE
+    (r"blocks\.(\d+)\.mlp\.fc\.weight", r"model.layers.\1.mlp.up_proj.weight"),  # dense MLPs have no gate
     (r"blocks\.(\d+)\.mlp\.proj\.weight", r"model.layers.\1.mlp.down_proj.weight"),
     (r"blocks\.(\d+)\.mlp\.router", r"model.layers.\1.mlp.gate.weight"),
     (r"blocks\.(\d+)\.mlp\.router_bias", r"model.layers.\1.mlp.gate.e_score_correction_bias"),
@@ -108,6 +116,12 @@ def hf_config(cfg: tm.Hyperparameters, layout: str) -> dict:
         "routed_scaling_factor": cfg.route_scale, "swiglu_limit": cfg.swiglu_limit, "rope_theta": cfg.rope_base,
         "final_logit_softcapping": cfg.logit_softcap, "expert_layout": layout,
         "tie_word_embeddings": bool(cfg.tie_embeddings), "dtype": "float32",
+        # train_moe's model techniques (modeling_moe_golf.py's docstring); their defaults leave the model as before.
+        "mlp_act": cfg.mlp_act, "rotary_dim": cfg.rope_dims,
+        "xsa_layers": list(range(cfg.num_layers - cfg.xsa_last_n, cfg.num_layers)), "ln_scale": bool(cfg.ln_scale),
+        "smear_gate": bool(cfg.smear_gate), "bos_token_id": cfg.bos_id, "bigram_buckets": cfg.bigram_buckets,
+        "bigram_dim": cfg.bigram_dim, "attn_gate": bool(cfg.attn_gate), "parallel_layers": list(cfg.parallel_layers),
+        "recur_layers": list(cfg.recur_layers), "recur_loops": cfg.recur_loops,
         "train_moe_settings": cfg.model_settings,  # what the artifact was trained with, for the record
     }
 

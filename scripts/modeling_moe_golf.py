@@ -6,18 +6,40 @@ train_moe.py's eager forward; loaded with dtype=torch.bfloat16 it keeps router m
 as train_moe does under autocast. The model: QK-normed GQA attention with train_moe's RoPE, residual mixes with the
 embedding, U-Net skips, relu^2 dense MLPs, and MoE layers routed by softmax, sigmoid or sqrt(softplus) top-k (with a
 selection-only bias), by a token-id hash table, or softly over every expert. Generation keeps keys and values in
-transformers' Cache; a batch must be unpadded (all rows of one length).
+transformers' DynamicCache; a batch must be unpadded (all rows of one length).
+
+train_moe's model techniques, each off unless its config key says (train_moe's setting in brackets):
+    mlp_act, expert_act   leaky_relu2: LeakyReLU(0.5)^2 instead of relu^2 [MLP_ACT, EXPERT_ACT]
+    rotary_dim            RoPE on the first rotary_dim dims of each head only; 0: all [ROPE_DIMS]
+    xsa_layers            attention output less its component along the token's own value (XSA) [XSA_LAST_N]
+    ln_scale              block i's two norms times 1/sqrt(i + 1) [LN_SCALE]
+    smear_gate            the embedding plus a gated share of the previous token's, never across bos_token_id
+                          [SMEAR_GATE, BOS_ID]
+    bigram_buckets, _dim  the embedding plus a projected vector of the hashed (previous, current) token pair; a
+                          sequence's first token and every bos_token_id take the last bucket
+                          [BIGRAM_BUCKETS, BIGRAM_DIM]
+    attn_gate             each head's output times sigmoid(its row of W . x[:12]) [ATTN_GATE]
+    parallel_layers       attention and MLP read the same input (GPT-J) [PARALLEL_LAYERS]
+    recur_layers, _loops  depth recurrence: the span of blocks runs recur_loops more times, the U-Net halves and skips
+                          following the longer order [RECUR_LAYERS, RECUR_LOOPS]
+With smear_gate or a bigram table the cache also keeps the token ids (one extra layer after the attention layers), and
+with recurrence each run of a block has a cache layer of its own: the model adds those layers to a DynamicCache made
+from the config.
 
 Tensor names in model.safetensors (V vocab, D width, H heads, E experts, K experts per token, F expert hidden):
     model.embed_tokens.weight                         [V, D]   also the output head when tie_word_embeddings
     lm_head.weight                                    [V, D]   untied embeddings only
-    model.skip_weights                                [S, D]   U-Net: block num_layers//2 + j adds skip j times the
-                                                               output of block num_layers//2 - 1 - j
+    model.skip_weights                                [S, D]   U-Net, over the run order of L blocks (L =
+                                                               num_layers without recurrence): the block run at
+                                                               L//2 + j adds skip j times the output of run L//2 - 1 - j
+    model.smear_gate.weight [12], model.smear_gate.lam [1]      smear_gate
+    model.bigram.embed.weight [buckets, bigram_dim], model.bigram.proj.weight [D, bigram_dim], model.bigram.scale []
+    model.layers.{i}.self_attn.output_gate.weight     [H, 12]  attn_gate
     model.layers.{i}.resid_mix                        [2, D]   x = mix[0] * x + mix[1] * normed embedding
     model.layers.{i}.attn_scale / mlp_scale           [D]
     model.layers.{i}.self_attn.{q,k,v,o}_proj.weight           k, v: [num_key_value_heads * D/H, D]
     model.layers.{i}.self_attn.q_gain                 [H]
-    dense MLP (relu^2):    model.layers.{i}.mlp.up_proj.weight [I, D], mlp.down_proj.weight [D, I]
+    dense MLP (mlp_act):   model.layers.{i}.mlp.up_proj.weight [I, D], mlp.down_proj.weight [D, I]
     MoE router:            mlp.gate.weight [E, D]; mlp.gate.e_score_correction_bias [E] (sigmoid and sqrtsoftplus
                            selection bias); mlp.gate.tid2eid [V, K] int64 (hash-routed layers' expert table)
     MoE shared expert:     mlp.shared_expert.{gate_proj,up_proj,down_proj}.weight (no gate_proj for relu^2),
@@ -27,8 +49,10 @@ Tensor names in model.safetensors (V vocab, D width, H heads, E experts, K exper
         fused       mlp.experts.gate_up_proj [E, 2F, D] (gate rows first), mlp.experts.down_proj [E, D, F];
                     relu^2 experts: mlp.experts.up_proj [E, F, D] instead of gate_up_proj
         mlx         mlp.switch_mlp.{gate_proj,up_proj}.weight [E, F, D], mlp.switch_mlp.down_proj.weight [E, D, F]
-    relu^2 experts have no gate_proj in any layout.
+    relu^2 (and leaky_relu2) experts have no gate_proj in any layout.
 """
+import math
+
 import torch
 import torch.nn.functional as F
 import transformers
@@ -40,9 +64,11 @@ if int(transformers.__version__.split(".")[0]) < 5:
     raise ImportError(f"modeling_moe_golf needs transformers 5 or later; this is {transformers.__version__}")
 
 from transformers import DynamicCache, GenerationMixin, PretrainedConfig, PreTrainedModel
+from transformers.cache_utils import DynamicLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 EXPERT_LAYOUTS = ("per-expert", "fused", "mlx")
+GATE_INPUTS = 12  # channels of the input that smear_gate and attn_gate read, as train_moe
 
 
 class MoeGolfConfig(PretrainedConfig):
@@ -53,7 +79,9 @@ class MoeGolfConfig(PretrainedConfig):
                  num_experts_per_tok=2, moe_intermediate_size=256, expert_act="relu2",
                  shared_expert_intermediate_size=0, shared_expert_gate=True, router="softmax", norm_topk_prob=False, hash_layers=0,
                  routed_scaling_factor=1.0, swiglu_limit=0.0, rope_theta=10000.0, final_logit_softcapping=30.0,
-                 expert_layout="fused", tie_word_embeddings=True, **kwargs):
+                 expert_layout="fused", tie_word_embeddings=True, mlp_act="relu2", rotary_dim=0, xsa_layers=(),
+                 ln_scale=False, smear_gate=False, bos_token_id=1, bigram_buckets=0, bigram_dim=128, attn_gate=False,
+                 parallel_layers=(), recur_layers=(), recur_loops=1, **kwargs):
         self.vocab_size, self.hidden_size, self.num_hidden_layers = vocab_size, hidden_size, num_hidden_layers
         self.num_attention_heads, self.num_key_value_heads = num_attention_heads, num_key_value_heads
         self.intermediate_size = intermediate_size  # the dense MLPs' hidden size
@@ -69,6 +97,13 @@ class MoeGolfConfig(PretrainedConfig):
         if expert_layout not in EXPERT_LAYOUTS:
             raise ValueError(f"expert_layout={expert_layout!r}: one of {', '.join(EXPERT_LAYOUTS)}")
         self.expert_layout = expert_layout
+        self.mlp_act, self.rotary_dim, self.xsa_layers = mlp_act, rotary_dim, list(xsa_layers)
+        self.ln_scale, self.smear_gate, self.bos_token_id = ln_scale, smear_gate, bos_token_id
+        self.bigram_buckets, self.bigram_dim, self.attn_gate = bigram_buckets, bigram_dim, attn_gate
+        self.parallel_layers, self.recur_layers = list(parallel_layers), list(recur_layers)
+        self.recur_loops = recur_loops
+        if self.recur_layers and self.recur_layers != list(range(self.recur_layers[0], self.recur_layers[-1] + 1)):
+            raise ValueError(f"recur_layers={self.recur_layers}: one span of consecutive layers")
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
 
 
@@ -76,15 +111,23 @@ def rms_norm(x: torch.Tensor) -> torch.Tensor:
     return F.rms_norm(x, (x.size(-1),))  # no gain, the dtype's eps: as train_moe
 
 
-def rotary(x: torch.Tensor, base: float, start: int) -> torch.Tensor:
-    """train_moe's RoPE over the last dim of [B, H, T, head_dim], at positions start, start + 1, ..."""
-    half = x.size(-1) // 2
+def rotary(x: torch.Tensor, base: float, start: int, dims: int = 0) -> torch.Tensor:
+    """train_moe's RoPE over the first `dims` (0: all) of the last dim of [B, H, T, head_dim], at positions start,
+    start + 1, ...; the other dims pass unchanged."""
+    half = (dims or x.size(-1)) // 2
     inv_freq = base ** (-torch.arange(half, device=x.device, dtype=torch.float32) / half)
     positions = torch.arange(start, start + x.size(-2), device=x.device, dtype=torch.float32)
     angles = positions[:, None] * inv_freq
     cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
-    x1, x2 = x[..., :half], x[..., half:]
-    return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1)
+    x1, x2, rest = x[..., :half], x[..., half : 2 * half], x[..., 2 * half :]
+    return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin, rest), dim=-1)
+
+
+def exclusive(y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """XSA: each head's output y [B, H, T, D] less its component along the token's own value v [B, Hkv, T, D]."""
+    b, h, t, d = y.shape
+    grouped, vn = y.view(b, v.size(1), h // v.size(1), t, d), F.normalize(v, dim=-1)[:, :, None]
+    return (grouped - (grouped * vn).sum(-1, keepdim=True) * vn).view(b, h, t, d)
 
 
 def top_k(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -100,7 +143,8 @@ def top_k(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
 class MoeGolfAttention(nn.Module):
     def __init__(self, config: MoeGolfConfig, layer_idx: int):
         super().__init__()
-        self.layer_idx, self.rope_theta = layer_idx, config.rope_theta
+        self.layer_idx, self.rope_theta, self.rotary_dim = layer_idx, config.rope_theta, config.rotary_dim
+        self.xsa = layer_idx in config.xsa_layers
         self.num_heads, self.num_kv_heads = config.num_attention_heads, config.num_key_value_heads
         self.head_dim = config.hidden_size // config.num_attention_heads
         dim, kv_dim = config.hidden_size, config.num_key_value_heads * self.head_dim
@@ -109,38 +153,49 @@ class MoeGolfAttention(nn.Module):
         self.v_proj = nn.Linear(dim, kv_dim, bias=False)
         self.o_proj = nn.Linear(dim, dim, bias=False)
         self.q_gain = nn.Parameter(torch.ones(config.num_attention_heads))
+        if config.attn_gate:
+            self.output_gate = nn.Linear(GATE_INPUTS, config.num_attention_heads, bias=False)
 
-    def forward(self, x: torch.Tensor, start: int, cache=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, start: int, cache=None, slot: int | None = None) -> torch.Tensor:
+        """slot: the cache layer (this block's index, or its run's under recurrence)."""
         B, T, D = x.shape
         q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        q = rotary(rms_norm(q), self.rope_theta, start) * self.q_gain.to(x.dtype)[:, None, None]
-        k = rotary(rms_norm(k), self.rope_theta, start)
+        q = rotary(rms_norm(q), self.rope_theta, start, self.rotary_dim) * self.q_gain.to(x.dtype)[:, None, None]
+        k = rotary(rms_norm(k), self.rope_theta, start, self.rotary_dim)
+        own = v  # the new tokens' values, which XSA removes from their outputs
         if cache is not None:
-            k, v = cache.update(k, v, self.layer_idx)
+            k, v = cache.update(k, v, self.layer_idx if slot is None else slot)
         mask = None
         if 1 < T < k.size(2):  # new tokens after cached ones: each sees the cache and the new ones up to itself
             mask = torch.arange(k.size(2), device=x.device) <= torch.arange(start, start + T, device=x.device)[:, None]
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=T > 1 and mask is None,
                                            enable_gqa=self.num_kv_heads != self.num_heads)
+        if self.xsa:
+            y = exclusive(y, own)
+        if hasattr(self, "output_gate"):
+            gate = torch.sigmoid(x[..., :GATE_INPUTS] @ self.output_gate.weight.to(x.dtype).T)  # [B, T, H]
+            y = y * gate.transpose(1, 2)[..., None]
         return self.o_proj(y.transpose(1, 2).reshape(B, T, D))
 
 
-def activate(gate: torch.Tensor | None, up: torch.Tensor, limit: float = 0.0) -> torch.Tensor:
-    """SwiGLU where there is a gate (clamped as DeepSeek-V4 when limit > 0), relu^2 where there is none."""
+def activate(gate: torch.Tensor | None, up: torch.Tensor, limit: float = 0.0, act: str = "relu2") -> torch.Tensor:
+    """SwiGLU where there is a gate (clamped as DeepSeek-V4 when limit > 0); where there is none, relu^2, or
+    LeakyReLU(0.5)^2 for act leaky_relu2."""
     if gate is None:
-        return F.relu(up).square()
+        return F.leaky_relu(up, 0.5).square() if act == "leaky_relu2" else F.relu(up).square()
     if limit:
         gate, up = gate.clamp(max=limit), up.clamp(-limit, limit)
     return F.silu(gate) * up
 
 
 class MoeGolfMLP(nn.Module):
-    """A dense MLP (relu^2) or the shared expert (the experts' activation, never clamped, as in train_moe)."""
+    """A dense MLP (mlp_act) or the shared expert (the experts' activation, never clamped, as in train_moe)."""
 
     def __init__(self, dim: int, hidden: int, act: str):
         super().__init__()
+        self.act = act
         if act == "swiglu":
             self.gate_proj = nn.Linear(dim, hidden, bias=False)
         self.up_proj = nn.Linear(dim, hidden, bias=False)
@@ -148,7 +203,7 @@ class MoeGolfMLP(nn.Module):
 
     def forward(self, x: torch.Tensor, input_ids: torch.Tensor | None = None) -> torch.Tensor:
         gate = self.gate_proj(x) if hasattr(self, "gate_proj") else None
-        return self.down_proj(activate(gate, self.up_proj(x)))
+        return self.down_proj(activate(gate, self.up_proj(x), act=self.act))
 
 
 class MoeGolfRouter(nn.Module):
@@ -256,7 +311,7 @@ BANKS = {"per-expert": ("experts", PerExpertBank), "fused": ("experts", FusedBan
 class MoeGolfSparseMoeBlock(nn.Module):
     def __init__(self, config: MoeGolfConfig, layer_idx: int):
         super().__init__()
-        self.limit = config.swiglu_limit
+        self.limit, self.act = config.swiglu_limit, config.expert_act
         self.gate = MoeGolfRouter(config, layer_idx)
         self.bank_name, bank = BANKS[config.expert_layout]
         self.add_module(self.bank_name, bank(config.num_experts, config.hidden_size, config.moe_intermediate_size,
@@ -274,7 +329,7 @@ class MoeGolfSparseMoeBlock(nn.Module):
         for e in idx.unique().tolist():
             rows, slots = (idx == e).nonzero(as_tuple=True)
             h = flat[rows]
-            hidden = activate(None if gate is None else h @ gate[e].T, h @ up[e].T, self.limit)
+            hidden = activate(None if gate is None else h @ gate[e].T, h @ up[e].T, self.limit, self.act)
             y.index_add_(0, rows, ((hidden * weights[rows, slots, None]).to(down.dtype) @ down[e].T).float())
         if hasattr(self, "shared_expert"):
             shared = self.shared_expert(flat)
@@ -292,16 +347,64 @@ class MoeGolfDecoderLayer(nn.Module):
         if config.mlp_mode != "dense" and layer_idx in config.moe_layers:
             self.mlp = MoeGolfSparseMoeBlock(config, layer_idx)
         else:
-            self.mlp = MoeGolfMLP(dim, config.intermediate_size, "relu2")
+            self.mlp = MoeGolfMLP(dim, config.intermediate_size, config.mlp_act)
         self.attn_scale = nn.Parameter(torch.ones(dim))
         self.mlp_scale = nn.Parameter(torch.ones(dim))
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(dim), torch.zeros(dim))))
+        self.norm_scale = 1 / math.sqrt(layer_idx + 1) if config.ln_scale else 1.0
+        self.parallel = layer_idx in config.parallel_layers
 
-    def forward(self, x, x0, input_ids, start, cache=None):
+    def norm(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x) * self.norm_scale if self.norm_scale != 1.0 else rms_norm(x)
+
+    def forward(self, x, x0, input_ids, start, cache=None, slot=None):
         mix = self.resid_mix.to(x.dtype)
         x = mix[0] * x + mix[1] * x0
-        x = x + self.attn_scale.to(x.dtype) * self.self_attn(rms_norm(x), start, cache)
-        return x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x), input_ids)
+        attn = self.attn_scale.to(x.dtype) * self.self_attn(self.norm(x), start, cache, slot)
+        y = self.mlp(self.norm(x) if self.parallel else self.norm(x + attn), input_ids)
+        return x + attn + self.mlp_scale.to(x.dtype) * y
+
+
+class MoeGolfSmearGate(nn.Module):
+    """x_t + lam * sigmoid(weight . x_t[:12]) * x_{t-1}, zero where token t is bos_token_id (a document starts)."""
+
+    def __init__(self, bos_token_id: int):
+        super().__init__()
+        self.bos_token_id = bos_token_id
+        self.weight = nn.Parameter(torch.zeros(GATE_INPUTS))
+        self.lam = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        gate = torch.sigmoid(x[..., :GATE_INPUTS] @ self.weight.to(x.dtype))
+        gate = self.lam.to(x.dtype) * gate * (ids != self.bos_token_id)
+        return x + gate[..., None] * F.pad(x[:, :-1], (0, 0, 1, 0))
+
+
+class MoeGolfBigramHash(nn.Module):
+    """scale * proj(embed[hash(previous id, id)]); the first token of `ids` and every bos_token_id take the last
+    bucket."""
+
+    def __init__(self, config: MoeGolfConfig):
+        super().__init__()
+        self.bos_token_id = config.bos_token_id
+        self.embed = nn.Embedding(config.bigram_buckets, config.bigram_dim)
+        self.proj = nn.Linear(config.bigram_dim, config.hidden_size, bias=False)
+        self.scale = nn.Parameter(torch.tensor(0.0))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        last, previous = self.embed.num_embeddings - 1, F.pad(ids[:, :-1], (1, 0), value=-1)
+        bucket = torch.bitwise_xor(36313 * ids, 27191 * previous) % last
+        bucket = torch.where((previous < 0) | (ids == self.bos_token_id), last, bucket)
+        return self.scale.to(self.proj.weight.dtype) * self.proj(self.embed(bucket))
+
+
+def layer_order(config: MoeGolfConfig) -> list[int]:
+    """The blocks in the order the forward runs them: the recur_layers span recur_loops more times."""
+    n, span = config.num_hidden_layers, config.recur_layers
+    if not span:
+        return list(range(n))
+    first, last = span[0], span[-1] + 1
+    return [*range(last), *list(range(first, last)) * config.recur_loops, *range(last, n)]
 
 
 class MoeGolfPreTrainedModel(PreTrainedModel):
@@ -314,11 +417,39 @@ class MoeGolfModel(MoeGolfPreTrainedModel):
     def __init__(self, config: MoeGolfConfig):
         super().__init__(config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        if config.bigram_buckets:
+            self.bigram = MoeGolfBigramHash(config)
+        if config.smear_gate:
+            self.smear_gate = MoeGolfSmearGate(config.bos_token_id)
         self.layers = nn.ModuleList(MoeGolfDecoderLayer(config, i) for i in range(config.num_hidden_layers))
-        self.num_encoder = config.num_hidden_layers // 2
-        skips = min(self.num_encoder, config.num_hidden_layers - self.num_encoder)
+        self.order = layer_order(config)
+        self.num_encoder = len(self.order) // 2
+        skips = min(self.num_encoder, len(self.order) - self.num_encoder)
         self.skip_weights = nn.Parameter(torch.ones(skips, config.hidden_size))
+        # Cache layers: one per block run, then the token ids where the embedding reads the previous token.
+        self.keeps_ids = bool(config.smear_gate or config.bigram_buckets)
+        self.cache_layers = len(self.order) + self.keeps_ids
         self.post_init()
+
+    def embed(self, input_ids: torch.Tensor, previous: torch.Tensor | None = None) -> torch.Tensor:
+        """The blocks' input before its norm: token embedding, bigram vector, smear. previous: the ids before
+        input_ids (the last two the cache kept); only input_ids' positions come back."""
+        ids = input_ids if previous is None else torch.cat((previous, input_ids), dim=1)
+        x = self.embed_tokens(ids)
+        if hasattr(self, "bigram"):
+            x = x + self.bigram(ids).to(x.dtype)
+        if hasattr(self, "smear_gate"):
+            x = self.smear_gate(x, ids)
+        return x if previous is None else x[:, previous.size(1):]
+
+    def previous_ids(self, input_ids: torch.Tensor, cache) -> torch.Tensor | None:
+        """Keeps input_ids in the cache's ids layer; returns the two ids before them (fewer at the start), or None
+        without a cache."""
+        if cache is None or not self.keeps_ids:
+            return None
+        ids = input_ids[:, None, :, None]
+        kept, _ = cache.update(ids, ids, self.cache_layers - 1)
+        return kept[:, 0, : -ids.size(2), 0][:, -2:]
 
     def forward(self, input_ids=None, attention_mask=None, cache=None, use_cache=None, **kwargs):
         if input_ids is None:
@@ -329,12 +460,15 @@ class MoeGolfModel(MoeGolfPreTrainedModel):
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
         start = cache.get_seq_length() if cache is not None else 0
-        x = x0 = rms_norm(self.embed_tokens(input_ids))
+        if cache is not None and self.cache_layers > self.config.num_hidden_layers:
+            # A DynamicCache made from the config has num_hidden_layers layers: add the block reruns' and the ids'.
+            cache.layers.extend(DynamicLayer() for _ in range(self.cache_layers - len(cache.layers)))
+        x = x0 = rms_norm(self.embed(input_ids, self.previous_ids(input_ids, cache)))
         skips = []
-        for i, layer in enumerate(self.layers):
+        for i, block in enumerate(self.order):
             if i >= self.num_encoder and skips:
                 x = x + self.skip_weights[i - self.num_encoder].to(x.dtype) * skips.pop()
-            x = layer(x, x0, input_ids, start, cache)
+            x = self.layers[block](x, x0, input_ids, start, cache, i)
             if i < self.num_encoder:
                 skips.append(x)
         return BaseModelOutputWithPast(last_hidden_state=rms_norm(x), cache=cache)

@@ -34,12 +34,9 @@ def load_artifact(path: Path) -> tuple[tm.Hyperparameters, dict[str, torch.Tenso
         settings, state = tm.read_artifact(Path(path).read_bytes())
         if not settings:
             raise ValueError("the artifact has no model settings to rebuild its model from")
-        return tm.Hyperparameters(settings), state
+        cfg = tm.Hyperparameters(settings)
     except ValueError as e:  # tm.ConfigError too: settings this train_moe.py cannot build
         raise ValueError(f"{path}: {e}") from None
-    if not settings:
-        raise ValueError(f"{path}: the artifact has no model settings to rebuild its model from")
-    cfg = tm.Hyperparameters(settings)
     cfg.model_settings = settings  # as packed: the model's settings and its tokenizer's record
     return cfg, state
 
@@ -104,12 +101,12 @@ class CachedAttention(nn.Module):
         q = a.q(x).view(B, T, a.num_heads, a.head_dim).transpose(1, 2)
         k = a.k(x).view(B, T, a.num_kv_heads, a.head_dim).transpose(1, 2)
         v = a.v(x).view(B, T, a.num_kv_heads, a.head_dim).transpose(1, 2)
-        q = tm.rotary(tm.rms_norm(q), a.rope_base, start) * a.q_gain.to(x.dtype)[:, None, None]
-        k = tm.rotary(tm.rms_norm(k), a.rope_base, start)
+        q = tm.rotary(tm.rms_norm(q), a.rope_base, start, a.rope_dims) * a.q_gain.to(x.dtype)[:, None, None]
+        k = tm.rotary(tm.rms_norm(k), a.rope_base, start, a.rope_dims)
         self.keys = k if self.keys is None else torch.cat([self.keys, k], dim=2)
         self.values = v if self.values is None else torch.cat([self.values, v], dim=2)
         y = F.scaled_dot_product_attention(q, self.keys, self.values, is_causal=T > 1, enable_gqa=a.num_kv_heads != a.num_heads)
-        return a.out(y.transpose(1, 2).reshape(B, T, D))
+        return a.output(y, v, x)
 
 
 @contextlib.contextmanager
@@ -128,9 +125,12 @@ def kv_cache(model: tm.GPT):
 @torch.no_grad()
 def generate(model: tm.GPT, prompt: list[int], max_tokens: int, temperature: float = 0.0, seed: int = 0,
              stop: int | None = None) -> Iterator[int]:
-    """Up to max_tokens ids after `prompt`, one at a time; ends before `stop`."""
+    """Up to max_tokens ids after `prompt`, one at a time; ends before `stop`. SmearGate and BigramHash read the token
+    before, and depth recurrence runs blocks twice: those models recompute the whole sequence for each token (slower,
+    the same text) instead of continuing a cache."""
     generator = torch.Generator().manual_seed(seed)
-    with kv_cache(model):
+    cached = not (hasattr(model, "smear") or hasattr(model, "bigram") or model.orders[0] != model.orders[1])
+    with kv_cache(model) if cached else contextlib.nullcontext():
         ids = torch.tensor([prompt])
         for _ in range(max_tokens):
             logits = model.logits(ids)[0][0, -1]
@@ -142,7 +142,7 @@ def generate(model: tm.GPT, prompt: list[int], max_tokens: int, temperature: flo
             if token == stop:
                 return
             yield token
-            ids = torch.tensor([[token]])
+            ids = torch.tensor([[token]]) if cached else torch.cat([ids, torch.tensor([[token]])], dim=1)
 
 
 def text_pieces(sp: spm.SentencePieceProcessor, prompt: list[int], tokens: Iterator[int]) -> Iterator[str]:

@@ -278,3 +278,27 @@ def test_cli_refuses_a_tokenizer_of_another_hash(tiny_data, artifacts, tmp_path,
     assert captured.err.count("\n") == 1 and captured.out == ""
     assert sample.main([str(artifacts["softmax"]), "--prompt", "The router", "--tokens", "5"]) == 0  # its own: found
     assert capsys.readouterr().out.startswith("The router")
+
+
+@pytest.mark.parametrize("settings", [
+    dict(ROPE_DIMS="4", XSA_LAST_N="2", ATTN_GATE="1", MLP_ACT="leaky_relu2"),  # continued through the cache
+    dict(SMEAR_GATE="1", BIGRAM_BUCKETS="61", BIGRAM_DIM="8"),  # they read the token before: recomputed
+    dict(RECUR_LAYERS="0", RECUR_LOOPS="2"),
+], ids=["cached", "looks_back", "recurrence"])
+def test_generation_with_the_techniques_is_the_greedy_continuation_of_the_whole_sequence(settings):
+    """With every token fed back, the model's own argmax over the whole sequence: the cache (or, where a technique
+    reads the token before or runs a block twice, the recomputation) changes nothing."""
+    cfg = tm.Hyperparameters({"NUM_LAYERS": "2", "MODEL_DIM": "32", "NUM_HEADS": "4", "NUM_KV_HEADS": "2",
+                              "VOCAB_SIZE": "64", "MLP_MODE": "dense", "QUANT_METHOD": "rtn", **settings})
+    torch.manual_seed(0)
+    model = tm.GPT(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    prompt = [1, 17, 5, 1, 42, 8]  # a BOS inside the prompt too
+    generated = list(sample.generate(model, prompt, 12))
+    ids = list(prompt)
+    for _ in range(12):
+        with torch.no_grad():
+            ids.append(int(model.logits(torch.tensor([ids]))[0][0, -1].argmax()))
+    assert generated == ids[len(prompt):]

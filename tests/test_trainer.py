@@ -551,7 +551,8 @@ def test_arguments_are_refused_with_one_line_naming_them(tmp_path):
 
 def test_a_silent_stage_gets_a_progress_line(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    log = tm.RunLog(SimpleNamespace(run_id="quiet", wandb=0), master=True)
+    (tmp_path / "logs").mkdir()
+    log = tm.RunLog(SimpleNamespace(run_id="quiet", wandb=0), True, tmp_path / "logs" / "quiet.txt", tmp_path / "logs" / "quiet.jsonl")
     try:
         log.begin("export", method="rtn")
         log.beat(log.last_line + tm.PROGRESS_SECONDS - 1)  # not yet
