@@ -66,7 +66,7 @@ def check(folder: Path) -> tuple[list[str], dict]:
             shipped = data
             try:
                 source = unpack_code(shipped)
-            except (ValueError, OSError) as e:  # base85 or bz2 refused what it holds
+            except (ValueError, OSError) as e:  # not a string literal, or PPMd refused what it holds
                 problems.append(f"train_gpt.py: its packed source does not unpack ({e})")
             if source == shipped:
                 source = None

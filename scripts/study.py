@@ -97,6 +97,7 @@ EVERY_TECHNIQUE = {k: v for settings in TECHNIQUES.values() for k, v in settings
 NO_RECURRENCE = {**EVERY_TECHNIQUE, "RECUR_LAYERS": "none"}
 THIRD = {"s3_dense": DENSE_BASELINE, "s3_moe": MOE_DEFAULT,
          **{f"s3_dense_{name}": {**DENSE_BASELINE, **settings} for name, settings in TECHNIQUES.items()},
+         **{f"s3_moe_{name}": {**MOE_DEFAULT, **settings} for name, settings in TECHNIQUES.items()},
          "s3_dense_all": {**DENSE_BASELINE, **EVERY_TECHNIQUE}, "s3_dense_all_norecur": {**DENSE_BASELINE, **NO_RECURRENCE},
          "s3_moe_all": {**MOE_DEFAULT, **EVERY_TECHNIQUE}, "s3_moe_all_norecur": {**MOE_DEFAULT, **NO_RECURRENCE},
          # the screen's two best techniques, at equal wallclock

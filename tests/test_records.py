@@ -387,7 +387,7 @@ def test_missing_log_and_changed_script_all_reported(workdir):
     assert make(workdir, "s1", "s2").returncode == 0
     folder = workdir / FOLDER
     (folder / "s2.txt").unlink()
-    (folder / "train_gpt.py").write_bytes(tm.pack_code((folder / "train_moe.py").read_bytes() + b"\n"))
+    (folder / "train_gpt.py").write_bytes(tm.pack_code((folder / "train_moe.py").read_bytes() + b"# an edit\n"))
     result = check_cli(folder)
     lines = result.stderr.splitlines()
     assert result.returncode == 1 and result.stdout == ""
@@ -401,8 +401,9 @@ def test_missing_log_and_changed_script_all_reported(workdir):
 
 @pytest.mark.parametrize("script,problem", [
     (b"print('hello')\n", "train_gpt.py is not a packed trainer"),
-    (tm.CODE_HEAD + b"not base85 ~~~" + tm.CODE_TAIL, "train_gpt.py: its packed source does not unpack"),
-    (tm.CODE_HEAD + b"VPRomVPRom" + tm.CODE_TAIL, "train_gpt.py: its packed source does not unpack"),  # base85, not bz2
+    (tm.CODE_HEAD + b"'not closed" + tm.CODE_TAIL, "train_gpt.py: its packed source does not unpack"),
+    (tm.CODE_HEAD + b"b'bytes'" + tm.CODE_TAIL, "train_gpt.py: its packed source does not unpack"),  # not a str literal
+    (tm.CODE_HEAD + b"''" + tm.CODE_TAIL, "train_gpt.py: its packed source does not unpack"),  # PPMd: nothing to decode
 ])
 def test_a_script_that_is_not_the_packed_trainer_is_refused(workdir, script, problem):
     assert make(workdir, "s1").returncode == 0
