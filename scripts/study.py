@@ -94,6 +94,7 @@ TECHNIQUES = {
     "lqer": dict(LQER_RANK="4", LQER_TENSORS="3"),
 }
 EVERY_TECHNIQUE = {k: v for settings in TECHNIQUES.values() for k, v in settings.items()}
+FINAL = {k: v for name in ("leaky", "xsa4", "muon_eqr_polar", "muon_wd") for k, v in TECHNIQUES[name].items()}
 NO_RECURRENCE = {**EVERY_TECHNIQUE, "RECUR_LAYERS": "none"}
 THIRD = {"s3_dense": DENSE_BASELINE, "s3_moe": MOE_DEFAULT,
          **{f"s3_dense_{name}": {**DENSE_BASELINE, **settings} for name, settings in TECHNIQUES.items()},
@@ -102,7 +103,9 @@ THIRD = {"s3_dense": DENSE_BASELINE, "s3_moe": MOE_DEFAULT,
          "s3_moe_all": {**MOE_DEFAULT, **EVERY_TECHNIQUE}, "s3_moe_all_norecur": {**MOE_DEFAULT, **NO_RECURRENCE},
          # the screen's two best techniques, at equal wallclock
          "s3_dense_best": {**DENSE_BASELINE, **TECHNIQUES["leaky"], **TECHNIQUES["xsa4"]},
-         "s3_moe_best": {**MOE_DEFAULT, **TECHNIQUES["leaky"], **TECHNIQUES["xsa4"]}}
+         "s3_moe_best": {**MOE_DEFAULT, **TECHNIQUES["leaky"], **TECHNIQUES["xsa4"]},
+         # the finalists: every technique that won its 250-step screen
+         "s3_dense_final": {**DENSE_BASELINE, **FINAL}, "s3_moe_final": {**MOE_DEFAULT, **FINAL}}
 ALL = {**CONFIGS, **THIRD}
 SEEDS = (1337, 42)
 
