@@ -47,8 +47,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import NamedTuple
 
-# Spinning OpenMP waits: a quick-start step on 2 busy cores took 11.7-15.8 s, 2.9-3.2 s passive (idle: 1.1-1.25 s
-# spinning, 1.7 s passive). Read when torch loads; the environment wins.
+# Passive OpenMP waits: a quick-start step on 2 busy cores took 2.9-3.2 s, spinning 11.7-15.8 s (idle: 1.7, 1.1-1.25 s).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import numpy as np
 import sentencepiece as spm
@@ -349,7 +348,8 @@ class Hyperparameters:
         self.warnings = get.misspelt()
         self._check_shapes()
         self._check_moe()
-        self._check_export()
+        if self.calibrates and self.calibration_tokens < self.train_seq_len:
+            raise ConfigError(f"CALIBRATION_TOKENS={self.calibration_tokens}: at least one sequence, TRAIN_SEQ_LEN={self.train_seq_len}")
 
     def _check_shapes(self):
         if self.model_dim % self.num_heads:
@@ -416,13 +416,8 @@ class Hyperparameters:
             if getattr(self, name) % 8:
                 raise ConfigError(f"{name.upper()}={getattr(self, name)}: must be a multiple of 8 for the expert matmuls")
 
-    def _check_export(self):
-        if self.calibrates and self.calibration_tokens < self.train_seq_len:
-            raise ConfigError(f"CALIBRATION_TOKENS={self.calibration_tokens}: at least one sequence, TRAIN_SEQ_LEN={self.train_seq_len}")
-
     def check_inputs(self) -> tuple[spm.SentencePieceProcessor, Tensor]:
-        """What can fail before training, checked before any file is touched: shards (the val split and first train
-        shard read whole), tokenizer, output folders, memory. Returns (tokenizer, val tokens)."""
+        """What can fail before training, before any file is touched: data, tokenizer, folders, memory -> (sp, val)."""
         for split in ("train", "val"):
             files = sorted(glob.glob(os.path.join(self.data_path, f"fineweb_{split}_*.bin")))
             if not files:
@@ -616,8 +611,7 @@ def eval_windows(num_targets: int, seq_len: int, stride: int) -> tuple[Tensor, T
     if starts[-1] != num_targets - seq_len:
         starts.append(num_targets - seq_len)
     starts = torch.tensor(starts)
-    ends = starts + seq_len
-    scored = torch.cat([torch.tensor([seq_len]), ends[1:] - ends[:-1]])
+    scored = torch.cat([torch.tensor([seq_len]), starts.diff()])
     return starts, scored
 
 
@@ -1002,8 +996,7 @@ class TokenStream:
         self.files, self.vocab_size = files, vocab_size
         self.file_index, self.tokens_read = 0, 0
         self.total_tokens = sum(read_shard_header(f) for f in files)
-        self.tokens = self._load(0)
-        self.pos = 0
+        self.tokens, self.pos = self._load(0), 0
 
     def _load(self, i):
         tokens = load_data_shard(self.files[i])
@@ -1141,8 +1134,7 @@ class FeedForward(nn.Module):
 
 
 def matmul_dtype(x: Tensor) -> torch.dtype:
-    """bf16 under autocast (grouped matmuls are not autocast ops) and compiled (its torch._grouped_mm takes bf16 only);
-    eager CPU runs keep fp32, exact for reference tests."""
+    """bf16 under autocast (grouped matmuls aren't autocast ops) or compiled (bf16 only); eager CPU: fp32, exact."""
     return torch.bfloat16 if torch.is_autocast_enabled(x.device.type) or torch.compiler.is_compiling() else x.dtype
 
 
@@ -1494,12 +1486,11 @@ def build_optimizers(model: GPT, cfg: Hyperparameters) -> list[torch.optim.Optim
     by_category = {}
     for name, p in model.named_parameters():
         by_category.setdefault(tensor_category(name), []).append(p)
-    head = [] if model.lm_head is None else [model.lm_head.weight]
     embed_lr = cfg.tied_embed_lr if cfg.tie_embeddings else cfg.embed_lr
     embeddings = [model.tok_emb.weight] + ([model.bigram.table] if hasattr(model, "bigram") else [])
     groups = [dict(params=embeddings, lr=embed_lr), dict(params=by_category["control"], lr=cfg.scalar_lr)]
-    if head:
-        groups.append(dict(params=head, lr=cfg.head_lr))
+    if model.lm_head is not None:
+        groups.append(dict(params=[model.lm_head.weight], lr=cfg.head_lr))
     if by_category.get("router"):
         groups.append(dict(params=by_category["router"], lr=cfg.router_lr))
     adam = torch.optim.Adam(groups, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps, fused=torch.cuda.is_available())
@@ -1542,8 +1533,7 @@ def balance_router_biases(model: nn.Module, rate: float) -> None:
 
 
 class EMA:
-    """fp32 shadow of the weights. The decay min(EMA_DECAY, (1+t)/(10+t)) forgets the init within a few dozen steps:
-    short runs otherwise export mostly-untrained weights."""
+    """fp32 shadow of the weights; decay min(EMA_DECAY, (1+t)/(10+t)), or short runs would export mostly the init."""
 
     def __init__(self, model: nn.Module, decay: float):
         self.decay, self.updates = decay, 0
@@ -1756,8 +1746,7 @@ def first_sequences(batches: list[tuple[Tensor, Tensor]], sequences: int) -> lis
 
 
 class StageSchedule(NamedTuple):
-    """GPTQ's stages against a perf_counter deadline, each an equal share of the rehearsed `cost`; `cut` collects
-    (stage, sequences) of each stage that ran behind and took fewer."""
+    """GPTQ's stages by a perf_counter deadline, each an equal share of `cost`; `cut`: (stage, sequences) cut short."""
     cost: CalibrationCost
     deadline: float
     cut: list
@@ -1902,8 +1891,7 @@ def synchronize(device):
         torch.cuda.synchronize(device)
 
 
-# Inductor's mix-order reduction (a norm's backward fused with the gains' gradient sums) ran at ~15% of memory bandwidth
-# in torch 2.11: 8 ms per micro-step, 16% of the dense step.
+# Inductor's mix-order reduction ran at ~15% of memory bandwidth in torch 2.11: 8 ms a micro-step, 16% of a dense step.
 torch._inductor.config.triton.mix_order_reduction = False
 
 
@@ -1968,7 +1956,6 @@ class RunLog:
         self.json_file = open(json_path, "w", encoding="utf-8")
         if cfg.wandb:
             import wandb
-
             try:
                 self.wandb = wandb.init(project=os.environ.get("WANDB_PROJECT", "moe-golf"), name=cfg.run_id, config=vars(cfg))
             except Exception as e:  # wandb's own errors: the server unreachable, the key refused
@@ -2240,8 +2227,7 @@ def run_lock(path: Path, master: bool, distributed: bool):
 
 
 def settle_files(final: list[Path], succeeded: bool) -> None:
-    """A run's files take their final names once it has succeeded. A failed run's artifact and checkpoint go; its logs
-    take the final names unless a successful run's have them."""
+    """Final names on success. A failed run's artifact and checkpoint go; its logs take them unless a run succeeded."""
     logs, finished_before = final[:2], final[2].exists()
     for path in final:
         if succeeded or (path in logs and not finished_before):
@@ -2289,10 +2275,8 @@ def train(cfg: Hyperparameters, sp: spm.SentencePieceProcessor, val_tokens: Tens
 
 def run(cfg, sp, val_tokens, device, distributed, log, artifact_path: Path, fp32_path: Path):
     master = cfg.rank == 0
-    log.text(SOURCE.decode("utf-8"), echo=False)  # bytes: the source exactly as counted
-    log.text("=" * 100, echo=False)
-    log.text(environment_report(device), echo=False)
-    log.text("=" * 100, echo=False)
+    for text in (SOURCE.decode("utf-8"), "=" * 100, environment_report(device), "=" * 100):  # the source as counted
+        log.text(text, echo=False)
     for key, value in vars(cfg).items():
         if key not in ("settings", "model_settings", "warnings"):  # repeats of the launch line and the others
             log.text(f"config {key}:{value}", echo=key == "launch")  # all in the log; on screen, the command
