@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import signal
 
-# Ctrl-C or SIGTERM while the libraries import (seconds) is kept for main to raise: raised amid an import, it ended in
-# a traceback (or, for SIGTERM, in no line at all).
+# A signal during the imports is kept for main to raise: raised mid-import it gave a traceback (SIGTERM: nothing).
 STOPPED_IMPORTING = []
 if __name__ == "__main__":
     for _signal in (signal.SIGINT, signal.SIGTERM):
@@ -48,8 +47,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import NamedTuple
 
-# OpenMP threads that spin while they wait: on 2 cores beside other busy processes a quick-start step took 11.7-15.8 s,
-# 2.9-3.2 s waiting passively (idle: 1.7 s, 1.1-1.25 s spinning). Read when torch loads; the environment wins.
+# Passive OpenMP waits: a quick-start step on 2 busy cores took 2.9-3.2 s, spinning 11.7-15.8 s (idle: 1.7, 1.1-1.25 s).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import numpy as np
 import sentencepiece as spm
@@ -73,10 +71,9 @@ ACTIVATIONS = ("relu2", "leaky_relu2", "swiglu")  # of MLPs and experts (swiglu:
 QUANT_BITS = (4, 5, 6, 7, 8)
 # Read outside Hyperparameters: not misspellings of a setting.
 OTHER_SETTINGS = ("WANDB_PROJECT",)
-# The trainer as a record ships it (train_gpt.py): a script that decompresses this exact source and runs it, as the
-# records' code wrappers do (PR #1412: 78,688 code bytes to 23,095). The artifact counts the script's bytes. On this
-# file (146,610 bytes) PPMd order 16 packs to 34,740 bytes, bz2-9 39,691, brotli-11 39,753, lzma-9e 41,300; and the
-# compressed bytes sit in a latin-1 string literal (2% of escapes) where base85 would add 25%.
+# The trainer as a record ships it: a script that decompresses this source and runs it, as the records' code wrappers
+# (PR #1412: 78,688 code bytes to 23,095). This file at 146,610 bytes: PPMd order 16 34,740, bz2-9 39,691, brotli-11
+# 39,753, lzma-9e 41,300; a latin-1 literal escapes 2% where base85 adds 25%.
 CODE_HEAD = b"#coding:latin-1\nimport pyppmd\nexec(compile(pyppmd.decompress("
 CODE_TAIL = b".encode('latin-1'),max_order=16),'train_moe.py','exec'))\n"
 LITERAL_ESCAPES = str.maketrans({"\\": "\\\\", "'": "\\'", "\n": "\\n", "\r": "\\r"})
@@ -201,8 +198,7 @@ def parse_layers(name: str, spec: str, num_layers: int) -> tuple[int, ...]:
 
 
 def check_wandb(cfg) -> None:
-    """WANDB=1 without credentials (WANDB_API_KEY, the netrc entry of `wandb login`) or WANDB_MODE=offline failed in
-    wandb.init, after the run's logs were created."""
+    """WANDB=1 needs wandb and credentials (WANDB_API_KEY, `wandb login`) or WANDB_MODE=offline, checked up front."""
     if cfg.wandb and importlib.util.find_spec("wandb") is None:
         raise ConfigError("WANDB=1: wandb is not installed (pip install wandb)")
     env, host = os.environ, urllib.parse.urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
@@ -226,8 +222,7 @@ def _range_text(lo=None, hi=None, above=None, below=None):
 class Hyperparameters:
     def __init__(self, env=os.environ):
         get = EnvReader(env)
-        # Run and data. Names and defaults follow the challenge's train_gpt.py wherever the knob exists there.
-        # Bounds are wide but finite: a value that passes must run, not fail later in a kernel or an optimizer.
+        # Run and data: names and defaults as the challenge's train_gpt.py. Bounds are wide but finite: what passes runs
         self.run_id = get.text("RUN_ID", "")
         if self.run_id and not re.fullmatch(r"[A-Za-z0-9._-]{1,200}", self.run_id):
             raise ConfigError(f"RUN_ID={self.run_id!r}: up to 200 letters, digits, '.', '_' and '-' (it names files)")
@@ -253,9 +248,8 @@ class Hyperparameters:
         self.model_dim = get.integer("MODEL_DIM", 512, 2, 2**16)
         self.num_heads = get.integer("NUM_HEADS", 8, 1, 1024)
         self.num_kv_heads = get.integer("NUM_KV_HEADS", 4, 1, 1024)
-        # The default MLP is the winner of docs/study.md: 16 experts of 256, top-2, in every other block, dense MLPs
-        # between, its bits fitted to the cap (QUANT_FIT): 0.018-0.022 val_bpb under the dense baseline, where 8
-        # experts at 6/5/5 bits were 0.007 under it.
+        # docs/study.md's winner: 16 experts of 256, top-2, every other block, bits fitted to the cap: 0.018-0.022
+        # val_bpb under the dense baseline (8 experts at 6/5/5 bits: 0.007).
         self.mlp_mode = get.choice("MLP_MODE", "sparse", MLP_MODES)
         self.mlp_mult = get.integer("MLP_MULT", 2, 1, 64)
         self.mlp_act = get.choice("MLP_ACT", "relu2", ACTIVATIONS[:2])  # of the dense MLPs
@@ -277,8 +271,7 @@ class Hyperparameters:
         self.moe_aux_coef = get.number("MOE_AUX_COEF", 0.01, 0.0, 100.0)
         self.router_z_coef = get.number("ROUTER_Z_COEF", 0.001, 0.0, 100.0)
         self.router_bias_rate = get.number("ROUTER_BIAS_RATE", 0.001, 0.0, 1.0)
-        # A layer is reported collapsing when its least-used expert gets less than this share of a fair load.
-        self.router_alert_min_load = get.number("ROUTER_ALERT_MIN_LOAD", 0.1, 0.0, 1.0)
+        self.router_alert_min_load = get.number("ROUTER_ALERT_MIN_LOAD", 0.1, 0.0, 1.0)  # least-used expert / fair load
         self.router_alert_patience = get.integer("ROUTER_ALERT_PATIENCE", 50, 0)  # steps under it before alerting
         self.tie_embeddings = get.flag("TIE_EMBEDDINGS", 1)
         self.rope_base = get.number("ROPE_BASE", 10000.0, 1.0, 1e9)
@@ -299,7 +292,7 @@ class Hyperparameters:
         self.recur_loops = get.integer("RECUR_LOOPS", 1, 1, 16)
         # What rebuilds this model from its artifact, defaults included (they may change): SEED makes the hash tables.
         self.model_settings = {"SEED": get.texts["SEED"], **dict(list(get.texts.items())[model_start:])}
-        # Optimizer. Learning rates have no upper bound: a run they make diverge stops at its first non-finite loss.
+        # Optimizer. LRs are unbounded: a run they diverge stops at its first non-finite loss.
         self.embed_lr = get.number("EMBED_LR", 0.6, 0.0)
         self.head_lr = get.number("HEAD_LR", 0.008, 0.0)
         self.tied_embed_lr = get.number("TIED_EMBED_LR", 0.05, 0.0)
@@ -328,7 +321,6 @@ class Hyperparameters:
         self.quant_bits = {"embed": self.quant_embed_bits, "attn": self.quant_attn_bits, "mlp": self.quant_mlp_bits,
                            "experts": self.quant_expert_bits}  # per category, with QUANT_FIT=0
         self.artifact_limit_bytes = get.integer("ARTIFACT_LIMIT_BYTES", 16_000_000, 1)
-        # GPTQ needs the Hessians of each matrix's inputs, from training batches drawn inside the wallclock cap.
         self.quant_method = get.choice("QUANT_METHOD", "gptq" if torch.cuda.is_available() else "rtn", ("gptq", "rtn"))
         self.quant_clip_sigmas = get.number("QUANT_CLIP_SIGMAS", 0.0, 0.0, 64.0)
         self.quant_fit = get.flag("QUANT_FIT", 1)  # QUANT_*_BITS apply with QUANT_FIT=0
@@ -338,11 +330,9 @@ class Hyperparameters:
         self.lqer_tensors = get.integer("LQER_TENSORS", 3, 1, 1024)
         self.calibration_tokens = get.integer("CALIBRATION_TOKENS", 131072, 1, 2**24)
         self.save_fp32 = get.flag("SAVE_FP32", 0)
-        # Calibration draws training batches, so its time counts as training: the loop stops early by its measured time.
-        self.calibrates = self.quant_method == "gptq" or bool(self.quant_fit)
-        # Set by torchrun; the global batch is split over WORLD_SIZE x GRAD_ACCUM micro-batches, as in the
-        # baseline, so 1, 2, 4 or 8 GPUs see the same batches in the same order. A smaller global batch on
-        # one GPU wants fewer, fuller micro-batches: 16K-token ones leave an H100 a third idle.
+        self.calibrates = self.quant_method == "gptq" or bool(self.quant_fit)  # on training batches, in training time
+        # Set by torchrun. WORLD_SIZE x GRAD_ACCUM micro-batches, as the baseline: 1-8 GPUs see the same batches. One
+        # GPU with a smaller batch wants fewer, fuller ones: 16K-token ones left an H100 a third idle.
         self.world_size = get.integer("WORLD_SIZE", 1, 1, 8)
         self.rank = get.integer("RANK", 0, 0, self.world_size - 1)
         self.local_rank = get.integer("LOCAL_RANK", 0, 0, self.world_size - 1)
@@ -351,14 +341,15 @@ class Hyperparameters:
             raise ConfigError(f"WORLD_SIZE={self.world_size}: set by torchrun with RANK, LOCAL_RANK, MASTER_ADDR and "
                               f"MASTER_PORT; launch with torchrun --standalone --nproc_per_node={self.world_size}")
         # The command that reproduces this run: every knob that was set, then the launcher.
-        knobs = " ".join(f"{k}={shlex.quote(v)}" for k, v in get.given.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK"))
+        self.settings = {k: v for k, v in get.given.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+        knobs = " ".join(f"{k}={shlex.quote(v)}" for k, v in self.settings.items())
         launcher = "python" if "RANK" not in env else f"torchrun --standalone --nproc_per_node={self.world_size}"
         self.launch = f"{knobs} {launcher} train_moe.py".strip()
-        self.settings = {k: v for k, v in get.given.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
         self.warnings = get.misspelt()
         self._check_shapes()
         self._check_moe()
-        self._check_export()
+        if self.calibrates and self.calibration_tokens < self.train_seq_len:
+            raise ConfigError(f"CALIBRATION_TOKENS={self.calibration_tokens}: at least one sequence, TRAIN_SEQ_LEN={self.train_seq_len}")
 
     def _check_shapes(self):
         if self.model_dim % self.num_heads:
@@ -369,15 +360,12 @@ class Hyperparameters:
             raise ConfigError(f"NUM_HEADS={self.num_heads}: must be divisible by NUM_KV_HEADS={self.num_kv_heads}")
         micro = self.world_size * self.grad_accum_steps * self.train_seq_len
         if self.train_batch_tokens % micro:
-            raise ConfigError(
-                f"TRAIN_BATCH_TOKENS={self.train_batch_tokens}: must be a multiple of WORLD_SIZE x GRAD_ACCUM_STEPS x "
-                f"TRAIN_SEQ_LEN = {self.world_size} x {self.grad_accum_steps} x {self.train_seq_len} = {micro}"
-            )
+            raise ConfigError(f"TRAIN_BATCH_TOKENS={self.train_batch_tokens}: must be a multiple of WORLD_SIZE x "
+                              f"GRAD_ACCUM_STEPS x TRAIN_SEQ_LEN = {self.world_size} x {self.grad_accum_steps} x "
+                              f"{self.train_seq_len} = {micro}")
         if self.val_batch_size < self.world_size * self.train_seq_len:
-            raise ConfigError(
-                f"VAL_BATCH_SIZE={self.val_batch_size}: must be at least WORLD_SIZE x TRAIN_SEQ_LEN = "
-                f"{self.world_size * self.train_seq_len}"
-            )
+            raise ConfigError(f"VAL_BATCH_SIZE={self.val_batch_size}: must be at least WORLD_SIZE x TRAIN_SEQ_LEN = "
+                              f"{self.world_size * self.train_seq_len}")
         if self.eval_stride > self.train_seq_len:
             raise ConfigError(f"EVAL_STRIDE={self.eval_stride}: must be in [0, TRAIN_SEQ_LEN={self.train_seq_len}]")
         head_dim = self.model_dim // self.num_heads
@@ -428,14 +416,8 @@ class Hyperparameters:
             if getattr(self, name) % 8:
                 raise ConfigError(f"{name.upper()}={getattr(self, name)}: must be a multiple of 8 for the expert matmuls")
 
-    def _check_export(self):
-        if self.calibrates and self.calibration_tokens < self.train_seq_len:
-            raise ConfigError(f"CALIBRATION_TOKENS={self.calibration_tokens}: at least one sequence, TRAIN_SEQ_LEN={self.train_seq_len}")
-
     def check_inputs(self) -> tuple[spm.SentencePieceProcessor, Tensor]:
-        """Everything that can fail before training, checked before any file is created or deleted: shards (headers,
-        sizes, the val split and the first train shard read whole), tokenizer, output folders, memory. Returns the
-        tokenizer and the val tokens."""
+        """What can fail before training, before any file is touched: data, tokenizer, folders, memory -> (sp, val)."""
         for split in ("train", "val"):
             files = sorted(glob.glob(os.path.join(self.data_path, f"fineweb_{split}_*.bin")))
             if not files:
@@ -455,12 +437,11 @@ class Hyperparameters:
         except Exception as e:  # sentencepiece raises bare RuntimeError/OSError on a bad model file
             raise ConfigError(f"TOKENIZER_PATH={self.tokenizer_path!r}: not a SentencePiece model ({e})") from None
         if sp.vocab_size() != self.vocab_size:
-            raise ConfigError(
-                f"VOCAB_SIZE={self.vocab_size}: the tokenizer {self.tokenizer_path} has {sp.vocab_size()} pieces"
-            )
+            raise ConfigError(f"VOCAB_SIZE={self.vocab_size}: the tokenizer {self.tokenizer_path} has "
+                              f"{sp.vocab_size()} pieces")
         if (self.smear_gate or self.bigram_buckets) and sp.bos_id() != self.bos_id:
             raise ConfigError(f"BOS_ID={self.bos_id}: the tokenizer's BOS, which starts every document, is {sp.bos_id()}")
-        # The artifact records its tokenizer (its path and hash, not its bytes): the tools find it and refuse another.
+        # The artifact records its tokenizer's path and hash: the tools find it and refuse another.
         self.model_settings.update(TOKENIZER_PATH=self.tokenizer_path,
                                    TOKENIZER_SHA256=hashlib.sha256(Path(self.tokenizer_path).read_bytes()).hexdigest())
         val_tokens = load_val_tokens(self)
@@ -497,7 +478,7 @@ def setting_defaults() -> dict[str, str]:
     """Every setting Hyperparameters reads, in order, with its default on this machine."""
     defaults = {}
 
-    class Recorder(dict):  # an empty environment that notes each read: every setting goes through env.get
+    class Recorder(dict):  # an empty environment noting each env.get
         def get(self, name, default=None):
             return defaults.setdefault(name, default)
 
@@ -535,8 +516,7 @@ POLAR_EXPRESS = ((8.156554524902461, -22.48329292557795, 15.878769915207462),
 
 
 def newton_schulz(grad: Tensor, steps: int, polar_express: bool = False, eps: float = 1e-7) -> Tensor:
-    """Approximate the nearest semi-orthogonal matrix (batched over leading dims) with a quintic iteration
-    tuned to push singular values into [0.7, 1.2] fast rather than exactly to 1 (or Polar Express's, at most 5)."""
+    """Nearest semi-orthogonal matrix (batched), roughly: a quintic pushing singular values into [0.7, 1.2] fast."""
     coefficients = POLAR_EXPRESS[:steps] if polar_express else ((3.4445, -4.7750, 2.0315),) * steps
     x = grad.bfloat16()
     tall = x.size(-2) > x.size(-1)
@@ -550,8 +530,7 @@ def newton_schulz(grad: Tensor, steps: int, polar_express: bool = False, eps: fl
 
 
 class Muon(torch.optim.Optimizer):
-    """Nesterov momentum, then orthogonalised updates. Matrices of one shape are orthogonalised as one batch, split
-    across GPUs (rank r takes every world_size-th of them); one all-reduce of a flat buffer shares the results."""
+    """Nesterov momentum, then orthogonalised updates: a batch per shape, split over ranks, shared by an all-reduce."""
 
     def __init__(self, params, lr: float, momentum: float, backend_steps: int, weight_decay: float = 0.0,
                  row_norm: bool = False, polar_express: bool = False):
@@ -599,8 +578,7 @@ class Muon(torch.optim.Optimizer):
 # -----------------------------------------------------------------------------
 
 def build_byte_tables(sp: spm.SentencePieceProcessor, device) -> tuple[Tensor, Tensor, Tensor]:
-    """Per token id: UTF-8 bytes without a leading U+2581, whether it had one, and whether it is a boundary
-    (control/unknown/unused: no bytes, and no space is owed to the token after it)."""
+    """Per token id: UTF-8 bytes less a leading U+2581, whether it had one, whether it is a boundary (no space owed)."""
     n = sp.vocab_size()
     base_bytes = np.zeros(n, dtype=np.int16)
     has_space = np.zeros(n, dtype=np.bool_)
@@ -627,15 +605,13 @@ def target_bytes(x: Tensor, y: Tensor, tables) -> Tensor:
 
 
 def eval_windows(num_targets: int, seq_len: int, stride: int) -> tuple[Tensor, Tensor]:
-    """Window starts and, per window, how many of its last positions are scored, so that every target is
-    scored exactly once and each with as much left context as the stride allows. stride 0 = seq_len."""
+    """Window starts and how many last positions each scores: every target once, with what context the stride gives."""
     stride = stride or seq_len
     starts = list(range(0, num_targets - seq_len + 1, stride))
     if starts[-1] != num_targets - seq_len:
         starts.append(num_targets - seq_len)
     starts = torch.tensor(starts)
-    ends = starts + seq_len
-    scored = torch.cat([torch.tensor([seq_len]), ends[1:] - ends[:-1]])
+    scored = torch.cat([torch.tensor([seq_len]), starts.diff()])
     return starts, scored
 
 
@@ -698,8 +674,7 @@ def tensor_category(name: str) -> str:
 
 
 def quant_group(name: str) -> str:
-    """QUANT_FIT's unit: a category, except that each block's experts are one: one step of expert bits over all blocks
-    was 1.9 MB of the 16-expert model's 15 MB (docs/study.md), too coarse to fill the cap; one block's is a quarter."""
+    """QUANT_FIT's unit: a category, each block's experts apart (a step of all expert bits was 1.9 MB of 15 MB)."""
     category = tensor_category(name)
     return f"experts.{name.split('.')[1]}" if category == "experts" else category
 
@@ -714,17 +689,15 @@ def is_quantized(name: str, t: Tensor) -> bool:
 
 
 def stored_float(name: str, t: Tensor) -> Tensor:
-    """A float tensor as the artifact keeps it: fp16 unless a value would overflow it (a diverging gain once came back
-    infinite), then fp32; the balancing bias moves in steps of ~1e-3 and only ranks experts, so it stays exact."""
+    """fp16; fp32 where that overflows (a diverging gain once did) and for the balancing bias's ~1e-3 steps."""
     half = t.half()
     return t.float() if name.endswith("router_bias") or not torch.isfinite(half).all() else half
 
 
 def row_scales(w: Tensor, bits: int, clip_sigmas: float) -> Tensor:
-    """Quantization step of each row of w [rows, cols], in its storage dtype (fp16, or fp32 where fp16 overflows).
-    clip_sigmas > 0: the row is clipped at that many standard deviations. The compressed size of a row is close to
-    its entropy, about bits + log2(std / clip) per weight, so a wider clip buys fewer bytes for a little more error.
-    0: the fraction of the row's max |w| with the least squared error, blind to bytes (the rule before SDClip)."""
+    """Each row's quantization step, in its storage dtype. clip_sigmas > 0: clipped at that many row stds (a row packs
+    to ~bits + log2(std / clip) per weight: a wider clip buys bytes for a little error); 0: the fraction of max |w|
+    with the least squared error, blind to bytes (before SDClip)."""
     qmax = 2 ** (bits - 1) - 1
     if clip_sigmas > 0:
         step = w.std(dim=1) * clip_sigmas / qmax
@@ -733,7 +706,7 @@ def row_scales(w: Tensor, bits: int, clip_sigmas: float) -> Tensor:
     dtype = stored_float("", row_max).dtype
     best_err, best = torch.full_like(row_max, float("inf")), torch.zeros_like(row_max, dtype=dtype)
     for fraction in CLIP_FRACTIONS:
-        # Rounded to its storage dtype first, so the error measured is the error the artifact will have.
+        # Rounded to its storage dtype first: the error measured is the artifact's.
         scale = (row_max * fraction / qmax).clamp_min(2**-24).to(dtype)
         err = (round_to_grid(w, scale, qmax) * scale.float()[:, None] - w).square().sum(dim=1)
         better = err < best_err
@@ -746,10 +719,8 @@ def round_to_grid(w: Tensor, scale: Tensor, qmax: int) -> Tensor:
 
 
 def gptq(w: Tensor, hessian: Tensor, scale: Tensor, qmax: int, block: int = 128) -> Tensor:
-    """GPTQ (Frantar et al. 2022) over a batch of matrices: w [B, rows, cols], hessian [B, cols, cols] (damped),
-    scale [B, rows] -> integer levels [B, rows, cols]. Columns are rounded one at a time, those with the largest
-    Hessian diagonal (most used inputs) first, and each one's rounding error is pushed onto the columns not yet
-    rounded through the Cholesky factor of the inverse Hessian: the output on the calibration inputs moves least."""
+    """GPTQ (Frantar et al. 2022), batched: w [B, rows, cols], damped hessian [B, cols, cols], scale [B, rows] -> levels
+    [B, rows, cols]. Columns round one by one, largest Hessian diagonal first, each one's error pushed onto the rest."""
     b, rows, cols = w.shape
     order = torch.argsort(hessian.diagonal(dim1=-2, dim2=-1), dim=-1, descending=True)
     w = w.gather(-1, order[:, None, :].expand(b, rows, cols)).clone()
@@ -771,8 +742,7 @@ def gptq(w: Tensor, hessian: Tensor, scale: Tensor, qmax: int, block: int = 128)
 
 
 def quantize_matrix(w: Tensor, bits: int, clip_sigmas: float, hessian: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """w [rows, cols] or a bank [E, rows, cols] -> (int8 levels [all rows, cols], scales [all rows]); rounded to nearest
-    without a Hessian, by GPTQ with one ([1 or E, cols, cols]: one per matrix of the bank)."""
+    """w [rows, cols] or bank [E, rows, cols] -> (int8 levels, row scales); GPTQ with a Hessian [1 or E, cols, cols]."""
     qmax = 2 ** (bits - 1) - 1
     flat = w.detach().float().reshape(-1, w.shape[-1])
     scale = row_scales(flat, bits, clip_sigmas)
@@ -794,16 +764,15 @@ PACKED_OVER_ENTROPY = 1.0
 
 
 def entropy_bytes(q: Tensor) -> float:
-    """Order-0 entropy of integer levels, in bytes: levels are nearly independent, so close to what they pack to."""
+    """Order-0 entropy of integer levels, in bytes: close to what they pack to."""
     counts = torch.bincount(q.flatten().long() + 128).float()
     p = counts[counts > 0] / q.numel()
     return float(-(p * p.log2()).sum()) * q.numel() / 8
 
 
 def fit_bits(options: dict[str, dict[int, tuple[float, float]]], budget: float) -> dict[str, int] | None:
-    """options: {group: {bits: (estimated bytes, estimated loss increase)}}. The bits per group with the least summed
-    loss increase whose summed bytes fit the budget (ties: fewer bytes), or None if nothing fits. Exact: it keeps,
-    group by group, every choice that no other beats on both bytes and loss (a few hundred, not 5**groups)."""
+    """options: {group: {bits: (bytes, loss increase)}} -> the bits per group with the least loss whose bytes fit the
+    budget (ties: fewer bytes), or None. Exact: it keeps the Pareto frontier group by group, not 5**groups."""
     frontier = [(0.0, 0.0, {})]
     for group, choices in options.items():
         grown = sorted(((size + s, loss + d, {**bits, group: b}) for size, loss, bits in frontier
@@ -817,8 +786,7 @@ def fit_bits(options: dict[str, dict[int, tuple[float, float]]], budget: float) 
 
 def quantize_state(state: dict[str, Tensor], levels: dict[str, tuple[int, Tensor, Tensor]],
                    corrections: dict[str, tuple[Tensor, ...]] | None = None) -> tuple[dict, dict[str, np.ndarray]]:
-    """Return (JSON-able header, named raw arrays): integers and scales for the tensors in `levels` ({name: (bits,
-    levels, scales)}) with their LQER factors where `corrections` has them, every other tensor as a float."""
+    """(JSON-able header, named arrays): `levels` ({name: (bits, levels, scales)}) with `corrections`, then floats."""
     header, arrays = {}, {}
     for name, t in state.items():
         t = t.detach().cpu()
@@ -840,9 +808,8 @@ LQER_BITS = 4
 
 
 def lqer_corrections(state: dict[str, Tensor], levels: dict, rank: int, count: int) -> dict[str, tuple[Tensor, ...]]:
-    """LQER (PR #1797: ~0.009 of int6's quantization cost back for ~30 KB): for the `count` quantized tensors whose
-    error W - dequantized is largest, its best rank-`rank` approximation A B, A [rank, rows] per row and B [rank,
-    cols] per row at 4 bits: (levels of A, scales, levels of B, scales). The artifact reader adds A^T B back."""
+    """LQER (PR #1797: ~0.009 of int6's quantization cost back for ~30 KB): the best rank-`rank` A^T B of the error of
+    the `count` worst quantized tensors, A and B at 4 bits: (levels of A, scales, levels of B, scales)."""
     errors = {}
     for name, (_, q, scale) in levels.items():
         w = state[name].detach().float().reshape(-1, state[name].shape[-1])
@@ -856,30 +823,26 @@ def lqer_corrections(state: dict[str, Tensor], levels: dict, rank: int, count: i
 
 
 def lqer_bytes(state: dict[str, Tensor], rank: int, count: int) -> int:
-    """At most what lqer_corrections adds to the artifact: factors of the largest quantized tensors, a byte a level."""
+    """At most what lqer_corrections adds to the artifact, a byte a level."""
     sizes = sorted((t.numel() // t.shape[-1] + t.shape[-1] for n, t in state.items() if is_quantized(n, t)), reverse=True)
     return sum(rank * (size + 4) for size in sizes[:count]) if rank else 0
 
 
 def rounded_levels(state: dict[str, Tensor], bits: dict[str, int], clip_sigmas: float) -> dict[str, tuple[int, Tensor, Tensor]]:
-    """Round-to-nearest levels of every quantized tensor, at its bits."""
     return {name: (group_bits(bits, name), *quantize_matrix(t, group_bits(bits, name), clip_sigmas))
             for name, t in state.items() if is_quantized(name, t)}
 
 
-# The compressor and the layout, measured on the default MoE's artifact (H100 run, scripts/compress_bench.py; 15.5 MB
-# of 4-8-bit levels): brotli-11 over the level matrices grouped by bits, each stored by columns (GPTQ leaves each
-# column its own spread), the other arrays byte by byte (all first bytes, then all second), came 3.0% under zstd-22
-# frames of the arrays in header order (15,070,282 against 15,536,520 bytes); lzma-9e came 3.0% over, PPMd no under.
-# Chunks of 4 MiB are packed in parallel: ~9 s on 16 cores.
+# On the default MoE's artifact (scripts/compress_bench.py, 15.5 MB of 4-8-bit levels) brotli-11 over this layout came
+# 3.0% under zstd-22 frames of the arrays in header order (15,070,282 against 15,536,520 bytes); lzma-9e 3.0% over,
+# PPMd no under. Chunks of 4 MiB are packed in parallel: ~9 s on 16 cores.
 PACK_CHUNK_BYTES = 4 << 20
 
 
 def pack_artifact(header: dict, arrays: dict[str, np.ndarray], model_settings: dict[str, str] | None = None) -> bytes:
-    """Sealed (MAGIC, SHA-256 of the rest): header length, JSON header (the tensors, the arrays' layout and order, the
-    model settings), then the arrays as raw little-endian bytes in that order; compressed. Integer levels come first,
-    by bits and each matrix by its columns, then the other arrays byte plane by byte plane. A flat layout instead of
-    torch.save: no pickle or zip padding for the compressor to carry."""
+    """Compressed and sealed: header length, JSON header (tensors, arrays' layout, model settings), then the raw arrays:
+    levels first, by bits, each matrix by columns (GPTQ gives each its own spread), then the others byte plane by byte
+    plane. Not torch.save: no pickle or zip padding to compress."""
     levels = sorted((n for n, a in arrays.items() if a.dtype == np.int8),
                     key=lambda n: LQER_BITS if ".lqer_" in n else header[n]["bits"])
     order = levels + [n for n in arrays if n not in levels]
@@ -914,15 +877,13 @@ def decompress(blob: bytes) -> bytes:
         raise ValueError(f"corrupt, or not a moe-golf artifact: it does not decompress ({e})") from None
 
 
-# The hash is over the uncompressed content, so it holds whatever compresses it: a changed byte of the compressed
-# stream either fails to decompress or changes the content.
+# The hash is of the content: a changed compressed byte fails to decompress or changes the content.
 def seal(content: bytes) -> bytes:
     return ARTIFACT_MAGIC + hashlib.sha256(content).digest() + content
 
 
 def unseal(raw: bytes) -> bytes:
-    """The content of a sealed artifact, once its SHA-256 matches: a changed byte anywhere (weights, header, model
-    settings) is refused, not loaded as another model."""
+    """The content of a sealed artifact, once its SHA-256 matches: a changed byte is refused, not loaded as a model."""
     if raw[:8] == UNCHECKED_MAGIC:
         raise ValueError("written before artifacts carried a checksum (MOEGOLF1), so it cannot be checked for "
                          "corruption and is not read; retrain to get a checked artifact")
@@ -951,8 +912,7 @@ def payload_arrays(content: bytes) -> tuple[dict, dict[str, np.ndarray]]:
 
 
 def read_artifact(blob: bytes) -> tuple[dict[str, str], dict[str, Tensor]]:
-    """(the model settings it was packed with, the dequantized state dict). Every way the bytes can fail to be a
-    checked artifact is a ValueError."""
+    """(its model settings, the dequantized state dict); bytes that are not a checked artifact raise ValueError."""
     raw = unseal(decompress(blob))
     try:  # the hash matched, so only a writer other than pack_artifact gets here
         meta, arrays = payload_arrays(raw)
@@ -975,7 +935,7 @@ def read_artifact(blob: bytes) -> tuple[dict[str, str], dict[str, Tensor]]:
 
 
 def write_artifact(path: Path, blob: bytes) -> None:
-    """Through a temporary file: a crash mid-write never leaves a file that looks like a finished artifact."""
+    """Through a temporary file: a crash mid-write never leaves what looks like a finished artifact."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     try:
@@ -1036,8 +996,7 @@ class TokenStream:
         self.files, self.vocab_size = files, vocab_size
         self.file_index, self.tokens_read = 0, 0
         self.total_tokens = sum(read_shard_header(f) for f in files)
-        self.tokens = self._load(0)
-        self.pos = 0
+        self.tokens, self.pos = self._load(0), 0
 
     def _load(self, i):
         tokens = load_data_shard(self.files[i])
@@ -1057,8 +1016,7 @@ class TokenStream:
 
 
 class DistributedTokenLoader:
-    """Each micro-step takes one contiguous span per rank, so the union over ranks and accumulation steps
-    is the same token sequence for any world size."""
+    """One contiguous span per rank per micro-step: the same token sequence for any world size."""
 
     def __init__(self, cfg: Hyperparameters, device):
         files = sorted(glob.glob(os.path.join(cfg.data_path, "fineweb_train_*.bin")))
@@ -1095,9 +1053,8 @@ def rms_norm(x: Tensor) -> Tensor:
 
 
 def rotary(x: Tensor, base: float, start: int = 0, dims: int = 0) -> Tensor:
-    """RoPE over the first `dims` (0: all) of the last dim of [B, H, T, head_dim], at positions start, start + 1, ...
-    (sampling continues a cache). Partial RoPE (16 of 64 dims, 2026-03-21 PartialRoPE record; with LN_SCALE -0.0023
-    there) leaves the other dims position-free."""
+    """RoPE on the first `dims` (0: all) of each head [B, H, T, head_dim], from position `start` (a sampling cache).
+    Partial RoPE: 16 of 64 dims in the 2026-03-21 PartialRoPE record (-0.0023 with LN_SCALE)."""
     half = (dims or x.size(-1)) // 2
     inv_freq = base ** (-torch.arange(half, device=x.device, dtype=torch.float32) / half)
     angles = torch.arange(start, start + x.size(-2), device=x.device, dtype=torch.float32)[:, None] * inv_freq
@@ -1144,7 +1101,7 @@ class Attention(nn.Module):
         return self.output(y, v, x)
 
     def output(self, y: Tensor, v: Tensor, x: Tensor) -> Tensor:
-        """Heads [B, H, T, D] (with their tokens' values v and inputs x) through XSA, the gate and the projection."""
+        """Heads [B, H, T, D] through XSA, the gate and the projection."""
         if self.xsa:
             y = exclusive(y, v)
         if hasattr(self, "gate"):
@@ -1164,7 +1121,7 @@ def activate(h: Tensor, act: str, limit: float = 0.0) -> Tensor:
 
 
 class FeedForward(nn.Module):
-    """The dense MLP, also the shared expert of shared_routed. Like every MLP slot it returns (output, aux loss)."""
+    """The dense MLP, also shared_routed's shared expert. Returns (output, aux loss), as every MLP slot."""
 
     def __init__(self, dim: int, hidden: int, act: str = "relu2"):
         super().__init__()
@@ -1177,14 +1134,12 @@ class FeedForward(nn.Module):
 
 
 def matmul_dtype(x: Tensor) -> torch.dtype:
-    """bf16 under autocast (grouped matmuls are not autocast ops) and when compiled (the compiler's checks of
-    torch._grouped_mm accept bf16 only, on the CPU too); eager CPU runs keep fp32, exact for reference tests."""
+    """bf16 under autocast (grouped matmuls aren't autocast ops) or compiled (bf16 only); eager CPU: fp32, exact."""
     return torch.bfloat16 if torch.is_autocast_enabled(x.device.type) or torch.compiler.is_compiling() else x.dtype
 
 
 class Permute(torch.autograd.Function):
-    """x[perm] whose backward is a gather by the inverse permutation instead of the scatter-add autograd would
-    emit for an index gather: every slot is moved exactly once, so no atomics are needed."""
+    """x[perm] whose backward gathers by the inverse permutation, not autograd's scatter-add: no atomics."""
 
     @staticmethod
     def forward(ctx, x: Tensor, perm: Tensor, inverse: Tensor) -> Tensor:
@@ -1198,10 +1153,9 @@ class Permute(torch.autograd.Function):
 
 
 class GroupedMatmul(torch.autograd.Function):
-    """Rows sorted by expert times their expert's weight: x [S, in], w [E, out, in] -> [S, out]. A weight gradient
-    computed per expert parallelises only over that expert's output tiles, so one overloaded expert serialises it:
-    in the step profile it ran 2-3.5x slower at early training's imbalance than at a balanced load. It is computed
-    instead over groups cut at every expert boundary and at fixed row chunks, then summed per expert."""
+    """Expert-sorted rows times their expert's weight: x [S, in], w [E, out, in] -> [S, out]. Per expert, the weight
+    gradient ran 2-3.5x slower at early training's imbalance than balanced (one overloaded expert serialises it): it is
+    computed over groups cut at expert boundaries and fixed row chunks, then summed per expert."""
 
     @staticmethod
     def forward(ctx, x: Tensor, w: Tensor, offsets: Tensor, cuts: Tensor, cut_expert: Tensor) -> Tensor:
@@ -1219,8 +1173,7 @@ class GroupedMatmul(torch.autograd.Function):
 
 
 class Fp32Logits(torch.autograd.Function):
-    """x @ w.T in fp32 (TF32 on GPUs), also under autocast, which would run it in bf16 and round near-tied experts'
-    logits together. The backward runs in x's dtype, that of the activation gradient it joins."""
+    """x @ w.T in fp32 (TF32 on GPUs) under autocast too, whose bf16 rounds near-tied experts' logits together."""
 
     @staticmethod
     def forward(ctx, x: Tensor, w: Tensor) -> Tensor:
@@ -1235,8 +1188,7 @@ class Fp32Logits(torch.autograd.Function):
 
 
 def expert_groups(counts: Tensor, chunks: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Group ends of the expert-sorted rows (int32 [E]), and the finer cuts for the weight gradient (every expert
-    end and every rows/chunks-th row, [E + chunks]) with each cut group's expert."""
+    """Group ends of the expert-sorted rows; the weight gradient's cuts (expert and chunk ends) and their experts."""
     offsets = counts.cumsum(0).to(torch.int32)
     rows = offsets[-1:]
     chunk_ends = torch.arange(1, chunks + 1, device=counts.device, dtype=torch.int32) * rows // chunks
@@ -1247,8 +1199,7 @@ def expert_groups(counts: Tensor, chunks: int) -> tuple[Tensor, Tensor, Tensor]:
 
 
 class ExpertBank(nn.Module):
-    """E experts as two stacked fp32 weights stored [E, out, in]: Muon orthogonalises each expert's matrix on
-    its own, export quantizes each expert's rows."""
+    """E experts as two stacked fp32 weights [E, out, in]: Muon and export treat each expert's matrix on its own."""
 
     def __init__(self, num_experts: int, dim: int, hidden: int, act: str, limit: float = 0.0):
         super().__init__()
@@ -1259,34 +1210,29 @@ class ExpertBank(nn.Module):
         self.w_out = nn.Parameter(torch.zeros(num_experts, dim, hidden))
 
     def forward(self, x: Tensor, weights: Tensor, expert_idx: Tensor | None = None, counts: Tensor | None = None) -> Tensor:
-        """Routed (weights and expert_idx [N, K], slots per expert [E]) or soft (weights: gates [N, E] over every
-        expert). One entry point, so export calibration can watch every expert's inputs through one hook."""
+        """Routed (weights, expert_idx [N, K], counts [E]) or soft (gates [N, E]): one entry for calibration's hook."""
         return self.dense(x, weights) if expert_idx is None else self.grouped(x, expert_idx, weights, counts)
 
     def grouped(self, x: Tensor, expert_idx: Tensor, weights: Tensor, counts: Tensor) -> Tensor:
-        """Dropless top-k: x [N, D], expert_idx and weights [N, K] -> the weighted sum of each token's experts, fp32
-        [N, D]. Slots are sorted by expert and run through two grouped matmuls; static shapes and no host sync, so
-        it compiles whole."""
+        """Dropless top-k: x [N, D], expert_idx and weights [N, K] -> fp32 [N, D]. Two grouped matmuls over the slots
+        sorted by expert; static shapes and no host sync, so it compiles whole."""
         n, k = expert_idx.shape
         # uint8 keys (NUM_EXPERTS <= 256) sort in one radix pass where int64 keys take eight.
         order = torch.argsort(expert_idx.flatten().to(torch.uint8), stable=True)
         inverse = torch.empty_like(order).scatter_(0, order, torch.arange(n * k, device=x.device))
-        # 4E chunks: even one expert taking every slot spreads its weight gradient over more groups than a balanced
-        # load's E. On an H100 (8 experts, 131072 slots) 4E ran it 11% faster than 2E, balanced or not too skewed.
+        # 4E chunks: on an H100 (8 experts, 131072 slots) 11% faster than 2E, balanced or not too skewed.
         groups = expert_groups(counts, 4 * len(counts))
         dtype = matmul_dtype(x)
         slots = x.to(dtype)[:, None, :].expand(n, k, x.size(-1)).reshape(n * k, -1)
         h = GroupedMatmul.apply(Permute.apply(slots, order, inverse), self.w_in.to(dtype), *groups)
-        # Each slot's routing weight scales its hidden units, ahead of the linear second matmul: the same sum, and
-        # the weight's gradient comes out of the activation's backward instead of another pass over [N*K, D].
+        # Routing weights scale the hidden units before the linear second matmul: no gradient pass over [N*K, D].
         slot_weights = Permute.apply(weights.reshape(-1, 1), order, inverse)
         # .to(dtype): autocast runs the square of relu^2 in fp32, and grouped matmuls take one dtype.
         out = GroupedMatmul.apply((activate(h, self.act, self.limit) * slot_weights).to(dtype), self.w_out.to(dtype), *groups)
         return Permute.apply(out, inverse, order).view(n, k, -1).float().sum(dim=1)
 
     def dense(self, x: Tensor, gates: Tensor) -> Tensor:
-        """Every expert on every token, weighted: x [N, D], gates [N, E] -> [N, D]. As one wide MLP whose hidden
-        units are scaled by their expert's gate, it costs what a dense MLP of hidden E*F costs."""
+        """Every expert on every token: x [N, D], gates [N, E] -> [N, D], as one wide MLP of hidden E*F."""
         e, rows, d = self.w_in.shape
         dtype = matmul_dtype(x)
         h = x.to(dtype) @ self.w_in.to(dtype).reshape(e * rows, d).T
@@ -1295,8 +1241,7 @@ class ExpertBank(nn.Module):
 
 
 def top_k(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """torch.topk over the last dim as k masked argmax passes: for a few experts these compile to fused
-    reductions, where topk's sort-based kernel took 210 us per call (N=65536, E=8) in the step profile."""
+    """torch.topk as k masked argmaxes: fused reductions, where topk's sort took 210 us a call (N=65536, E=8)."""
     picks, masked = [], scores
     for _ in range(k):
         picks.append(masked.argmax(dim=-1, keepdim=True))
@@ -1306,8 +1251,7 @@ def top_k(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
 
 
 def balanced_hash_table(vocab_size: int, num_experts: int, top_k: int, seed: int, layer: int) -> Tensor:
-    """[vocab, K] distinct experts per token id; over the vocabulary every expert gets the same number of
-    (token, slot) pairs to within one. Random per layer, rebuilt from the seed, so it costs no artifact bytes."""
+    """[vocab, K] distinct experts per token id, every expert within one of the same count; from the seed, so free."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + layer)
     rank_of_token = torch.randperm(vocab_size, generator=g)
     relabel = torch.randperm(num_experts, generator=g)
@@ -1316,15 +1260,14 @@ def balanced_hash_table(vocab_size: int, num_experts: int, top_k: int, seed: int
 
 
 class MoEMLP(nn.Module):
-    """sparse: top-k routed experts; shared_routed: the same plus an always-on shared expert; soft: a softmax gate
-    over all experts, all computed. Router math and the combine run in fp32."""
+    """sparse: top-k routed experts; shared_routed: plus a shared expert; soft: a softmax gate over all. fp32 router."""
 
     def __init__(self, cfg: Hyperparameters, layer: int):
         super().__init__()
         self.mode, self.router_kind = cfg.mlp_mode, cfg.router
         self.num_experts, self.top_k, self.norm_topk_prob = cfg.num_experts, cfg.top_k, cfg.norm_topk_prob
         self.aux_coef, self.z_coef, self.route_scale = cfg.moe_aux_coef, cfg.router_z_coef, cfg.route_scale
-        # HASH_LAYERS: the token-id table picks, the router's scores weigh (its selection bias has no use here).
+        # HASH_LAYERS: the token-id table picks, the router's scores weigh.
         self.hashed = self.mode != "soft" and (cfg.router == "hash" or layer in cfg.moe_layers[: cfg.hash_layers])
         self.experts = ExpertBank(cfg.num_experts, cfg.model_dim, cfg.expert_hidden, cfg.expert_act, cfg.swiglu_limit)
         if self.mode == "soft" or self.router_kind != "hash":
@@ -1338,15 +1281,14 @@ class MoEMLP(nn.Module):
             self.shared = FeedForward(cfg.model_dim, cfg.shared_hidden, cfg.expert_act)
             if cfg.shared_gate:  # Qwen2-MoE: y = routed + sigmoid(w_s . x) * shared(x)
                 self.shared_gate = nn.Parameter(torch.zeros(1, cfg.model_dim))
-        # This step's routing, reset before each step (balancing and telemetry read it): token-slots (gate mass for
-        # soft) and summed router probabilities per expert, then [token entropy sum, tokens, aux, z-loss, calls].
+        # This step's routing, for balancing and telemetry: slots (soft: gate mass) and summed probabilities per
+        # expert, then [token entropy sum, tokens, aux, z-loss, calls].
         self.register_buffer("expert_load", torch.zeros(cfg.num_experts), persistent=False)
         self.register_buffer("importance", torch.zeros(cfg.num_experts), persistent=False)
         self.register_buffer("router_sums", torch.zeros(5), persistent=False)
 
     def scores(self, logits: Tensor) -> Tensor:
-        """What selection ranks and what weighs the chosen experts; DeepSeek-V4's sqrt(softplus) grows like
-        sqrt(l) for large logits where sigmoid saturates."""
+        """What ranks and weighs the experts; DeepSeek-V4's sqrt(softplus) grows where sigmoid saturates."""
         if self.router_kind == "softmax":
             return logits.softmax(dim=-1)
         return logits.sigmoid() if self.router_kind == "sigmoid" else F.softplus(logits).sqrt()
@@ -1414,7 +1356,7 @@ class MoEMLP(nn.Module):
 
 
 def build_mlp(cfg: Hyperparameters, layer: int) -> nn.Module:
-    """The MLP slot of block `layer`. Every MLP takes (x, token ids) and returns (output, auxiliary loss)."""
+    """The MLP slot of block `layer`: (x, token ids) -> (output, auxiliary loss)."""
     if cfg.mlp_mode != "dense" and layer in cfg.moe_layers:
         return MoEMLP(cfg, layer)
     return FeedForward(cfg.model_dim, cfg.mlp_mult * cfg.model_dim, cfg.mlp_act)
@@ -1428,7 +1370,7 @@ class Block(nn.Module):
         self.mlp = build_mlp(cfg, layer)
         self.attn_scale = nn.Parameter(torch.ones(dim))
         self.mlp_scale = nn.Parameter(torch.ones(dim))
-        # Learnable blend of the running residual with the block-0 input (the normalised embedding).
+        # Learnable blend of the residual with the normalised embedding.
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(dim), torch.zeros(dim))))
         # LN_SCALE: both norms' outputs times 1/sqrt(layer + 1) (2026-03-21 PartialRoPE record, with partial RoPE).
         self.norm_scale = 1 / math.sqrt(layer + 1) if cfg.ln_scale else 1.0
@@ -1447,9 +1389,8 @@ class Block(nn.Module):
 
 
 class SmearGate(nn.Module):
-    """x_t + lam * sigmoid(w . x_t[:12]) * x_{t-1} on the token embeddings, never across a document's first token
-    (BOS_ID): identity at init (lam = 0). The input-dependent gate of 2026-04-16 SmearGate_AttentionOutputGate; the
-    BOS mask of PR #1797, without which its score had leaked +0.00255 across packed documents."""
+    """x_t + lam * sigmoid(w . x_t[:12]) * x_{t-1} on the embeddings, identity at init: the gate of 2026-04-16
+    SmearGate_AttentionOutputGate; not across BOS_ID, PR #1797's mask (without it +0.00255 leaked across documents)."""
 
     def __init__(self, bos_id: int):
         super().__init__()
@@ -1463,9 +1404,8 @@ class SmearGate(nn.Module):
 
 
 class BigramHash(nn.Module):
-    """scale * proj(table[hash(previous token, token)]) added to the token embedding: the bigram's own vector at the
-    cost of a table (2026-03-20 Int6_MLP3x_SmearGate_BigramHash record). A document's first token, which has no
-    previous one in it, takes the last bucket. The table starts at zero, so the sum starts as the embedding alone."""
+    """scale * proj(table[hash(previous token, token)]), added to the embedding (2026-03-20
+    Int6_MLP3x_SmearGate_BigramHash record). A document's first token takes the last bucket. Zero at init."""
 
     def __init__(self, buckets: int, dim: int, model_dim: int, bos_id: int):
         super().__init__()
@@ -1501,17 +1441,15 @@ class GPT(nn.Module):
         if cfg.smear_gate:
             self.smear = SmearGate(cfg.bos_id)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
-        # U-Net: the first half of the layers run push their outputs, the second half pop them in reverse. Depth
-        # recurrence (RECUR_LAYERS, 2026-04-05 Loop45x2 and 2026-04-09 3LayerRecur records: ~0.003 in 2026-04-03) runs
-        # a span of blocks again with the same weights, so the halves and the skips follow the longer order; before it
-        # switches on, the shorter order uses the first of the same skip weights.
+        # U-Net skips over the order run. Depth recurrence (RECUR_LAYERS; 2026-04-05 Loop45x2, 2026-04-09 3LayerRecur:
+        # ~0.003 in 2026-04-03) reruns a span of blocks; skips follow the longer order (the shorter uses the first).
         self.orders = [layer_order(cfg, False), layer_order(cfg, True)]
         longest = max(self.orders, key=len)
         self.skip_weights = nn.Parameter(torch.ones(min(len(longest) // 2, len(longest) - len(longest) // 2), cfg.model_dim))
         self.lm_head = None if cfg.tie_embeddings else CastedLinear(cfg.model_dim, cfg.vocab_size, zero_init=True)
 
     def logits(self, ids: Tensor, looped: bool = True) -> tuple[Tensor, Tensor]:
-        """looped: the order with recurrence (the trained model's; training runs the other until RECUR_START_FRAC)."""
+        """looped: with recurrence (the trained model's order; training starts without it until RECUR_START_FRAC)."""
         x = self.tok_emb(ids)
         if hasattr(self, "bigram"):
             x = x + self.bigram(ids).to(x.dtype)
@@ -1548,12 +1486,11 @@ def build_optimizers(model: GPT, cfg: Hyperparameters) -> list[torch.optim.Optim
     by_category = {}
     for name, p in model.named_parameters():
         by_category.setdefault(tensor_category(name), []).append(p)
-    head = [] if model.lm_head is None else [model.lm_head.weight]
     embed_lr = cfg.tied_embed_lr if cfg.tie_embeddings else cfg.embed_lr
     embeddings = [model.tok_emb.weight] + ([model.bigram.table] if hasattr(model, "bigram") else [])
     groups = [dict(params=embeddings, lr=embed_lr), dict(params=by_category["control"], lr=cfg.scalar_lr)]
-    if head:
-        groups.append(dict(params=head, lr=cfg.head_lr))
+    if model.lm_head is not None:
+        groups.append(dict(params=[model.lm_head.weight], lr=cfg.head_lr))
     if by_category.get("router"):
         groups.append(dict(params=by_category["router"], lr=cfg.router_lr))
     adam = torch.optim.Adam(groups, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps, fused=torch.cuda.is_available())
@@ -1567,7 +1504,7 @@ def build_optimizers(model: GPT, cfg: Hyperparameters) -> list[torch.optim.Optim
 
 
 def parameter_report(model: GPT) -> dict[str, int]:
-    """Parameter counts per category, in total and active per token (a token runs K of E routed experts)."""
+    """Parameter counts per category, in total and active per token."""
     report = {"total": 0, "active": 0}
     for name, p in model.named_parameters():
         category = tensor_category(name)
@@ -1582,8 +1519,7 @@ def parameter_report(model: GPT) -> dict[str, int]:
 
 @torch.no_grad()
 def balance_router_biases(model: nn.Module, rate: float) -> None:
-    """Auxiliary-loss-free balancing (DeepSeek-V3): after each step, b_i += rate * sign(mean load - load_i) over
-    the global batch's loads, centred so the biases do not drift together. Outside the compiled graph."""
+    """DeepSeek-V3's loss-free balancing: b_i += rate * sign(mean load - load_i), centred so the biases don't drift."""
     layers = [m for m in model.modules() if isinstance(m, MoEMLP) and hasattr(m, "router_bias")]
     if not layers or rate == 0:
         return
@@ -1597,8 +1533,7 @@ def balance_router_biases(model: nn.Module, rate: float) -> None:
 
 
 class EMA:
-    """fp32 shadow of the weights. The decay ramps as min(EMA_DECAY, (1+t)/(10+t)) so the average forgets
-    the random init within a few dozen steps; short runs otherwise export mostly-untrained weights."""
+    """fp32 shadow of the weights; decay min(EMA_DECAY, (1+t)/(10+t)), or short runs would export mostly the init."""
 
     def __init__(self, model: nn.Module, decay: float):
         self.decay, self.updates = decay, 0
@@ -1613,13 +1548,12 @@ class EMA:
 
     @torch.no_grad()
     def copy_to(self, model: nn.Module):
-        """Into the trained model, or into a copy of it (the export's)."""
         for p, s in zip(model.parameters(), self.shadow):
             p.copy_(s)
 
 
 def router_stats(load: list[float], importance: list[float], sums: list[float], bias: list[float] | None) -> dict:
-    """Collapse telemetry of one layer over a window of steps, from its summed buffers (see MoEMLP)."""
+    """One layer's collapse telemetry over a window of steps, from its summed buffers (see MoEMLP)."""
     entropy_sum, tokens, switch, z_loss, calls = sums
     total = sum(load) or 1.0
     fractions = [x / total for x in load]
@@ -1636,10 +1570,9 @@ def router_stats(load: list[float], importance: list[float], sums: list[float], 
 
 
 class RouterTelemetry:
-    """Per-layer routing statistics summed on the device after every step; read (one host sync) only when
-    logged. A `router_alert` line marks a layer whose least-used expert has stayed under ROUTER_ALERT_MIN_LOAD of
-    a fair share for ROUTER_ALERT_PATIENCE steps (a random router's first steps are routinely that skewed until
-    balancing catches up), once per episode: it re-arms when the layer recovers."""
+    """Routing statistics summed on the device each step, read when logged. `router_alert` marks, once until it
+    recovers, a layer whose least-used expert stayed under ROUTER_ALERT_MIN_LOAD of a fair share for
+    ROUTER_ALERT_PATIENCE steps (a random router's first steps are routinely that skewed)."""
 
     def __init__(self, model: nn.Module, threshold: float, patience: int):
         self.layers = [(i, b.mlp) for i, b in enumerate(model.blocks) if isinstance(b.mlp, MoEMLP)]
@@ -1685,21 +1618,20 @@ class RouterTelemetry:
 # -----------------------------------------------------------------------------
 
 class StopForward(Exception):
-    """Raised by a calibration stage's last hook: the blocks after it are not needed for that stage."""
+    """Raised by a calibration stage's last hook: the blocks after it are not needed."""
 
 
 class Hessians:
     """Per group (one matrix, or each expert of a bank): the sum of x x^T over the (weighted) inputs it saw."""
 
     def __init__(self, groups: int, cols: int, device):
-        # float64: TF32 sums of x x^T (the trainer's matmul setting on GPUs) are off by ~1e-3 of the largest entries,
-        # enough to leave a nearly singular Hessian indefinite after 1% damping.
+        # float64: TF32 sums, off by ~1e-3 of the largest entries, left near-singular Hessians indefinite after damping.
         self.sum = torch.zeros(groups, cols, cols, device=device, dtype=torch.float64)
         self.tokens = torch.zeros(groups, device=device, dtype=torch.float64)
         self.weight = torch.zeros(groups, device=device, dtype=torch.float64)
 
     def add(self, x: Tensor, group: int = 0, weight: Tensor | None = None):
-        """x [..., cols]; weight [rows]: each row's routing weight, which scales the expert's output and so its error."""
+        """x [..., cols]; weight [rows]: each row's routing weight, which scales the expert's output and its error."""
         x = x.detach().double().reshape(-1, self.sum.shape[-1])
         w = torch.ones(len(x), device=x.device, dtype=x.dtype) if weight is None else weight.detach().double()
         self.sum[group] += (x * w[:, None]).T @ (x * w[:, None])
@@ -1707,9 +1639,8 @@ class Hessians:
         self.weight[group] += w.square().sum()
 
     def damped(self, damp: float) -> Tensor:
-        """Mean x x^T plus damping: damp x its mean diagonal, and for a group that saw few tokens (an expert the router
-        seldom chose) the layer's pooled diagonal scaled by cols / (tokens + cols). An expert that saw no token gets
-        a multiple of the identity, under which GPTQ rounds to nearest."""
+        """Mean x x^T plus damp x its mean diagonal plus, for experts seldom chosen, the pooled diagonal x cols /
+        (tokens + cols); one that saw no token gets a multiple of the identity (GPTQ rounds to nearest)."""
         cols = self.sum.shape[-1]
         mean = self.sum / self.weight.clamp_min(1e-12)[:, None, None]
         pooled = self.sum.sum(0).diagonal().mean() / self.weight.sum().clamp_min(1e-12)
@@ -1720,8 +1651,7 @@ class Hessians:
 
 def calibration_stages(model: GPT) -> list[list[tuple[str, nn.Module, list[str]]]]:
     """GPTQ stages in forward order, each a list of (input kind, module whose input it is, parameters quantized with
-    that input's Hessian). Later stages see the inputs that the quantized earlier stages produce, as the exported model
-    will; q, k and v share their input, so one Hessian."""
+    that input's Hessian): later stages see the quantized earlier ones' outputs, as the exported model will."""
     names = {m: n for n, m in model.named_modules()}
 
     def linear(*modules):
@@ -1745,7 +1675,7 @@ def calibration_stages(model: GPT) -> list[list[tuple[str, nn.Module, list[str]]
 
 def stage_hook(kind: str, hessians: Hessians, last: bool):
     def observe(module, args, output=None):
-        if kind == "head":  # the tied embedding is the head: its input is the final norm of the last block's output
+        if kind == "head":  # the tied head's input: the final norm of the last block's output
             hessians.add(rms_norm(output[0]))
         elif kind == "linear":
             hessians.add(args[0])
@@ -1766,8 +1696,7 @@ def stage_hook(kind: str, hessians: Hessians, last: bool):
 
 
 class CalibrationBatches(list):
-    """Calibration's training batches. Each full pass over them is timed: that part of calibration grows with
-    CALIBRATION_TOKENS, the rest (GPTQ's solves, the roundings) does not."""
+    """Calibration's training batches, each full pass timed: the part of calibration that grows with the tokens."""
 
     def __init__(self, batches: list[tuple[Tensor, Tensor]], device):
         super().__init__(batches)
@@ -1784,7 +1713,7 @@ class CalibrationBatches(list):
 
 
 class CalibrationCost(NamedTuple):
-    """One calibration phase's time: a part that does not depend on the token count, and one per token."""
+    """One calibration phase's time: fixed, and per token."""
     fixed: float
     per_token: float
 
@@ -1793,7 +1722,7 @@ class CalibrationCost(NamedTuple):
         return CalibrationCost(*map(sum, zip(*costs))) if costs else CalibrationCost(0.0, 0.0)
 
     def seconds(self, tokens: int) -> float:
-        """The predicted time with its margin: what is reserved for `tokens`."""
+        """What is reserved for `tokens`: the predicted time with its margin."""
         return self.fixed + self.per_token * tokens + CALIBRATION_MARGIN
 
     def tokens_within(self, seconds: float, most: int, seq_len: int) -> int:
@@ -1802,9 +1731,8 @@ class CalibrationCost(NamedTuple):
         return most if fits >= most else max(0, int(fits) // seq_len * seq_len)
 
 
-# Seconds added to a rehearsed time. In five 65 s runs on one H100 calibration took 4-12% less than its rehearsal
-# (which pays the first calls); a CPU's sub-second timings vary by a tenth of one. A run that falls behind anyway is
-# cut stage by stage (calibrated_levels).
+# Seconds added to a rehearsed time: in five 65 s H100 runs calibration took 4-12% less than its rehearsal (which
+# pays the first calls); a CPU's sub-second timings vary by a tenth. A run behind anyway is cut stage by stage.
 CALIBRATION_MARGIN = 0.25
 
 
@@ -1818,8 +1746,7 @@ def first_sequences(batches: list[tuple[Tensor, Tensor]], sequences: int) -> lis
 
 
 class StageSchedule(NamedTuple):
-    """GPTQ's stages against a deadline (time.perf_counter seconds), each given an equal share of the rehearsed cost
-    (`cost`, for all stages); `cut` collects (stage, sequences) of each stage that ran behind and took fewer."""
+    """GPTQ's stages by a perf_counter deadline, each an equal share of `cost`; `cut`: (stage, sequences) cut short."""
     cost: CalibrationCost
     deadline: float
     cut: list
@@ -1828,19 +1755,16 @@ class StageSchedule(NamedTuple):
 @torch.no_grad()
 def calibrated_levels(model: GPT, cfg: Hyperparameters, batches: list[tuple[Tensor, Tensor]], bits: dict[str, int],
                       schedule: StageSchedule | None = None) -> dict:
-    """GPTQ levels of every quantized tensor, stage by stage, from Hessians of the inputs each matrix sees on training
-    batches: an expert's from the tokens the router sent it, weighted by their routing weights. `model` must be a copy:
-    it ends holding exactly what the artifact dequantizes to, and routes as the exported model does throughout (float
-    tensors rounded to their storage first, each stage's matrices replaced by their dequantized levels). Behind its
-    `schedule`, a stage calibrates on fewer sequences, or with none rounds to nearest: the wall holds on a machine
-    that slowed down since the rehearsal."""
+    """GPTQ levels of every quantized tensor, stage by stage, from the Hessians of each matrix's inputs on training
+    batches (an expert's: its tokens, by routing weight). `model`, a copy, ends holding what the artifact dequantizes
+    to, and routes as the exported model throughout. Behind its `schedule`, a stage takes fewer sequences, or none
+    (round to nearest): the wall holds on a machine slower than at the rehearsal."""
     state = model.state_dict()
     for name, t in state.items():
         if not is_quantized(name, t):
             t.copy_(stored_float(name, t))
     stages, sequences = calibration_stages(model), sum(len(x) for x, _ in batches)
-    # What no stage calibrates (an untied embedding, the bigram table and its projection: lookups, no input to weigh
-    # their rows by) rounds to nearest, first: it feeds every block.
+    # What no stage calibrates (an untied embedding, the bigram table and projection) rounds to nearest, first.
     staged = {p for stage in stages for _, _, params in stage for p in params}
     levels = rounded_levels({n: t for n, t in state.items() if is_quantized(n, t) and n not in staged}, bits, cfg.quant_clip_sigmas)
     for name, (_, q, scale) in levels.items():
@@ -1883,7 +1807,7 @@ def calibrated_levels(model: GPT, cfg: Hyperparameters, batches: list[tuple[Tens
 
 
 def levels_bytes(levels: dict) -> dict[str, float]:
-    """Estimated compressed bytes per quant group: the entropy of its levels as packed, plus its raw scales."""
+    """Estimated compressed bytes per quant group: its levels' entropy plus its raw scales."""
     sizes = {}
     for name, (_, q, scale) in levels.items():
         group = quant_group(name)
@@ -1894,8 +1818,7 @@ def levels_bytes(levels: dict) -> dict[str, float]:
 @torch.no_grad()
 def fit_options(model: GPT, cfg: Hyperparameters, batches: list[tuple[Tensor, Tensor]]) -> dict:
     """QUANT_FIT's options: per quant group and bits, (bytes of its rounded levels, loss increase on the calibration
-    batches with only that group rounded). Loss increases are measured with round-to-nearest, which GPTQ then
-    lowers; bytes and losses are taken as additive over groups."""
+    batches with only it rounded to nearest, which GPTQ then lowers); taken as additive over groups."""
     state = model.state_dict()
 
     def loss() -> float:
@@ -1929,10 +1852,9 @@ def timed_phase(batches: CalibrationBatches, run) -> CalibrationCost:
 
 
 def rehearse_calibration(model: GPT, cfg: Hyperparameters, device) -> dict[str, CalibrationCost]:
-    """Calibration's cost per phase, measured once before the clock starts, as the compile warm-up is: the export's
-    fit and GPTQ on a copy of the untrained model and the first training batches (its time does not depend on the
-    weights). A fixed reserve could not hold it: the default MoE's calibration took 10.3-10.9 s of the 10 s reserved
-    on an H100 at 65 s, dense's 4.4-6.9 s; on a busy 2-core CPU the quick start's took 106 s."""
+    """Calibration's cost per phase, measured before the clock starts on a copy of the untrained model and the first
+    batches. A fixed reserve could not hold it: the default MoE's took 10.3-10.9 s of the 10 s reserved on an H100 at
+    65 s, dense's 4.4-6.9 s; on a busy 2-core CPU the quick start's took 106 s."""
     batches = CalibrationBatches(calibration_batches(cfg, DistributedTokenLoader(cfg, device), cfg.calibration_tokens), device)
     model = copy.deepcopy(model)
     costs = {}
@@ -1969,14 +1891,12 @@ def synchronize(device):
         torch.cuda.synchronize(device)
 
 
-# Inductor's mix-order reduction fuses a norm's backward with the token sums of every gain's gradient; in torch
-# 2.11 the fused kernel ran at ~15% of memory bandwidth, 8 ms per micro-step (16% of the dense step) in the profile.
+# Inductor's mix-order reduction ran at ~15% of memory bandwidth in torch 2.11: 8 ms a micro-step, 16% of a dense step.
 torch._inductor.config.triton.mix_order_reduction = False
 
 
 def init_device(cfg: Hyperparameters) -> tuple[torch.device, bool]:
-    """This rank's device (TF32 matmuls on GPUs, a share of the cores on CPUs), and the process group when
-    launched by torchrun. Returns (device, distributed)."""
+    """(this rank's device, whether distributed): TF32 on GPUs, a share of the cores on CPUs, torchrun's group."""
     distributed = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     device = torch.device("cuda", cfg.local_rank) if torch.cuda.is_available() else torch.device("cpu")
     if device.type == "cuda":
@@ -1996,8 +1916,7 @@ def compiled(fn, cfg: Hyperparameters):
 
 
 def train_step(cfg: Hyperparameters, model: GPT, train_model: nn.Module, optimizers: list, loader, looped: bool = True) -> Tensor:
-    """One optimizer step over GRAD_ACCUM micro-batches (train_model: the compiled and/or DDP-wrapped model; looped:
-    with depth recurrence). Returns the mean loss on the device: nothing here waits for the GPU."""
+    """One optimizer step (train_model: compiled and/or DDP; looped: with recurrence) -> mean loss, no host sync."""
     distributed = isinstance(train_model, DDP)
     for m in model.modules():
         if isinstance(m, MoEMLP):
@@ -2020,14 +1939,12 @@ def train_step(cfg: Hyperparameters, model: GPT, train_model: nn.Module, optimiz
     return total / cfg.grad_accum_steps
 
 
-# A stage that can take long (compile warm-up, export, evaluations) gets a `progress` line after this many seconds
-# without a line: a log, nohup or CI never sits silent for 30 s.
+# A long stage (warm-up, export, evaluations) gets a `progress` line after this many silent seconds: never 30 s silent.
 PROGRESS_SECONDS = 25
 
 
 class RunLog:
-    """key:value lines to stdout and logs/<RUN_ID>.txt, the same metrics as JSON lines, and optionally wandb.
-    Only rank 0 writes."""
+    """key:value lines to stdout and logs/<RUN_ID>.txt, the same as JSON lines, and optionally wandb; rank 0 only."""
 
     def __init__(self, cfg: Hyperparameters, master: bool, text_path: Path, json_path: Path):
         self.master, self.wandb, self.step = master, None, 0
@@ -2039,7 +1956,6 @@ class RunLog:
         self.json_file = open(json_path, "w", encoding="utf-8")
         if cfg.wandb:
             import wandb
-
             try:
                 self.wandb = wandb.init(project=os.environ.get("WANDB_PROJECT", "moe-golf"), name=cfg.run_id, config=vars(cfg))
             except Exception as e:  # wandb's own errors: the server unreachable, the key refused
@@ -2058,7 +1974,7 @@ class RunLog:
                 self.write(self.text_file, line)
 
     def begin(self, stage: str, **values):
-        """A stage's start line (`<stage>_start` and what it will do); its progress lines name it until the next."""
+        """A stage's `<stage>_start` line; its progress lines name it until the next."""
         self.stage, self.stage_start, self.done = stage, time.monotonic(), None
         self.metrics(f"{stage}_start", **values)
 
@@ -2072,13 +1988,13 @@ class RunLog:
             self.text(f"progress stage:{self.stage} elapsed_s:{now - self.stage_start:.0f}{done}")
 
     def metrics(self, event: str, **values):
-        """A key:value line in the text log and on stdout, and the same as a JSON line (and wandb)."""
+        """A key:value line in the text log and on stdout, and a JSON line."""
         if self.master:
             self.text(f"{event} " + " ".join(f"{k}:{_show(k, v)}" for k, v in values.items()))
             self.record(event, **values)
 
     def record(self, event: str, **values):
-        """JSON line (and wandb) only: for per-expert vectors too long for a readable text line."""
+        """JSON line (and wandb) only: per-expert vectors too long for a text line."""
         if not self.master:
             return
         self.write(self.json_file, json.dumps({"event": event, "time": time.time(), **values}))
@@ -2090,7 +2006,7 @@ class RunLog:
                     numbers.update({f"{prefix}{k}/{j}": x for j, x in enumerate(v)})
                 elif isinstance(v, (int, float)) and k not in ("step", "layer"):
                     numbers[prefix + k] = v
-            # wandb refuses a step below its last one: events without a step (model, final scores) take the latest.
+            # wandb refuses a step below its last one: events without a step take the latest.
             self.step = values.get("step", self.step)
             self.wandb.log(numbers, step=self.step)
 
@@ -2135,9 +2051,8 @@ def environment_report(device) -> str:
 
 
 def lr_scale(cfg: Hyperparameters, step: int, elapsed_ms: float, loop_ms: float) -> float:
-    """1 until the warmdown, then linear to 0 at whichever limit comes first: ITERATIONS, or the loop's share of the
-    wallclock cap (loop_ms, inf for none) with the remaining steps estimated from the mean step time. (Timed to the cap
-    alone, as the challenge's script does, a run that ends by ITERATIONS first never decays.)"""
+    """1 until the warmdown, then linear to 0 at the first limit: ITERATIONS, or the loop's share of the cap (loop_ms,
+    inf for none) at the mean step time. (Timed to the cap alone, a run ended by ITERATIONS never decays.)"""
     if cfg.warmdown_iters <= 0:
         return 1.0
     remaining = max(cfg.iterations - step, 0) / cfg.warmdown_iters
@@ -2148,7 +2063,7 @@ def lr_scale(cfg: Hyperparameters, step: int, elapsed_ms: float, loop_ms: float)
 
 
 def eta_seconds(cfg: Hyperparameters, step: int, elapsed_ms: float, loop_ms: float) -> float:
-    """Training time left at the mean step time so far, to whichever limit comes first."""
+    """Training time left at the mean step time, to the first limit."""
     return min(max(cfg.iterations - step, 0) * elapsed_ms / max(step, 1), max(loop_ms - elapsed_ms, 0.0)) / 1000
 
 
@@ -2186,7 +2101,7 @@ def main():
 
 
 def master_decides(value, distributed: bool):
-    """Rank 0's value on every rank: export and its checks run on rank 0 only, and every rank must end alike."""
+    """Rank 0's value on every rank: export runs on rank 0 only, and every rank must end alike."""
     if distributed:
         box = [value]
         dist.broadcast_object_list(box, src=0)
@@ -2195,7 +2110,7 @@ def master_decides(value, distributed: bool):
 
 
 def calibration_batches(cfg: Hyperparameters, loader: "DistributedTokenLoader", tokens: int) -> list[tuple[Tensor, Tensor]]:
-    """`tokens` of the training stream (whole sequences), continuing where training stopped: never the val split."""
+    """`tokens` of the training stream (whole sequences) where training stopped: never the val split."""
     batches, taken = [], 0
     while taken < tokens:
         x, y = loader.next_batch()
@@ -2207,10 +2122,8 @@ def calibration_batches(cfg: Hyperparameters, loader: "DistributedTokenLoader", 
 
 def export_artifact(model: GPT, cfg: Hyperparameters, loader, code_bytes: int, log: "RunLog",
                     costs: dict[str, CalibrationCost], seconds: float) -> tuple[dict, bytes, float, float]:
-    """The bits per category (or QUANT_FIT's group) and the packed artifact of `model`, a copy holding the weights to
-    export, with the seconds spent calibrating (training time: it reads training batches) and packing. Calibration
-    gets `seconds` at most: where the rehearsed `costs` say CALIBRATION_TOKENS would not fit, it runs on fewer, and
-    with no time for one sequence it falls back to rounding at QUANT_*_BITS."""
+    """(bits per category or group, the packed artifact of `model` (a copy), seconds calibrating, seconds packing).
+    Calibration gets `seconds` at most: fewer tokens where the rehearsed `costs` say so, or none (QUANT_*_BITS)."""
     bits = cfg.quant_bits
     start, pack_seconds = time.perf_counter(), 0.0
 
@@ -2229,7 +2142,7 @@ def export_artifact(model: GPT, cfg: Hyperparameters, loader, code_bytes: int, l
         return time.perf_counter() - start - pack_seconds if cfg.calibrates else 0.0
 
     def cut(phases: tuple[str, ...], most: int) -> int:
-        """The tokens the named phases can still calibrate on, logged when fewer than `most`."""
+        """The tokens the phases can still calibrate on, logged when fewer than `most`."""
         cost = CalibrationCost.total([costs[p] for p in phases if p in costs])
         tokens = cost.tokens_within(seconds_left(), most, cfg.train_seq_len) if math.isfinite(seconds) else most
         if tokens < most:
@@ -2241,7 +2154,7 @@ def export_artifact(model: GPT, cfg: Hyperparameters, loader, code_bytes: int, l
     batches = calibration_batches(cfg, loader, tokens)
 
     def quantize(bits, refit: bool = False):
-        """GPTQ on the batches; a refit of QUANT_FIT's gets what time is left, which may be fewer of them."""
+        """GPTQ on the batches; a refit gets what time is left, which may be fewer."""
         wanted = sum(x.numel() for x, _ in batches) if cfg.quant_method == "gptq" else 0
         gptq_tokens = cut(("gptq",), wanted) if refit and wanted else wanted
         if not gptq_tokens:
@@ -2270,8 +2183,7 @@ def export_artifact(model: GPT, cfg: Hyperparameters, loader, code_bytes: int, l
         blob = pack(levels)
         if code_bytes + len(blob) <= cfg.artifact_limit_bytes - cfg.quant_fit_margin_bytes:
             return bits, blob, calibrated_seconds(), pack_seconds
-        # The fit's sizes are estimates (zstd once landed 384 KB over them, docs/study.md): the packed bytes decide;
-        # refit with each group's estimates scaled by what its levels came to.
+        # The sizes are estimates (zstd once landed 384 KB over, docs/study.md): refit with them scaled to the bytes.
         sizes = levels_bytes(levels)
         scale = (code_bytes + len(blob) - fixed_bytes) / sum(sizes.values())
         log.metrics("quant_fit_over", artifact_bytes=code_bytes + len(blob), est_bytes=round(sum(sizes.values()) + fixed_bytes),
@@ -2283,15 +2195,14 @@ def export_artifact(model: GPT, cfg: Hyperparameters, loader, code_bytes: int, l
 
 
 def in_progress(path: Path) -> Path:
-    """Where a run writes one of its files until it has succeeded: a failed run never replaces a finished one's."""
+    """A run's file until it has succeeded: a failed run never replaces a finished one's."""
     return path.with_name(path.name + ".partial")
 
 
 @contextlib.contextmanager
 def run_lock(path: Path, master: bool, distributed: bool):
-    """logs/<RUN_ID>.lock, locked by rank 0 while the run lasts: two runs of one RUN_ID would write the same files. The
-    OS frees the lock however the run ends (killed too), so none goes stale. The file stays, with the last run's pid:
-    removed, a run waiting on it could lock a file that a third run no longer sees."""
+    """logs/<RUN_ID>.lock, held by rank 0: two runs of one RUN_ID would write the same files. The OS frees it however
+    the run ends. The file stays, with the last pid: removed, a waiting run could lock a file no other sees."""
     lock, refusal = None, None
     if master:
         try:
@@ -2316,8 +2227,7 @@ def run_lock(path: Path, master: bool, distributed: bool):
 
 
 def settle_files(final: list[Path], succeeded: bool) -> None:
-    """A run's files take their final names (replacing an earlier run's) only once it has succeeded. A failed run's
-    artifact and checkpoint go; its logs take the final names unless a run that succeeded (its artifact) has them."""
+    """Final names on success. A failed run's artifact and checkpoint go; its logs take them unless a run succeeded."""
     logs, finished_before = final[:2], final[2].exists()
     for path in final:
         if succeeded or (path in logs and not finished_before):
@@ -2365,10 +2275,8 @@ def train(cfg: Hyperparameters, sp: spm.SentencePieceProcessor, val_tokens: Tens
 
 def run(cfg, sp, val_tokens, device, distributed, log, artifact_path: Path, fp32_path: Path):
     master = cfg.rank == 0
-    log.text(SOURCE.decode("utf-8"), echo=False)  # bytes: the source exactly as counted
-    log.text("=" * 100, echo=False)
-    log.text(environment_report(device), echo=False)
-    log.text("=" * 100, echo=False)
+    for text in (SOURCE.decode("utf-8"), "=" * 100, environment_report(device), "=" * 100):  # the source as counted
+        log.text(text, echo=False)
     for key, value in vars(cfg).items():
         if key not in ("settings", "model_settings", "warnings"):  # repeats of the launch line and the others
             log.text(f"config {key}:{value}", echo=key == "launch")  # all in the log; on screen, the command
@@ -2399,8 +2307,7 @@ def run(cfg, sp, val_tokens, device, distributed, log, artifact_path: Path, fp32
             for group in opt.param_groups:
                 group["lr"] = group["base_lr"] * scale
 
-    # Compile warm-up: real steps so every graph is built before the clock starts, then rolled back so the
-    # measured run starts from the same weights, optimizer state and data as if it had not happened.
+    # Compile warm-up: real steps build every graph before the clock starts, then roll back (weights, optimizer, data).
     if cfg.warmup_steps > 0 and cfg.compile:  # eager runs have nothing to warm up
         log.begin("warmup", steps=cfg.warmup_steps)
         t0 = time.perf_counter()
@@ -2423,8 +2330,7 @@ def run(cfg, sp, val_tokens, device, distributed, log, artifact_path: Path, fp32
         if first_nonfinite.item():
             raise RunFailed(f"non-finite train loss (first at step {first_nonfinite.item()})", 3)
 
-    # The hard wall: training plus calibration within MAX_WALLCLOCK_SECONDS. The loop gets what calibration's rehearsed
-    # time (with its margin) leaves; every rank gets rank 0's measurement, so all stop on the same step.
+    # The hard wall: the loop gets what calibration's rehearsed time leaves of the cap (rank 0's measurement, for all).
     cap_ms = 1000 * cfg.max_wallclock_seconds if cfg.max_wallclock_seconds > 0 else math.inf
     costs = {}
     if cfg.calibrates and math.isfinite(cap_ms):
@@ -2449,7 +2355,7 @@ def run(cfg, sp, val_tokens, device, distributed, log, artifact_path: Path, fp32
     first_nonfinite = torch.zeros((), dtype=torch.int64, device=device)  # step of the first non-finite loss; 0 = none
     train_ms, step, stop_at = 0.0, 0, None
     looped = not cfg.recur_layers or cfg.recur_start_frac == 0  # depth recurrence switched on
-    # A step bar on a terminal only (stderr): never in the log files, nor in redirected output.
+    # A step bar on a terminal only (stderr): never in the logs, nor in redirected output.
     progress = tqdm(total=cfg.iterations, unit="step", leave=False, disable=not (master and sys.stderr.isatty()))
     log.begin("train", iterations=cfg.iterations, loop_seconds=loop_ms / 1000 if math.isfinite(loop_ms) else 0,
               batch_tokens=cfg.train_batch_tokens)
@@ -2481,7 +2387,7 @@ def run(cfg, sp, val_tokens, device, distributed, log, artifact_path: Path, fp32
         progress.total = step + round(1000 * eta * step / elapsed_ms)
         progress.update()
         log.done = step
-        # Stop before a step that would end past the loop's share, not after it: at most one step early.
+        # Stop before a step that would end past the loop's share: at most one step early.
         reached_cap = elapsed_ms + elapsed_ms / step > loop_ms
         loop_next = looped or max(step / cfg.iterations, elapsed_ms / loop_ms) >= cfg.recur_start_frac
         if distributed and math.isfinite(loop_ms):
@@ -2492,7 +2398,7 @@ def run(cfg, sp, val_tokens, device, distributed, log, artifact_path: Path, fp32
         if loop_next and not looped:
             looped = True
             log.metrics("recurrence", step=step, train_time_ms=round(elapsed_ms), layers=len(layer_order(cfg, True)))
-        # The last step is always logged, whichever limit ends the run: the logs and the dashboard end where it did.
+        # The last step is always logged: the logs and the dashboard end where the run did.
         if step % cfg.train_log_every == 0 or step <= 10 or step == cfg.iterations or reached_cap:
             check_finite(first_nonfinite)
             if distributed:
@@ -2509,7 +2415,6 @@ def run(cfg, sp, val_tokens, device, distributed, log, artifact_path: Path, fp32
     synchronize(device)
     train_ms += 1000 * (time.perf_counter() - t0)
 
-    # Calibration draws training batches, so its time counts as training time: it gets what the loop left of the cap.
     export_model = copy.deepcopy(model)
     if ema is not None:
         ema.copy_to(export_model)
@@ -2573,7 +2478,7 @@ def run(cfg, sp, val_tokens, device, distributed, log, artifact_path: Path, fp32
         total = code_bytes + model_bytes
         finite = math.isfinite(roundtrip["val_loss"]) and math.isfinite(roundtrip["val_bpb"])
         status = "FAILED" if not finite else "OK" if total <= cfg.artifact_limit_bytes else "OVER"
-        # path: where it will be once the run has succeeded; sha256: what make_record checks it against.
+        # path: where it will be once the run has succeeded; sha256: what make_record checks.
         log.metrics("artifact", code_bytes=code_bytes, model_bytes=model_bytes, artifact_bytes=total,
                     limit=cfg.artifact_limit_bytes, status=status, path=str(artifact_path), export_seconds=export_seconds,
                     sha256=hashlib.sha256(blob).hexdigest())
@@ -2585,8 +2490,8 @@ def run(cfg, sp, val_tokens, device, distributed, log, artifact_path: Path, fp32
     failure = master_decides(failure, distributed)
     if distributed:
         dist.barrier()  # no rank tears down its connections while another still uses them
-        # DDP's reducer goes while its process group exists: freed after it (when run returns), a gloo rank
-        # hung in the destructor about once in 12 two-process CPU runs under load.
+        # DDP's reducer goes while its process group exists: freed after it, a gloo rank hung in the destructor about
+        # once in 12 two-process CPU runs under load.
         del train_model
     if failure:
         raise RunFailed(*failure)
