@@ -4,6 +4,7 @@
     python scripts/bench_step.py --modes dense sparse:sigmoid --steps 30 --json bench.json
     torchrun --standalone --nproc_per_node=2 scripts/bench_step.py --modes dense sparse   # per-GPU under DDP
     python scripts/bench_step.py --modes sparse --profile prof/    # plus a kernel table per mode
+    DATA_PATH=... TOKENIZER_PATH=... python scripts/bench_step.py --modes dense sparse --peer ../parameter-golf/train_gpt.py
 
 A mode is MLP_MODE[:ROUTER] (sparse = sparse:softmax), or `default`: the trainer's own MLP (16 half-size
 experts in every other block). Shapes and every other knob come from the trainer's env vars (NUM_LAYERS,
@@ -14,14 +15,21 @@ tokens. Modes run one after another in one process because timings of identical 
 by ~15%: only ratios measured together are comparable. Per mode it reports the median step time after warm-up,
 tokens/s (per GPU), peak memory, compile time (the first step minus the median), graph breaks, recompiles,
 whether a step runs with no host sync (torch.cuda.set_sync_debug_mode), and the ratio to the dense row. A
-table on stdout (rank 0) and the same rows as JSON.
+table on stdout (rank 0) and the same rows as JSON. `--peer PATH` adds a row for the challenge's train_gpt.py
+(PATH), run as a subprocess at the same shape on the real shards of DATA_PATH and TOKENIZER_PATH, timed by its
+own per-step log.
 """
 import argparse
+import glob
 import json
 import logging
 import os
+import re
+import signal
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -33,6 +41,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import train_moe  # noqa: E402
 
 DEFAULT_MODES = ("dense", "sparse:softmax", "sparse:sigmoid", "sparse:hash", "shared_routed:softmax", "soft", "default")
+# train_gpt.py's log line of a training step:
+# f"step:{step}/{args.iterations} train_loss:{...:.4f} train_time:{...:.0f}ms step_avg:{...:.2f}ms"
+PEER_STEP = re.compile(r"step:(\d+)/\d+ train_loss:\S+ train_time:(\d+)ms step_avg:")
 
 
 class RandomBatches:
@@ -151,16 +162,109 @@ def profile(mode: str, step, device, out_dir: Path):
         (out_dir / f"profile_{mode.replace(':', '_')}.txt").write_text(table)
 
 
+class PeerError(Exception):
+    """The peer cannot run, or did not log the steps it was asked for."""
+
+
+def peer_env(path: str, env: dict, cfg: train_moe.Hyperparameters, iterations: int) -> dict:
+    """train_gpt.py's env: the trainer rows' env at the shape they resolved to, so neither script's defaults can differ."""
+    if "RANK" in env:  # the peer would join this process group's rendezvous
+        raise PeerError("--peer runs without torchrun: launch the bench with python")
+    if not os.path.isfile(path):
+        raise PeerError(f"--peer {path}: no such file")
+    data = env.get("DATA_PATH", "")
+    if not (data and all(glob.glob(os.path.join(data, f"fineweb_{split}_*.bin")) for split in ("train", "val"))):
+        raise PeerError(f"--peer needs DATA_PATH, a folder of fineweb_train_*.bin and fineweb_val_*.bin shards "
+                        f"(DATA_PATH={data!r})")
+    tokenizer = env.get("TOKENIZER_PATH", "")
+    if not os.path.isfile(tokenizer):
+        raise PeerError(f"--peer needs TOKENIZER_PATH, the shards' SentencePiece model (TOKENIZER_PATH={tokenizer!r})")
+    if cfg.grad_accum_steps != 8:
+        raise PeerError(f"--peer: train_gpt.py runs 8 micro-batches a step, GRAD_ACCUM_STEPS={cfg.grad_accum_steps} "
+                        f"would time another step")
+    return {**env, "DATA_PATH": os.path.abspath(data), "TOKENIZER_PATH": os.path.abspath(tokenizer),  # it runs elsewhere
+            "TRAIN_BATCH_TOKENS": str(cfg.train_batch_tokens), "TRAIN_SEQ_LEN": str(cfg.train_seq_len),
+            "NUM_LAYERS": str(cfg.num_layers), "MODEL_DIM": str(cfg.model_dim), "NUM_HEADS": str(cfg.num_heads),
+            "NUM_KV_HEADS": str(cfg.num_kv_heads), "MLP_MULT": str(cfg.mlp_mult), "VOCAB_SIZE": str(cfg.vocab_size),
+            # No warm-up of its own (that one compiles, then resets the weights): its first steps compile instead and
+            # are dropped as the trainer rows' are. Every step logged, which reads the loss: one host sync per step, as
+            # the trainer rows synchronize around theirs. No validation before step 1, no wallclock cap.
+            "ITERATIONS": str(iterations), "WARMUP_STEPS": "0", "TRAIN_LOG_EVERY": "1", "VAL_LOSS_EVERY": "0",
+            "MAX_WALLCLOCK_SECONDS": "0"}
+
+
+def parse_peer_steps(text: str) -> list[float]:
+    """Each step's ms from train_gpt.py's cumulative train_time, for the consecutive steps from 1 that it logged."""
+    cumulative = [0.0]
+    for line in text.splitlines():
+        step = PEER_STEP.match(line)
+        if step:
+            if int(step[1]) != len(cumulative):
+                break
+            cumulative.append(float(step[2]))
+    return [b - a for a, b in zip(cumulative, cumulative[1:])]
+
+
+def time_peer(path: str, env: dict, steps: int, warmup: int) -> dict:
+    """Runs the peer (env from peer_env) in a temporary folder, which takes its logs/, and returns its row."""
+    iterations = warmup + steps
+    command = [sys.executable, "-u", os.path.abspath(path)]  # unbuffered: each step's line arrives as it is logged
+    output = []
+    with tempfile.TemporaryDirectory() as cwd, subprocess.Popen(
+            command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, encoding="utf-8",
+            errors="replace", start_new_session=True) as peer:
+        try:
+            for line in peer.stdout:
+                output.append(line)
+                step = PEER_STEP.match(line)
+                if step and int(step[1]) == iterations:
+                    break
+        finally:
+            # After its last step it validates on the whole val split (VAL_LOSS_EVERY=0 does not skip that one),
+            # exports int8+zlib and validates again: a minute or more at full size that nothing here times. Its
+            # process group holds its compile workers too, and an interrupted bench must not leave it on the GPU.
+            os.killpg(peer.pid, signal.SIGKILL)
+    text = "".join(output)
+    times = parse_peer_steps(text)
+    if len(times) < iterations:
+        tail = " | ".join(text.strip().splitlines()[-3:])
+        raise PeerError(f"peer {path} exited with status {peer.returncode} after {len(times)} of {iterations} steps; "
+                        f"its output ends: {tail}")
+    median = statistics.median(times[warmup:])
+    params = re.search(r"^model_params:(\d+)$", text, re.M)
+    params = int(params[1]) if params else None
+    return dict(mode=f"peer:{Path(path).name}", ms_per_step=median,
+                tokens_per_s_per_gpu=1000 * int(env["TRAIN_BATCH_TOKENS"]) / median, peak_mem_gib=None,
+                compile_s=(times[0] - median) / 1000, graph_breaks=None, recompiles=None, host_sync=None,
+                max_over_mean_load=None, params=params, active_params=params, step_times_ms=times[warmup:])
+
+
+def cell(value, width: int, spec: str = "") -> str:
+    """'-' for what a row did not measure (the peer reports only its step times and parameters)."""
+    return f"{'-' if value is None else format(value, spec):>{width}}"
+
+
 def format_table(rows: list[dict]) -> str:
     head = f"{'mode':<22} {'ms/step':>9} {'vs dense':>9} {'tok/s/GPU':>11} {'peak GiB':>9} {'compile s':>10} " \
            f"{'breaks':>6} {'recomp':>6} {'active M':>9} {'total M':>8} {'max load':>8}  host sync"
     lines = [head, "-" * len(head)]
     for r in rows:
-        ratio = f"{r['vs_dense']:.3f}" if r.get("vs_dense") else "-"
-        lines.append(f"{r['mode']:<22} {r['ms_per_step']:>9.1f} {ratio:>9} {r['tokens_per_s_per_gpu']:>11,.0f} "
-                     f"{r['peak_mem_gib']:>9.2f} {r['compile_s']:>10.1f} {r['graph_breaks']:>6} {r['recompiles']:>6} "
-                     f"{r['active_params'] / 1e6:>9.2f} {r['params'] / 1e6:>8.2f} {r['max_over_mean_load']:>8.2f}  {r['host_sync']}")
+        active, total = (None if r[k] is None else r[k] / 1e6 for k in ("active_params", "params"))
+        lines.append(" ".join([f"{r['mode']:<22}", cell(r["ms_per_step"], 9, ".1f"), cell(r["vs_dense"], 9, ".3f"),
+                               cell(r["tokens_per_s_per_gpu"], 11, ",.0f"), cell(r["peak_mem_gib"], 9, ".2f"),
+                               cell(r["compile_s"], 10, ".1f"), cell(r["graph_breaks"], 6), cell(r["recompiles"], 6),
+                               cell(active, 9, ".2f"), cell(total, 8, ".2f"), cell(r["max_over_mean_load"], 8, ".2f")])
+                     + f"  {r['host_sync'] or '-'}")
     return "\n".join(lines)
+
+
+def save_rows(rows: list[dict], meta: dict, path: str):
+    """Ratios, a progress line and the JSON after every row, so a run cut short still leaves its rows."""
+    dense = next((r["ms_per_step"] for r in rows if r["mode"] == "dense"), None)
+    for r in rows:
+        r["vs_dense"] = r["ms_per_step"] / dense if dense else None
+    print(f"bench mode:{rows[-1]['mode']} ms_per_step:{rows[-1]['ms_per_step']:.1f}", flush=True)
+    Path(path).write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
 
 
 def main(argv=None):
@@ -170,6 +274,8 @@ def main(argv=None):
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (the first one compiles)")
     parser.add_argument("--json", default="bench_step.json", help="where the rows go")
     parser.add_argument("--profile", default="", help="folder for a kernel table per mode")
+    parser.add_argument("--peer", default="", metavar="PATH", help="the challenge's train_gpt.py, timed as one more row "
+                        "on the shards of DATA_PATH and TOKENIZER_PATH (one GPU, not under torchrun)")
     args = parser.parse_args(argv)
     if args.steps < 1 or args.warmup < 1:
         parser.error("--steps and --warmup must be at least 1")
@@ -181,6 +287,11 @@ def main(argv=None):
         parser.error(f"mode {mode}: {e}")
 
     cfg = train_moe.Hyperparameters(base_env)
+    try:
+        env_for_peer = peer_env(args.peer, base_env, cfg, args.warmup + args.steps) if args.peer else None
+    except PeerError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
     device, distributed = train_moe.init_device(cfg)  # as the trainer sets it up: TF32, threads, process group
     master = cfg.rank == 0
     recompiles = watch_recompiles()
@@ -193,12 +304,15 @@ def main(argv=None):
     rows = []
     for mode in args.modes:
         rows.append(bench_mode(mode, base_env, args, device, recompiles))
-        dense = next((r["ms_per_step"] for r in rows if r["mode"] == "dense"), None)
-        for r in rows:
-            r["vs_dense"] = r["ms_per_step"] / dense if dense else None
-        if master:  # after every mode, so a run cut short still leaves its rows
-            print(f"bench mode:{mode} ms_per_step:{rows[-1]['ms_per_step']:.1f}", flush=True)
-            Path(args.json).write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
+        if master:
+            save_rows(rows, meta, args.json)
+    peer_failure = None
+    if env_for_peer:  # last, so its failure costs none of the trainer rows
+        try:
+            rows.append(time_peer(args.peer, env_for_peer, args.steps, args.warmup))
+            save_rows(rows, meta, args.json)
+        except PeerError as e:
+            peer_failure = e
     if master:
         print(f"gpu:{gpu} world_size:{cfg.world_size} torch:{torch.__version__} layers:{cfg.num_layers} dim:{cfg.model_dim} "
               f"seq:{cfg.train_seq_len} batch_tokens:{cfg.train_batch_tokens}")
@@ -206,6 +320,9 @@ def main(argv=None):
     if distributed:
         dist.barrier()
         dist.destroy_process_group()
+    if peer_failure:
+        print(f"error: {peer_failure}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

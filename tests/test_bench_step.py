@@ -1,6 +1,9 @@
-"""scripts/bench_step.py on the CPU: the rows it measures, its table and JSON, its recompile count, bad modes."""
+"""scripts/bench_step.py on the CPU: the rows it measures, its table and JSON, its recompile count, bad modes, and
+--peer against a stand-in for train_gpt.py."""
 import json
+import os
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -91,3 +94,128 @@ def test_bad_mode_is_refused_before_anything_runs(shape_env, capsys, tmp_path):
     assert e.value.code == 2
     assert "sparse:bogus" in capsys.readouterr().err
     assert not (tmp_path / "x.json").exists()
+
+
+# A stand-in for train_gpt.py, which needs CUDA and real shards: its step lines in its own format (step 1 holds the
+# compile), then a sleep where the real one would validate and export. It saves the env and folder it ran with.
+FAKE_PEER = '''import json, os, sys, time
+json.dump(dict(env=dict(os.environ), cwd=os.getcwd()), open({seen!r}, "w"))
+args_iterations = int(os.environ["ITERATIONS"])
+print("logs/fake.txt")
+print("model_params:17059912")
+approx_training_time_ms = 0
+for step, ms in enumerate({step_ms!r}[:{logged}], 1):
+    approx_training_time_ms += ms
+    train_loss = 6.9
+    print(f"step:{{step}}/{{args_iterations}} train_loss:{{train_loss:.4f}} "
+          f"train_time:{{approx_training_time_ms:.0f}}ms step_avg:{{approx_training_time_ms / step:.2f}}ms")
+{end}
+'''
+STEP_MS = [900, 120, 110, 100, 130, 105]  # warm-up 1, then 5 timed steps: median 110
+
+
+def fake_peer(tmp_path, logged=len(STEP_MS), end="time.sleep(600)") -> Path:
+    path = tmp_path / "train_gpt.py"
+    path.write_text(FAKE_PEER.format(seen=str(tmp_path / "seen.json"), step_ms=STEP_MS, logged=logged, end=end))
+    return path
+
+
+@pytest.fixture
+def peer_data(shape_env, monkeypatch, tmp_path):
+    """What --peer checks for; the fake peer reads none of it."""
+    data = tmp_path / "shards"
+    data.mkdir()
+    for name in ("fineweb_train_000000.bin", "fineweb_val_000000.bin", "tok.model"):
+        (data / name).write_bytes(b"")
+    monkeypatch.setenv("DATA_PATH", str(data))
+    monkeypatch.setenv("TOKENIZER_PATH", str(data / "tok.model"))
+    return data
+
+
+def test_peer_steps_are_the_differences_of_its_cumulative_train_time():
+    log = ("logs/x.txt\nwarmup_step:1/20\nstep:1/4 train_loss:6.9312 train_time:850ms step_avg:850.00ms\n"
+           "step:2/4 train_loss:nan train_time:971ms step_avg:485.50ms\n"
+           "step:2/4 val_loss:6.9 val_bpb:4.1 train_time:971ms step_avg:485.50ms\n"
+           "step:3/4 train_loss:6.2000 train_time:1083ms step_avg:361.00ms\n"
+           "step:5/4 train_loss:6.1000 train_time:1200ms step_avg:240.00ms\n")  # a gap: step 4 is missing
+    assert bench_step.parse_peer_steps(log) == [850.0, 121.0, 112.0]
+    assert bench_step.parse_peer_steps("no steps here\n") == []
+
+
+def test_peer_row_from_its_log_and_stopped_after_its_last_step(tmp_path):
+    env = dict(os.environ, ITERATIONS="6", TRAIN_BATCH_TOKENS="524288")
+    start = time.perf_counter()
+    row = bench_step.time_peer(str(fake_peer(tmp_path)), env, steps=5, warmup=1)
+    assert time.perf_counter() - start < 60  # not the 600 s it sleeps after its last step
+    assert row == dict(mode="peer:train_gpt.py", ms_per_step=110.0, tokens_per_s_per_gpu=524288 / 0.110,
+                       peak_mem_gib=None, compile_s=(900 - 110) / 1000, graph_breaks=None, recompiles=None,
+                       host_sync=None, max_over_mean_load=None, params=17059912, active_params=17059912,
+                       step_times_ms=[120.0, 110.0, 100.0, 130.0, 105.0])
+    assert not Path(json.loads((tmp_path / "seen.json").read_text())["cwd"]).exists()  # its logs/ went with its folder
+
+
+def test_peer_row_beside_the_dense_row(peer_data, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "bench.json"
+    fake_peer(tmp_path)
+    bench_step.main(["--modes", "dense", "--steps", "5", "--warmup", "1", "--json", str(out), "--peer", "train_gpt.py"])
+    rows = {r["mode"]: r for r in json.loads(out.read_text())["rows"]}
+    assert list(rows) == ["dense", "peer:train_gpt.py"]
+    peer = rows["peer:train_gpt.py"]
+    assert peer["ms_per_step"] == 110.0 and peer["vs_dense"] == 110.0 / rows["dense"]["ms_per_step"]
+    table = capsys.readouterr().out.splitlines()
+    assert table[-1].startswith("peer:train_gpt.py") and f"{peer['vs_dense']:.3f}" in table[-1]
+    # The dense row's shape as the trainer resolved it (MLP_MULT and VOCAB_SIZE are its defaults), warm-up + steps.
+    expected = dict(ITERATIONS="6", WARMUP_STEPS="0", TRAIN_LOG_EVERY="1", VAL_LOSS_EVERY="0", MAX_WALLCLOCK_SECONDS="0",
+                    TRAIN_BATCH_TOKENS="2048", TRAIN_SEQ_LEN="32", NUM_LAYERS="2", MODEL_DIM="64", NUM_HEADS="4",
+                    NUM_KV_HEADS="2", MLP_MULT="2", VOCAB_SIZE="1024", DATA_PATH=str(peer_data))
+    seen = json.loads((tmp_path / "seen.json").read_text())["env"]
+    assert {k: seen[k] for k in expected} == expected
+
+
+STEP_1 = "step:1/6 train_loss:6.9000 train_time:900ms step_avg:900.00ms"
+STEP_2 = "step:2/6 train_loss:6.9000 train_time:1020ms step_avg:510.00ms"
+STEP_3 = "step:3/6 train_loss:6.9000 train_time:1130ms step_avg:376.67ms"
+
+
+@pytest.mark.parametrize("logged, end, status, tail", [
+    (2, "sys.exit('RuntimeError: CUDA is required')", 1, f"{STEP_1} | {STEP_2} | RuntimeError: CUDA is required"),
+    (3, "", 0, f"{STEP_1} | {STEP_2} | {STEP_3}"),
+])
+def test_a_peer_that_stops_short_fails_after_the_trainer_rows(peer_data, tmp_path, capsys, logged, end, status, tail):
+    path = fake_peer(tmp_path, logged=logged, end=end)
+    out = tmp_path / "bench.json"
+    with pytest.raises(SystemExit) as e:
+        bench_step.main(["--modes", "dense", "--steps", "5", "--warmup", "1", "--json", str(out), "--peer", str(path)])
+    assert e.value.code == 1
+    captured = capsys.readouterr()
+    assert captured.err == f"error: peer {path} exited with status {status} after {logged} of 6 steps; " \
+                           f"its output ends: {tail}\n"
+    assert "dense" in captured.out.splitlines()[-1]  # the trainer rows' table came first
+    assert [r["mode"] for r in json.loads(out.read_text())["rows"]] == ["dense"]
+
+
+NO_SHARDS = "--peer needs DATA_PATH, a folder of fineweb_train_*.bin and fineweb_val_*.bin shards"
+
+
+@pytest.mark.parametrize("env, peer, message", [
+    (dict(DATA_PATH=None), "fake", f"{NO_SHARDS} (DATA_PATH='')"),
+    (dict(DATA_PATH="{tmp}"), "fake", f"{NO_SHARDS} (DATA_PATH='{{tmp}}')"),
+    (dict(TOKENIZER_PATH=None), "fake", "--peer needs TOKENIZER_PATH, the shards' SentencePiece model (TOKENIZER_PATH='')"),
+    ({}, "{tmp}/missing.py", "--peer {tmp}/missing.py: no such file"),
+    (dict(RANK="0", WORLD_SIZE="1"), "fake", "--peer runs without torchrun: launch the bench with python"),
+    (dict(GRAD_ACCUM_STEPS="4"), "fake",
+     "--peer: train_gpt.py runs 8 micro-batches a step, GRAD_ACCUM_STEPS=4 would time another step"),
+])
+def test_peer_refusals_come_before_any_work(peer_data, tmp_path, capsys, monkeypatch, env, peer, message):
+    for k, v in env.items():
+        if v is None:
+            monkeypatch.delenv(k)
+        else:
+            monkeypatch.setenv(k, v.format(tmp=tmp_path))
+    path = str(fake_peer(tmp_path)) if peer == "fake" else peer.format(tmp=tmp_path)
+    with pytest.raises(SystemExit) as e:
+        bench_step.main(["--modes", "dense", "--json", str(tmp_path / "x.json"), "--peer", path])
+    assert e.value.code == 1
+    assert capsys.readouterr().err == f"error: {message.format(tmp=tmp_path)}\n"
+    assert not (tmp_path / "x.json").exists() and not (tmp_path / "seen.json").exists()
