@@ -1713,13 +1713,14 @@ class CalibrationBatches(list):
 
 
 class CalibrationCost(NamedTuple):
-    """One calibration phase's time: fixed, and per token."""
+    """One calibration phase's time: fixed, and per token; GPTQ's also each stage's share of it."""
     fixed: float
     per_token: float
+    stages: tuple[float, ...] = ()
 
     @staticmethod
     def total(costs) -> "CalibrationCost":
-        return CalibrationCost(*map(sum, zip(*costs))) if costs else CalibrationCost(0.0, 0.0)
+        return CalibrationCost(sum(c.fixed for c in costs), sum(c.per_token for c in costs))
 
     def seconds(self, tokens: int) -> float:
         """What is reserved for `tokens`: the predicted time with its margin."""
@@ -1731,8 +1732,8 @@ class CalibrationCost(NamedTuple):
         return most if fits >= most else max(0, int(fits) // seq_len * seq_len)
 
 
-# Seconds added to a rehearsed time: in five 65 s H100 runs calibration took 4-12% less than its rehearsal (which
-# pays the first calls); a CPU's sub-second timings vary by a tenth. A run behind anyway is cut stage by stage.
+# Seconds added to a rehearsed time, and kept back from GPTQ's stages until the last. In ten H100 runs (65 and 180 s)
+# calibration took from 24% less than its rehearsal (which pays the first calls) to 8% more; a stage behind is cut.
 CALIBRATION_MARGIN = 0.25
 
 
@@ -1746,19 +1747,28 @@ def first_sequences(batches: list[tuple[Tensor, Tensor]], sequences: int) -> lis
 
 
 class StageSchedule(NamedTuple):
-    """GPTQ's stages by a perf_counter deadline, each an equal share of `cost`; `cut`: (stage, sequences) cut short."""
+    """GPTQ's stages against a perf_counter deadline; `cut`: (stage, sequences) cut short."""
     cost: CalibrationCost
     deadline: float
     cut: list
 
+    def tokens(self, stage: int, stages: int, now: float) -> float:
+        """Tokens that this stage and each after it can take by the deadline less the margin, at their rehearsed
+        shares of the time. A stage's solve grows with its matrices' columns and its forward with its depth: with
+        equal shares every stage of a 65 s dense run on an H100 was cut and the last still ended 119 ms past the cap."""
+        shares = self.cost.stages if len(self.cost.stages) == stages else (1 / stages,) * stages
+        left = (self.deadline - now - CALIBRATION_MARGIN) / max(sum(shares[stage:]), 1e-12)
+        return (left - self.cost.fixed) / max(self.cost.per_token, 1e-12)
+
 
 @torch.no_grad()
 def calibrated_levels(model: GPT, cfg: Hyperparameters, batches: list[tuple[Tensor, Tensor]], bits: dict[str, int],
-                      schedule: StageSchedule | None = None) -> dict:
+                      schedule: StageSchedule | None = None, stage_seconds: list | None = None) -> dict:
     """GPTQ levels of every quantized tensor, stage by stage, from the Hessians of each matrix's inputs on training
     batches (an expert's: its tokens, by routing weight). `model`, a copy, ends holding what the artifact dequantizes
     to, and routes as the exported model throughout. Behind its `schedule`, a stage takes fewer sequences, or none
-    (round to nearest): the wall holds on a machine slower than at the rehearsal."""
+    (round to nearest): the wall holds on a machine slower than at the rehearsal. The rehearsal times each stage into
+    `stage_seconds`."""
     state = model.state_dict()
     for name, t in state.items():
         if not is_quantized(name, t):
@@ -1770,10 +1780,9 @@ def calibrated_levels(model: GPT, cfg: Hyperparameters, batches: list[tuple[Tens
     for name, (_, q, scale) in levels.items():
         state[name].copy_(dequantize(q, scale, state[name].shape))
     for s, stage in enumerate(stages):
-        stage_batches = batches
+        stage_batches, began = batches, time.perf_counter()
         if schedule is not None:
-            share = (schedule.deadline - time.perf_counter()) / (len(stages) - s)
-            fits = (share - schedule.cost.fixed / len(stages)) * len(stages) / max(schedule.cost.per_token, 1e-12)
+            fits = schedule.tokens(s, len(stages), began)
             if fits < sequences * cfg.train_seq_len:
                 taken = max(int(fits) // cfg.train_seq_len, 0)
                 stage_batches = first_sequences(batches, taken)
@@ -1803,6 +1812,9 @@ def calibrated_levels(model: GPT, cfg: Hyperparameters, batches: list[tuple[Tens
                 levels[p] = (b, q[start : start + rows], scale[start : start + rows])
                 state[p].copy_(dequantize(*levels[p][1:], state[p].shape))
                 start += rows
+        if stage_seconds is not None:
+            synchronize(batches[0][0].device)
+            stage_seconds.append(time.perf_counter() - began)
     return levels
 
 
@@ -1861,7 +1873,10 @@ def rehearse_calibration(model: GPT, cfg: Hyperparameters, device) -> dict[str, 
     if cfg.quant_fit:
         costs["fit"] = timed_phase(batches, lambda: fit_options(model, cfg, batches))
     if cfg.quant_method == "gptq":
-        costs["gptq"] = timed_phase(batches, lambda: calibrated_levels(copy.deepcopy(model), cfg, batches, cfg.quant_bits))
+        stage_seconds = []
+        cost = timed_phase(batches, lambda: calibrated_levels(copy.deepcopy(model), cfg, batches, cfg.quant_bits,
+                                                              stage_seconds=stage_seconds))
+        costs["gptq"] = cost._replace(stages=tuple(t / sum(stage_seconds) for t in stage_seconds))
     return costs
 
 

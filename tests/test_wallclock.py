@@ -25,7 +25,7 @@ def only(evs, name):
 def test_calibration_cost_sums_phases_and_plans_whole_sequences():
     fit, gptq = tm.CalibrationCost(1.0, 1e-4), tm.CalibrationCost(2.0, 2e-4)
     total = tm.CalibrationCost.total([fit, gptq])
-    assert total == (3.0, pytest.approx(3e-4))
+    assert total == (3.0, pytest.approx(3e-4), ())
     extra = tm.CALIBRATION_MARGIN
     assert total.seconds(1000) == pytest.approx(3.3 + extra)
     # Everything fits: all the tokens asked for, even when they are not whole sequences.
@@ -34,7 +34,32 @@ def test_calibration_cost_sums_phases_and_plans_whole_sequences():
     assert total.tokens_within(5.0 + extra, 10_000, 64) == 6656
     assert total.tokens_within(3.0 + extra, 10_000, 64) == 0  # the fixed part alone fills it
     assert total.tokens_within(1.0, 10_000, 64) == 0
-    assert tm.CalibrationCost.total([]) == (0.0, 0.0)
+    assert tm.CalibrationCost.total([]) == (0.0, 0.0, ())
+
+
+def test_each_stage_plans_by_its_rehearsed_share():
+    """The stages after this one keep their rehearsed shares of the time: with the last stage rehearsed at 80%, a stage
+    gets the tokens that fit its share and theirs, fewer than equal shares would give; a share list of another model's
+    length falls back to equal shares."""
+    margin = tm.CALIBRATION_MARGIN
+    weighted = tm.StageSchedule(tm.CalibrationCost(1.0, 1e-3, (0.1, 0.1, 0.8)), 10.0 + margin, [])
+    assert weighted.tokens(0, 3, now=0.0) == pytest.approx((10.0 / 1.0 - 1.0) / 1e-3)  # 9,000
+    assert weighted.tokens(2, 3, now=0.0) == pytest.approx((10.0 / 0.8 - 1.0) / 1e-3)  # 11,500
+    equal = tm.StageSchedule(tm.CalibrationCost(1.0, 1e-3), 10.0 + margin, [])
+    assert equal.tokens(2, 3, now=0.0) == pytest.approx((10.0 * 3 - 1.0) / 1e-3)  # 29,000
+    other = tm.StageSchedule(tm.CalibrationCost(1.0, 1e-3, (0.5, 0.5)), 10.0 + margin, [])
+    assert other.tokens(2, 3, now=0.0) == pytest.approx(equal.tokens(2, 3, now=0.0))
+    assert weighted.tokens(0, 3, now=10.0) < 0  # only the margin left: no sequence, the stage rounds
+
+
+def test_the_rehearsal_times_every_gptq_stage(tiny_data):
+    cfg = tm.Hyperparameters(tiny_env(tiny_data, QUANT_METHOD="gptq", QUANT_FIT=0, CALIBRATION_TOKENS=512))
+    torch.manual_seed(0)
+    model = tm.GPT(cfg)
+    costs = tm.rehearse_calibration(model, cfg, torch.device("cpu"))
+    shares = costs["gptq"].stages
+    assert len(shares) == len(tm.calibration_stages(model)) > 1
+    assert sum(shares) == pytest.approx(1.0) and min(shares) > 0
 
 
 # 512 calibration tokens (QUANT_FIT scores 21 roundings of the model on them) keep calibration to seconds on 2 cores.
@@ -122,7 +147,7 @@ def test_a_slow_calibration_is_cut_short_and_logged(tiny_data, monkeypatch, seco
 
 
 def test_a_stage_behind_schedule_calibrates_on_fewer_sequences_or_rounds(tiny_data):
-    """Each GPTQ stage gets an equal share of the time left: a deadline already past leaves every stage rounding to
+    """A deadline already past leaves every stage rounding to
     nearest (exactly the rounded levels); a schedule with room for all cuts none."""
     cfg = tm.Hyperparameters(tiny_env(tiny_data, QUANT_METHOD="gptq", CALIBRATION_TOKENS=1024))
     torch.manual_seed(0)
