@@ -4,7 +4,7 @@
     python scripts/bench_step.py --modes dense sparse:sigmoid --steps 30 --json bench.json
     torchrun --standalone --nproc_per_node=2 scripts/bench_step.py --modes dense sparse   # per-GPU under DDP
     python scripts/bench_step.py --modes sparse --profile prof/    # plus a kernel table per mode
-    DATA_PATH=... TOKENIZER_PATH=... python scripts/bench_step.py --modes dense sparse --peer ../parameter-golf/train_gpt.py
+    DATA_PATH=... TOKENIZER_PATH=... python scripts/bench_step.py --modes dense --peer ../parameter-golf/train_gpt.py
 
 A mode is MLP_MODE[:ROUTER] (sparse = sparse:softmax), or `default`: the trainer's own MLP (16 half-size
 experts in every other block). Shapes and every other knob come from the trainer's env vars (NUM_LAYERS,
