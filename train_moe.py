@@ -2354,7 +2354,8 @@ def run(cfg, sp, val_tokens, device, distributed, log, artifact_path: Path, fp32
         costs = master_decides(rehearse_calibration(model, cfg, device) if master else None, distributed)
         reserve_ms = 1000 * CalibrationCost.total(list(costs.values())).seconds(cfg.calibration_tokens)
         phases = {f"{p}_{part}_s": v for p, c in costs.items() for part, v in (("fixed", c.fixed), ("tokens", c.per_token * cfg.calibration_tokens))}
-        log.metrics("calibration_rehearsal", **phases, tokens=cfg.calibration_tokens, reserve_ms=round(reserve_ms),
+        shares = {"gptq_stage_shares": list(costs["gptq"].stages)} if "gptq" in costs else {}
+        log.metrics("calibration_rehearsal", **phases, **shares, tokens=cfg.calibration_tokens, reserve_ms=round(reserve_ms),
                     seconds=time.perf_counter() - t0)
         if reserve_ms >= cap_ms:
             raise ConfigError(f"MAX_WALLCLOCK_SECONDS={cfg.max_wallclock_seconds:g}: calibration on CALIBRATION_TOKENS="

@@ -87,6 +87,10 @@ def test_a_tiny_cap_holds_training_plus_calibration(tiny_data, tmp_path, overrid
     predicted_s = sum(rehearsal[k] for k in phases)
     assert exported["predicted_ms"] == round(1000 * predicted_s)
     assert rehearsal["reserve_ms"] == round(1000 * (predicted_s + tm.CALIBRATION_MARGIN))
+    if overrides["QUANT_METHOD"] == "gptq":  # each stage's share of GPTQ's rehearsed time, which its plan follows
+        assert len(rehearsal["gptq_stage_shares"]) > 1 and sum(rehearsal["gptq_stage_shares"]) == pytest.approx(1.0)
+    else:
+        assert "gptq_stage_shares" not in rehearsal
 
 
 def test_under_torchrun_every_rank_stops_on_the_same_step(tiny_data, tmp_path):
