@@ -37,7 +37,6 @@ import resource
 import shlex
 import subprocess
 import sys
-import textwrap
 import threading
 import time
 import traceback
@@ -474,35 +473,6 @@ class Hyperparameters:
                               f"{capacity / 2**30:,.0f} GiB of {device}")
 
 
-def setting_defaults() -> dict[str, str]:
-    """Every setting Hyperparameters reads, in order, with its default on this machine."""
-    defaults = {}
-
-    class Recorder(dict):  # an empty environment noting each env.get
-        def get(self, name, default=None):
-            return defaults.setdefault(name, default)
-
-    Hyperparameters(Recorder())
-    return defaults
-
-
-def setting_meanings(table: str) -> dict[str, tuple[str, str]]:
-    """{NAME: (default, meaning)} from the rows of docs/configuration.md's settings table."""
-    rows = re.findall(r"^\| (`[A-Z][^|]*) \| (.*?) \| (.*) \|$", table, re.M)
-    return {name: (default, meaning) for names, default, meaning in rows for name in re.findall(r"`([A-Z0-9_]+)`", names)}
-
-
-def settings_help() -> str:
-    docs = Path(__file__).resolve().parent / "docs" / "configuration.md"
-    meanings = setting_meanings(docs.read_text(encoding="utf-8")) if docs.is_file() else {}
-    lines = [__doc__.strip(), "", "Settings, NAME=default on this machine" + ("" if meanings else
-             " (their meanings: docs/configuration.md of the moe-golf repository)") + ":"]
-    for name, default in setting_defaults().items():
-        doc_default, meaning = meanings.get(name, ("", ""))
-        text = f"  {name}={default or f'({doc_default or None})'}  " + meaning.replace("\\|", "|").replace("`", "")
-        lines.append(textwrap.fill(text, 118, subsequent_indent="      ", break_on_hyphens=False))
-    return "\n".join(lines)
-
 # -----------------------------------------------------------------------------
 # OPTIMIZER: Muon for block matrices, Adam for the rest
 # -----------------------------------------------------------------------------
@@ -867,7 +837,7 @@ def decompress(blob: bytes) -> bytes:
         raise ValueError(f"corrupt, or not a moe-golf artifact: {len(blob)} bytes, too few for a chunk table of {count}")
     ends = list(itertools.accumulate((int.from_bytes(blob[4 + 4 * i : 8 + 4 * i], "little") for i in range(count)),
                                      initial=4 + 4 * count))
-    if len(blob) < ends[0] or ends[-1] > len(blob):
+    if ends[-1] > len(blob):
         raise ValueError(f"corrupt: truncated ({len(blob)} bytes where its chunk table says {ends[-1]})")
     if ends[-1] < len(blob):
         raise ValueError(f"corrupt, or not a moe-golf artifact: {len(blob) - ends[-1]} bytes past its last chunk")
@@ -2088,8 +2058,14 @@ def _interrupt(signum, frame):
 
 def main():
     report = os.environ.get("RANK", "0") == "0"  # under torchrun every rank stops alike; rank 0 says why
-    if sys.argv[1:] in (["--help"], ["-h"]):
-        print(settings_help())
+    if sys.argv[1:] in (["--help"], ["-h"]):  # a run does not need the help: it lives in scripts/
+        sys.path.insert(0, str(Path(__file__).resolve().parent / "scripts"))
+        try:
+            from settings_help import settings_help
+        except ImportError:  # a record's folder
+            print(f"{__doc__.strip()}\n\nSettings: docs/configuration.md of the moe-golf repository.")
+        else:
+            print(settings_help())
         return
     for sig in STOP_SIGNALS:
         signal.signal(sig, _interrupt)
