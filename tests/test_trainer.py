@@ -18,6 +18,9 @@ import train_moe as tm
 from conftest import REPO, on_gloo_ranks, run_trainer, tiny_env
 from data.shards import write_shard
 
+sys.path.insert(0, str(REPO / "scripts"))
+import settings_help  # noqa: E402
+
 
 def events(run_dir, run_id):
     lines = (run_dir / "logs" / f"{run_id}.jsonl").read_text().splitlines()
@@ -526,9 +529,9 @@ def test_help_prints_every_setting_with_its_default_and_meaning():
     result = subprocess.run([sys.executable, str(REPO / "train_moe.py"), "--help"], capture_output=True, text=True,
                             timeout=120)
     assert result.returncode == 0 and result.stderr == ""
-    defaults = tm.setting_defaults()
+    defaults = settings_help.setting_defaults()
     assert len(defaults) > 70 and defaults["ITERATIONS"] == "20000" and defaults["MLP_MODE"] == "sparse"
-    meanings = tm.setting_meanings((REPO / "docs" / "configuration.md").read_text())
+    meanings = settings_help.setting_meanings((REPO / "docs" / "configuration.md").read_text())
     assert sorted(meanings) == sorted(defaults)  # a row for every setting the trainer reads, none for another name
     text = result.stdout
     for name, default in defaults.items():
