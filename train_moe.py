@@ -1833,21 +1833,27 @@ def timed_phase(batches: CalibrationBatches, run) -> CalibrationCost:
     return CalibrationCost(time.perf_counter() - start - forward, forward / max(batches.tokens(), 1))
 
 
-def rehearse_calibration(model: GPT, cfg: Hyperparameters, device) -> dict[str, CalibrationCost]:
+def rehearse_calibration(model: GPT, cfg: Hyperparameters, device) -> tuple[dict[str, CalibrationCost], ...]:
     """Calibration's cost per phase, measured before the clock starts on a copy of the untrained model and the first
     batches. A fixed reserve could not hold it: the default MoE's took 10.3-10.9 s of the 10 s reserved on an H100 at
-    65 s, dense's 4.4-6.9 s; on a busy 2-core CPU the quick start's took 106 s."""
+    65 s, dense's 4.4-6.9 s; on a busy 2-core CPU the quick start's took 106 s. Rehearsed twice, (cold, warm), and the
+    warm one predicts: a single rehearsal, which pays the first calls, predicted up to 1.85 s (37%) more than the
+    calibration after training took on an H100, seconds the loop could have trained."""
     batches = CalibrationBatches(calibration_batches(cfg, DistributedTokenLoader(cfg, device), cfg.calibration_tokens), device)
     model = copy.deepcopy(model)
-    costs = {}
-    if cfg.quant_fit:
-        costs["fit"] = timed_phase(batches, lambda: fit_options(model, cfg, batches))
-    if cfg.quant_method == "gptq":
-        stage_seconds = []
-        cost = timed_phase(batches, lambda: calibrated_levels(copy.deepcopy(model), cfg, batches, cfg.quant_bits,
-                                                              stage_seconds=stage_seconds))
-        costs["gptq"] = cost._replace(stages=tuple(t / sum(stage_seconds) for t in stage_seconds))
-    return costs
+
+    def phases() -> dict[str, CalibrationCost]:
+        costs = {}
+        if cfg.quant_fit:
+            costs["fit"] = timed_phase(batches, lambda: fit_options(model, cfg, batches))
+        if cfg.quant_method == "gptq":
+            stage_seconds = []
+            cost = timed_phase(batches, lambda: calibrated_levels(copy.deepcopy(model), cfg, batches, cfg.quant_bits,
+                                                                  stage_seconds=stage_seconds))
+            costs["gptq"] = cost._replace(stages=tuple(t / sum(stage_seconds) for t in stage_seconds))
+        return costs
+
+    return phases(), phases()
 
 
 def choose_bits(options: dict, budget: float, cfg: Hyperparameters, log: "RunLog") -> dict[str, int]:
@@ -2327,12 +2333,13 @@ def run(cfg, sp, val_tokens, device, distributed, log, artifact_path: Path, fp32
     if cfg.calibrates and math.isfinite(cap_ms):
         log.begin("calibration_rehearsal", tokens=cfg.calibration_tokens, quant_fit=int(cfg.quant_fit), method=cfg.quant_method)
         t0 = time.perf_counter()
-        costs = master_decides(rehearse_calibration(model, cfg, device) if master else None, distributed)
+        cold, costs = master_decides(rehearse_calibration(model, cfg, device) if master else None, distributed)
         reserve_ms = 1000 * CalibrationCost.total(list(costs.values())).seconds(cfg.calibration_tokens)
+        cold_s = CalibrationCost.total(list(cold.values())).seconds(cfg.calibration_tokens) - CALIBRATION_MARGIN
         phases = {f"{p}_{part}_s": v for p, c in costs.items() for part, v in (("fixed", c.fixed), ("tokens", c.per_token * cfg.calibration_tokens))}
         shares = {"gptq_stage_shares": list(costs["gptq"].stages)} if "gptq" in costs else {}
         log.metrics("calibration_rehearsal", **phases, **shares, tokens=cfg.calibration_tokens, reserve_ms=round(reserve_ms),
-                    seconds=time.perf_counter() - t0)
+                    cold_s=cold_s, seconds=time.perf_counter() - t0)
         if reserve_ms >= cap_ms:
             raise ConfigError(f"MAX_WALLCLOCK_SECONDS={cfg.max_wallclock_seconds:g}: calibration on CALIBRATION_TOKENS="
                               f"{cfg.calibration_tokens} was measured at {reserve_ms / 1000:.1f} s with its margin, which "

@@ -56,8 +56,9 @@ def test_the_rehearsal_times_every_gptq_stage(tiny_data):
     cfg = tm.Hyperparameters(tiny_env(tiny_data, QUANT_METHOD="gptq", QUANT_FIT=0, CALIBRATION_TOKENS=512))
     torch.manual_seed(0)
     model = tm.GPT(cfg)
-    costs = tm.rehearse_calibration(model, cfg, torch.device("cpu"))
-    shares = costs["gptq"].stages
+    cold, warm = tm.rehearse_calibration(model, cfg, torch.device("cpu"))
+    assert cold.keys() == warm.keys() == {"gptq"}
+    shares = warm["gptq"].stages
     assert len(shares) == len(tm.calibration_stages(model)) > 1
     assert sum(shares) == pytest.approx(1.0) and min(shares) > 0
 
@@ -87,6 +88,7 @@ def test_a_tiny_cap_holds_training_plus_calibration(tiny_data, tmp_path, overrid
     predicted_s = sum(rehearsal[k] for k in phases)
     assert exported["predicted_ms"] == round(1000 * predicted_s)
     assert rehearsal["reserve_ms"] == round(1000 * (predicted_s + tm.CALIBRATION_MARGIN))
+    assert rehearsal["cold_s"] > 0  # the first rehearsal, which pays the first calls, logged beside the prediction
     if overrides["QUANT_METHOD"] == "gptq":  # each stage's share of GPTQ's rehearsed time, which its plan follows
         assert len(rehearsal["gptq_stage_shares"]) > 1 and sum(rehearsal["gptq_stage_shares"]) == pytest.approx(1.0)
     else:
