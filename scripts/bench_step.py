@@ -20,6 +20,7 @@ table on stdout (rank 0) and the same rows as JSON. `--peer PATH` adds a row for
 own per-step log.
 """
 import argparse
+import contextlib
 import glob
 import json
 import logging
@@ -160,6 +161,34 @@ def profile(mode: str, step, device, out_dir: Path):
     if not dist.is_initialized() or dist.get_rank() == 0:
         table = prof.key_averages().table(sort_by=sort, row_limit=45, max_name_column_width=90)
         (out_dir / f"profile_{mode.replace(':', '_')}.txt").write_text(table)
+        (out_dir / f"kernels_{mode.replace(':', '_')}.json").write_text(json.dumps(kernel_times(prof)))
+
+
+def kernel_times(prof) -> dict[str, float]:
+    """Device kernels' ms per step (the profile holds two steps), by kernel name."""
+    return {e.key: e.self_device_time_total / 2000 for e in prof.key_averages()
+            if e.device_type == torch.autograd.DeviceType.CUDA and e.self_device_time_total > 0}
+
+
+# Kernel families, the first whose pattern a kernel's name matches (Inductor names a fused kernel by its ops).
+FAMILIES = [("matmul", r"gemm|nvjet|cutlass|xmma|wgmma|grouped_mm|splitk"), ("attention", r"flash|fmha|attention"),
+            ("norm", r"rsqrt|norm"), ("optimizer", r"foreach|adam|lerp|addcmul"), ("copy", r"memcpy|memset|copy|cat_|clone"),
+            ("reduction", r"^triton_(red|per)_|reduce|sum|nll|softmax"), ("elementwise", r"^triton_poi_|elementwise|vectorized")]
+
+
+def family_table(profiles: dict[str, dict[str, float]]) -> str:
+    """ms per step of each kernel family (FAMILIES, then `other`) per profiled row: the difference itemised."""
+    names = [f for f, _ in FAMILIES] + ["other", "total"]
+    sums = {}
+    for mode, kernels in profiles.items():
+        sums[mode] = dict.fromkeys(names, 0.0)
+        for kernel, ms in kernels.items():
+            family = next((f for f, pattern in FAMILIES if re.search(pattern, kernel, re.I)), "other")
+            sums[mode][family] += ms
+            sums[mode]["total"] += ms
+    lines = [f"{'kernel ms/step':<14}" + "".join(f"{m:>22}" for m in profiles)]
+    lines += [f"{n:<14}" + "".join(f"{sums[m][n]:>22.2f}" for m in profiles) for n in names]
+    return "\n".join(lines)
 
 
 class PeerError(Exception):
@@ -239,6 +268,60 @@ def time_peer(path: str, env: dict, steps: int, warmup: int) -> dict:
                 max_over_mean_load=None, params=params, active_params=params, step_times_ms=times[warmup:])
 
 
+# `python -c PEER_PROFILER PEER TABLE KERNELS SKIP`: the peer under torch.profiler for two steps after SKIP warm-up steps
+# (a step ends where the first optimizer it steps ends its step), its kernel table and kernel times written as profile()
+# writes the trainer rows', then an exit before the peer's validation and export.
+PEER_PROFILER = """
+import json, os, runpy, sys, torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
+peer, table, kernels, skip = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+cuda = torch.cuda.is_available()
+
+def write(prof):
+    sort = "self_device_time_total" if cuda else "self_cpu_time_total"
+    open(table, "w").write(prof.key_averages().table(sort_by=sort, row_limit=45, max_name_column_width=90))
+    json.dump({e.key: e.self_device_time_total / 2000 for e in prof.key_averages()  # as kernel_times()
+               if e.device_type == torch.autograd.DeviceType.CUDA and e.self_device_time_total > 0}, open(kernels, "w"))
+    os._exit(0)
+
+activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+prof = torch.profiler.profile(activities=activities, on_trace_ready=write,
+                              schedule=torch.profiler.schedule(wait=skip, warmup=1, active=2))
+first = []
+
+def stepped(optimizer, args, kwargs):
+    first.append(optimizer)
+    if optimizer is first[0]:
+        prof.step()
+
+register_optimizer_step_post_hook(stepped)
+prof.start()
+sys.argv = [peer]
+runpy.run_path(peer, run_name="__main__")
+"""
+
+
+def profile_peer(path: str, env: dict, skip: int, out: Path):
+    """The peer's kernel table of two steps after `skip` (PEER_PROFILER), in a run of its own: the profiler's overhead
+    must not reach its timed row."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.unlink(missing_ok=True)
+    kernels = out.with_name("kernels_peer.json")
+    command = [sys.executable, "-c", PEER_PROFILER, os.path.abspath(path), str(out.resolve()), str(kernels.resolve()), str(skip)]
+    with tempfile.TemporaryDirectory() as cwd, subprocess.Popen(
+            command, cwd=cwd, env={**env, "ITERATIONS": str(skip + 4)}, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, encoding="utf-8", errors="replace", start_new_session=True) as peer:
+        try:
+            text = peer.communicate()[0]
+        finally:
+            with contextlib.suppress(ProcessLookupError):  # its compile workers, if any outlived it
+                os.killpg(peer.pid, signal.SIGKILL)
+    if peer.returncode or not out.exists():
+        tail = " | ".join(text.strip().splitlines()[-3:])
+        raise PeerError(f"peer {path} under the profiler exited with status {peer.returncode} and no kernel table; "
+                        f"its output ends: {tail}")
+
+
 def cell(value, width: int, spec: str = "") -> str:
     """'-' for what a row did not measure (the peer reports only its step times and parameters)."""
     return f"{'-' if value is None else format(value, spec):>{width}}"
@@ -273,7 +356,8 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=20, help="timed steps per mode")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (the first one compiles)")
     parser.add_argument("--json", default="bench_step.json", help="where the rows go")
-    parser.add_argument("--profile", default="", help="folder for a kernel table per mode")
+    parser.add_argument("--profile", default="", help="folder for a kernel table per mode (and the peer's, in a run of "
+                        "its own)")
     parser.add_argument("--peer", default="", metavar="PATH", help="the challenge's train_gpt.py, timed as one more row "
                         "on the shards of DATA_PATH and TOKENIZER_PATH (one GPU, not under torchrun)")
     args = parser.parse_args(argv)
@@ -311,12 +395,20 @@ def main(argv=None):
         try:
             rows.append(time_peer(args.peer, env_for_peer, args.steps, args.warmup))
             save_rows(rows, meta, args.json)
+            if args.profile:
+                profile_peer(args.peer, env_for_peer, args.warmup, Path(args.profile) / "profile_peer.txt")
         except PeerError as e:
             peer_failure = e
     if master:
         print(f"gpu:{gpu} world_size:{cfg.world_size} torch:{torch.__version__} layers:{cfg.num_layers} dim:{cfg.model_dim} "
               f"seq:{cfg.train_seq_len} batch_tokens:{cfg.train_batch_tokens}")
         print(format_table(rows))
+        if args.profile:
+            names = [m.replace(":", "_") for m in args.modes] + (["peer"] if args.peer else [])
+            files = [Path(args.profile) / f"kernels_{n}.json" for n in names]
+            profiles = {f.stem.removeprefix("kernels_"): json.loads(f.read_text()) for f in files if f.exists()}
+            if any(profiles.values()):  # none on a CPU
+                print(family_table(profiles))
     if distributed:
         dist.barrier()
         dist.destroy_process_group()

@@ -219,3 +219,37 @@ def test_peer_refusals_come_before_any_work(peer_data, tmp_path, capsys, monkeyp
     assert e.value.code == 1
     assert capsys.readouterr().err == f"error: {message.format(tmp=tmp_path)}\n"
     assert not (tmp_path / "x.json").exists() and not (tmp_path / "seen.json").exists()
+
+
+# A stand-in that steps two optimizers per step, as train_gpt.py does, and marks the validation it reaches after its last.
+OPTIMIZING_PEER = '''import os, pathlib, sys, torch
+w = torch.nn.Parameter(torch.ones(4, 4))
+first, second = torch.optim.SGD([w], lr=0.1), torch.optim.Adam([w], lr=0.1)
+for step in range(1, int(os.environ["ITERATIONS"]) + 1):
+    (w @ w).sum().backward()
+    first.step(), second.step()
+    print(f"step:{{step}}")
+pathlib.Path({marker!r}).write_text("validated")
+'''
+
+
+@pytest.mark.parametrize("iterations_short", [False, True])
+def test_the_peer_profile_holds_two_of_its_steps_and_stops_it_before_validation(tmp_path, iterations_short, monkeypatch):
+    marker, path = tmp_path / "validated", tmp_path / "train_gpt.py"
+    path.write_text(OPTIMIZING_PEER.format(marker=str(marker)))
+    out = tmp_path / "prof" / "profile_peer.txt"
+    if iterations_short:  # a peer that ends before its profiled steps (here: one that ignores ITERATIONS and runs 2)
+        path.write_text(OPTIMIZING_PEER.format(marker=str(marker)).replace('int(os.environ["ITERATIONS"])', "2"))
+        with pytest.raises(bench_step.PeerError, match="under the profiler exited with status 0 and no kernel table; "
+                                                        "its output ends: step:1 | step:2"):
+            bench_step.profile_peer(str(path), dict(os.environ), skip=2, out=out)
+        assert not out.exists()
+        return
+    bench_step.profile_peer(str(path), dict(os.environ), skip=2, out=out)
+    assert not marker.exists()  # stopped once its table was written
+    table = out.read_text()
+    # Two steps profiled, a step counted by the first optimizer's steps: each op ran twice, SGD's and Adam's once each.
+    rows = {line.split()[0]: line for line in table.splitlines() if line.strip().startswith(("aten::mm", "Optimizer.step#"))}
+    assert rows["aten::mm"].split()[-1] == "6"  # w @ w forward, and two matmuls in its backward, per step
+    assert rows["Optimizer.step#SGD.step"].split()[-1] == "2" and rows["Optimizer.step#Adam.step"].split()[-1] == "2"
+    assert json.loads((tmp_path / "prof" / "kernels_peer.json").read_text()) == {}  # no device kernels on a CPU
