@@ -229,3 +229,41 @@ def test_quant_fit_refits_when_the_artifact_comes_out_bigger_than_estimated(tiny
     over = dict(log.lines)["quant_fit_over"]
     assert over["artifact_bytes"] > over["limit"] == cfg.artifact_limit_bytes
     assert code_bytes + len(blob) <= cfg.artifact_limit_bytes  # the packed bytes decide, not the estimate
+
+
+def test_a_refit_with_no_time_left_keeps_gptqs_levels_where_its_bits_did_not_change(tiny_data, monkeypatch):
+    """The refit has no time for GPTQ: the tensors whose bits it kept keep GPTQ's levels; only the others round."""
+    cfg = tm.Hyperparameters(tiny_env(tiny_data, MLP_MODE="sparse", MOE_LAYERS="1", NUM_EXPERTS=4, QUANT_METHOD="gptq",
+                                      QUANT_FIT=1, CALIBRATION_TOKENS=1024, QUANT_FIT_MARGIN_BYTES=0))
+    torch.manual_seed(0)
+    model = tm.GPT(cfg)
+    randomize(model)
+    sizes = {b: tm.levels_bytes(tm.rounded_levels(model.state_dict(), dict.fromkeys(tm.QUANTIZED, b), 0.0)) for b in tm.QUANT_BITS}
+    # Attention below 8 bits costs too much loss to be chosen: the refit lowers the other groups alone.
+    monkeypatch.setattr(tm, "fit_options", lambda *args: {g: {b: (sizes[b][g] / 2, 100.0 * (b < 8) if g == "attn" else 2.0**-b)
+                                                              for b in tm.QUANT_BITS} for g in sizes[8]})
+    code_bytes = len(tm.pack_code(tm.SOURCE))
+    floats = tm.quantize_state({n: t for n, t in model.state_dict().items() if not tm.is_quantized(n, t)}, {})
+    fixed = code_bytes + len(json.dumps(floats[0])) + sum(a.nbytes for a in floats[1].values())
+    cfg.artifact_limit_bytes = fixed + round(1.05 * sum(sizes[5].values()))
+    # Time for every token at the start, none at the refit; no stage cut short.
+    plans = iter([1024])
+    monkeypatch.setattr(tm.CalibrationCost, "tokens_within", lambda self, seconds, most, seq_len: next(plans, 0))
+    monkeypatch.setattr(tm.StageSchedule, "tokens", lambda *args: math.inf)
+    gptq, packed = [], []
+    calibrated_levels, quantize_state = tm.calibrated_levels, tm.quantize_state
+    monkeypatch.setattr(tm, "calibrated_levels", lambda *a, **k: gptq.append(calibrated_levels(*a, **k)) or gptq[-1])
+    monkeypatch.setattr(tm, "quantize_state", lambda state, levels, *a: packed.append(levels) or quantize_state(state, levels, *a))
+    log = Metrics()
+    bits, blob, _, _ = tm.export_artifact(model, cfg, tm.DistributedTokenLoader(cfg, torch.device("cpu")), code_bytes, log,
+                                          {"gptq": tm.CalibrationCost(0.0, 0.0)}, 1e9)
+    assert [v["method"] for e, v in log.lines if e == "calibration_cut"] == ["rtn"] and len(gptq) == 1
+    final, first = packed[-1], gptq[0]
+    rounded = tm.rounded_levels(model.state_dict(), bits, cfg.quant_clip_sigmas)
+    kept = [n for n in final if final[n][0] == first[n][0]]
+    changed = [n for n in final if final[n][0] != first[n][0]]
+    assert kept and changed
+    assert all(torch.equal(final[n][1], first[n][1]) for n in kept)
+    assert any(not torch.equal(first[n][1], rounded[n][1]) for n in kept)  # GPTQ's levels are not the rounded ones
+    assert all(torch.equal(final[n][1], rounded[n][1]) for n in changed)
+    assert code_bytes + len(blob) <= cfg.artifact_limit_bytes
