@@ -41,7 +41,12 @@ PREPARE = [sys.executable, "-m", "data.prepare", "--input", str(SHARED / "finewe
 # MLPs), which it then replaced with its winner: every configuration stays the run it was.
 PROTOCOL = dict(DATA_PATH=DATA_PATH, TOKENIZER_PATH=TOKENIZER_PATH, TRAIN_BATCH_TOKENS="131072", GRAD_ACCUM_STEPS="2",
                 WARMUP_STEPS="10", VAL_LOSS_EVERY="0", TRAIN_LOG_EVERY="50", MUON_MOMENTUM_WARMUP_STEPS="100")
-COMMON = dict(PROTOCOL, MLP_MODE="dense", MOE_LAYERS="all", EXPERT_HIDDEN="0",
+# The record stack's techniques off, as they were before the third study made four of them defaults: every earlier
+# configuration, and the third study's baselines, stay the runs they were.
+TECHNIQUES_OFF = dict(MLP_ACT="relu2", EXPERT_ACT="relu2", ROPE_DIMS="0", XSA_LAST_N="0", LN_SCALE="0", SMEAR_GATE="0",
+                      BIGRAM_BUCKETS="0", ATTN_GATE="0", PARALLEL_LAYERS="none", RECUR_LAYERS="none", MUON_WD="0",
+                      MUON_EQ_R="0", MUON_POLAR_EXPRESS="0", MIN_LR="0", LQER_RANK="0", QK_GAIN_INIT="1.5")
+COMMON = dict(PROTOCOL, **TECHNIQUES_OFF, MLP_MODE="dense", MOE_LAYERS="all", EXPERT_HIDDEN="0",
               QUANT_ATTN_BITS="8", QUANT_MLP_BITS="6", QUANT_EXPERT_BITS="6", QUANT_METHOD="rtn", QUANT_CLIP_SIGMAS="0",
               NUM_EXPERTS="8", QUANT_FIT="0")
 WARMDOWN_AT_65S = 250  # WARMDOWN_ITERS at 65 s, scaled with the wallclock (and 40% of a fixed-step run)
@@ -71,11 +76,6 @@ CONFIGS = {
     "moe16_fit": dict(MLP_MODE="sparse", ROUTER="softmax", MOE_LAYERS="1,3,5,7", EXPERT_HIDDEN="256", NUM_EXPERTS="16",
                       QUANT_METHOD="gptq", QUANT_FIT="1", SAVE_FP32="1"),
 }
-# The third study (docs/study.md): the record stack's techniques on today's dense baseline (the README's line) and on
-# today's default MoE, each pinned with every technique off so that later defaults leave these runs as they were.
-TECHNIQUES_OFF = dict(MLP_ACT="relu2", EXPERT_ACT="relu2", ROPE_DIMS="0", XSA_LAST_N="0", LN_SCALE="0", SMEAR_GATE="0",
-                      BIGRAM_BUCKETS="0", ATTN_GATE="0", PARALLEL_LAYERS="none", RECUR_LAYERS="none", MUON_WD="0",
-                      MUON_EQ_R="0", MUON_POLAR_EXPRESS="0", MIN_LR="0", LQER_RANK="0", QK_GAIN_INIT="1.5")
 DENSE_BASELINE = dict(TECHNIQUES_OFF, MLP_MODE="dense", QUANT_FIT="0", QUANT_ATTN_BITS="8", QUANT_MLP_BITS="6")
 MOE_DEFAULT = dict(TECHNIQUES_OFF, MLP_MODE="sparse", MOE_LAYERS="odd", NUM_EXPERTS="16", TOP_K="2", EXPERT_HIDDEN="256",
                    ROUTER="softmax", QUANT_FIT="1")

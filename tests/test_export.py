@@ -86,8 +86,11 @@ MODES = {
 @pytest.mark.parametrize("mode", MODES)
 def test_calibration_routes_as_the_exported_model_and_beats_rounding(mode):
     """The calibration copy ends holding exactly what the artifact dequantizes to, so every stage routed with the
-    exported model's weights; and GPTQ moves the logits on its calibration batches less than plain rounding."""
-    cfg = tm.Hyperparameters({**SMALL, **MODES[mode], "QUANT_METHOD": "gptq"})
+    exported model's weights; and GPTQ moves the logits on its calibration batches less than plain rounding. Without
+    XSA: on this random model it leaves GPTQ's error at 0.95-0.97 of rounding's with the softmax and sigmoid routers
+    (0.37-0.69 in every mode without), where trained on an H100 dense's GPTQ gap was 0.0003 with XSA and without
+    (docs/study.md)."""
+    cfg = tm.Hyperparameters({**SMALL, **MODES[mode], "QUANT_METHOD": "gptq", "XSA_LAST_N": "0"})
     torch.manual_seed(0)
     model = tm.GPT(cfg)
     randomize(model)
@@ -205,21 +208,28 @@ class Metrics:
         self.lines.append((event, values))
 
 
-def test_quant_fit_refits_when_the_artifact_comes_out_bigger_than_estimated(tiny_data, monkeypatch):
-    """The packed artifact comes out bigger than the fit estimated: the fit scales its estimates and picks again."""
+def over_cap_at_first_fit(tiny_data, monkeypatch, loss):
+    """A random MoE whose fit estimates half its rounded levels' sizes (`loss(group, bits)` its loss increases), under a
+    cap 5% above its 5-bit levels: the first artifact comes out over it. (cfg, model, code bytes)."""
     cfg = tm.Hyperparameters(tiny_env(tiny_data, MLP_MODE="sparse", MOE_LAYERS="1", NUM_EXPERTS=4, QUANT_METHOD="gptq",
                                       QUANT_FIT=1, CALIBRATION_TOKENS=1024, QUANT_FIT_MARGIN_BYTES=0))
     torch.manual_seed(0)
     model = tm.GPT(cfg)
     randomize(model)
     sizes = {b: tm.levels_bytes(tm.rounded_levels(model.state_dict(), dict.fromkeys(tm.QUANTIZED, b), 0.0)) for b in tm.QUANT_BITS}
-    # Estimates half the rounded levels' sizes, and a loss that always prefers more bits (a random model's is noise).
-    monkeypatch.setattr(tm, "fit_options", lambda *args: {g: {b: (sizes[b][g] / 2, 2.0**-b) for b in tm.QUANT_BITS}
+    monkeypatch.setattr(tm, "fit_options", lambda *args: {g: {b: (sizes[b][g] / 2, loss(g, b)) for b in tm.QUANT_BITS}
                                                           for g in sizes[8]})
     code_bytes = len(tm.pack_code(tm.SOURCE))
     floats = tm.quantize_state({n: t for n, t in model.state_dict().items() if not tm.is_quantized(n, t)}, {})
     fixed = code_bytes + len(json.dumps(floats[0])) + sum(a.nbytes for a in floats[1].values())
     cfg.artifact_limit_bytes = fixed + round(1.05 * sum(sizes[5].values()))
+    return cfg, model, code_bytes
+
+
+def test_quant_fit_refits_when_the_artifact_comes_out_bigger_than_estimated(tiny_data, monkeypatch):
+    """The packed artifact comes out bigger than the fit estimated: the fit scales its estimates and picks again."""
+    # A loss that always prefers more bits (a random model's is noise).
+    cfg, model, code_bytes = over_cap_at_first_fit(tiny_data, monkeypatch, lambda group, b: 2.0**-b)
     log = Metrics()
     bits, blob, _, _ = tm.export_artifact(model, cfg, tm.DistributedTokenLoader(cfg, torch.device("cpu")), code_bytes, log, {}, math.inf)
     events = [e for e, _ in log.lines if e != "quant_fit_option"]
@@ -233,19 +243,9 @@ def test_quant_fit_refits_when_the_artifact_comes_out_bigger_than_estimated(tiny
 
 def test_a_refit_with_no_time_left_keeps_gptqs_levels_where_its_bits_did_not_change(tiny_data, monkeypatch):
     """The refit has no time for GPTQ: the tensors whose bits it kept keep GPTQ's levels; only the others round."""
-    cfg = tm.Hyperparameters(tiny_env(tiny_data, MLP_MODE="sparse", MOE_LAYERS="1", NUM_EXPERTS=4, QUANT_METHOD="gptq",
-                                      QUANT_FIT=1, CALIBRATION_TOKENS=1024, QUANT_FIT_MARGIN_BYTES=0))
-    torch.manual_seed(0)
-    model = tm.GPT(cfg)
-    randomize(model)
-    sizes = {b: tm.levels_bytes(tm.rounded_levels(model.state_dict(), dict.fromkeys(tm.QUANTIZED, b), 0.0)) for b in tm.QUANT_BITS}
     # Attention below 8 bits costs too much loss to be chosen: the refit lowers the other groups alone.
-    monkeypatch.setattr(tm, "fit_options", lambda *args: {g: {b: (sizes[b][g] / 2, 100.0 * (b < 8) if g == "attn" else 2.0**-b)
-                                                              for b in tm.QUANT_BITS} for g in sizes[8]})
-    code_bytes = len(tm.pack_code(tm.SOURCE))
-    floats = tm.quantize_state({n: t for n, t in model.state_dict().items() if not tm.is_quantized(n, t)}, {})
-    fixed = code_bytes + len(json.dumps(floats[0])) + sum(a.nbytes for a in floats[1].values())
-    cfg.artifact_limit_bytes = fixed + round(1.05 * sum(sizes[5].values()))
+    cfg, model, code_bytes = over_cap_at_first_fit(tiny_data, monkeypatch,
+                                                   lambda group, b: 100.0 * (b < 8) if group == "attn" else 2.0**-b)
     # Time for every token at the start, none at the refit; no stage cut short.
     plans = iter([1024])
     monkeypatch.setattr(tm.CalibrationCost, "tokens_within", lambda self, seconds, most, seq_len: next(plans, 0))

@@ -99,7 +99,7 @@ def test_soft_mode_is_the_gate_weighted_sum_of_all_experts():
     y, _ = layer(x, torch.zeros(2, 5, dtype=torch.long))
     flat = x.reshape(-1, 32)
     gates = (flat @ layer.router.T).softmax(-1)
-    want = sum(gates[:, e : e + 1] * (tm.activate(flat @ layer.experts.w_in[e].T, "relu2") @ layer.experts.w_out[e].T) for e in range(4))
+    want = sum(gates[:, e : e + 1] * (tm.activate(flat @ layer.experts.w_in[e].T, "leaky_relu2") @ layer.experts.w_out[e].T) for e in range(4))
     torch.testing.assert_close(y.reshape(-1, 32), want)
 
 

@@ -75,9 +75,9 @@ def test_sampling_is_reproducible_per_seed_and_stops_before_the_stop_token(artif
     model = reference(artifacts["softmax"])
     draws = [list(sample.generate(model, PROMPT, GENERATED, temperature=1.0, seed=s)) for s in (0, 0, 1)]
     assert draws[0] == draws[1] != draws[2]
-    greedy = list(sample.generate(model, PROMPT, GENERATED))
-    stop = next(t for i, t in enumerate(greedy) if t not in greedy[:i] and i >= 3)
-    assert list(sample.generate(model, PROMPT, GENERATED, stop=stop)) == greedy[: greedy.index(stop)]
+    # (The tiny model's greedy draw repeats one token: the stop is checked on seed 0's draw.)
+    stop = next(t for i, t in enumerate(draws[0]) if t not in draws[0][:i] and i >= 3)
+    assert list(sample.generate(model, PROMPT, GENERATED, temperature=1.0, seed=0, stop=stop)) == draws[0][: draws[0].index(stop)]
 
 
 # ---------------------------------------------------------------- routing at generation

@@ -34,7 +34,7 @@ def test_leaky_relu2_is_leaky_relu_half_squared():
     h = torch.randn(1000)
     assert torch.equal(tm.activate(h, "leaky_relu2"), torch.where(h > 0, h, 0.5 * h) ** 2)
     m = model(MLP_ACT="leaky_relu2")
-    assert m.blocks[0].mlp.act == "leaky_relu2" and not torch.equal(model()(ids(), ids()), m(ids(), ids()))
+    assert m.blocks[0].mlp.act == "leaky_relu2" and not torch.equal(model(MLP_ACT="relu2")(ids(), ids()), m(ids(), ids()))
 
 
 @pytest.mark.parametrize("dims", [0, 2, 4, 8])
