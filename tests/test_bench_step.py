@@ -253,3 +253,15 @@ def test_the_peer_profile_holds_two_of_its_steps_and_stops_it_before_validation(
     assert rows["aten::mm"].split()[-1] == "6"  # w @ w forward, and two matmuls in its backward, per step
     assert rows["Optimizer.step#SGD.step"].split()[-1] == "2" and rows["Optimizer.step#Adam.step"].split()[-1] == "2"
     assert json.loads((tmp_path / "prof" / "kernels_peer.json").read_text()) == {}  # no device kernels on a CPU
+
+
+def test_kernel_families_sum_each_profiled_rows_kernels_once():
+    profiles = {"dense": {"nvjet_tst_128x256_h_bz_coopA": 10.0, "triton_red_fused__to_copy_add_mean_mul_pow_rsqrt_0": 2.0,
+                          "flash_fwd_kernel": 3.0, "triton_poi_fused_mul_0": 0.5, "at::native::vectorized_elementwise_kernel": 0.25,
+                          "void multi_tensor_apply_kernel<foreach_lerp>": 1.0, "Memcpy DtoD": 0.125, "mystery": 1.0},
+                "peer": {"sm90_xmma_gemm_bf16": 9.0}}
+    lines = {line.split()[0]: line.split()[1:] for line in bench_step.family_table(profiles).splitlines()[1:]}
+    assert lines["matmul"] == ["10.00", "9.00"] and lines["attention"] == ["3.00", "0.00"] and lines["norm"] == ["2.00", "0.00"]
+    assert lines["optimizer"] == ["1.00", "0.00"] and lines["copy"] == ["0.12", "0.00"]
+    assert lines["elementwise"] == ["0.75", "0.00"] and lines["other"] == ["1.00", "0.00"]
+    assert lines["total"] == ["17.88", "9.00"]  # each kernel in one family only
