@@ -1705,9 +1705,12 @@ class CalibrationCost(NamedTuple):
     def total(costs) -> "CalibrationCost":
         return CalibrationCost(sum(c.fixed for c in costs), sum(c.per_token for c in costs))
 
+    def predicted(self, tokens: int) -> float:
+        return self.fixed + self.per_token * tokens
+
     def seconds(self, tokens: int) -> float:
         """What is reserved for `tokens`: the predicted time with its margin."""
-        return self.fixed + self.per_token * tokens + CALIBRATION_MARGIN
+        return self.predicted(tokens) + CALIBRATION_MARGIN
 
     def tokens_within(self, seconds: float, most: int, seq_len: int) -> int:
         """Whole sequences, at most `most` tokens, whose time with its margin fits `seconds` (0: not even one)."""
@@ -2354,7 +2357,7 @@ def run(cfg, sp, val_tokens, device, distributed, log, artifact_path: Path, fp32
         t0 = time.perf_counter()
         cold, costs = master_decides(rehearse_calibration(model, cfg, device) if master else None, distributed)
         reserve_ms = 1000 * CalibrationCost.total(list(costs.values())).seconds(cfg.calibration_tokens)
-        cold_s = CalibrationCost.total(list(cold.values())).seconds(cfg.calibration_tokens) - CALIBRATION_MARGIN
+        cold_s = sum(c.predicted(cfg.calibration_tokens) for c in cold.values())
         phases = {f"{p}_{part}_s": v for p, c in costs.items() for part, v in (("fixed", c.fixed), ("tokens", c.per_token * cfg.calibration_tokens))}
         shares = {"gptq_stage_shares": list(costs["gptq"].stages)} if "gptq" in costs else {}
         log.metrics("calibration_rehearsal", **phases, **shares, tokens=cfg.calibration_tokens, reserve_ms=round(reserve_ms),
@@ -2455,7 +2458,7 @@ def run(cfg, sp, val_tokens, device, distributed, log, artifact_path: Path, fp32
             calibration_ms = 1000 * calibration_seconds
             log.metrics("export_bits", **{f"{c}_bits": b for c, b in bits.items()}, method=cfg.quant_method,
                         clip_sigmas=cfg.quant_clip_sigmas, calibration_ms=round(calibration_ms),
-                        predicted_ms=round(1000 * sum(c.fixed + c.per_token * cfg.calibration_tokens for c in costs.values())))
+                        predicted_ms=round(1000 * sum(c.predicted(cfg.calibration_tokens) for c in costs.values())))
         except (RunFailed, OSError) as e:  # OSError: a full disk
             failure = (str(e), e.status) if isinstance(e, RunFailed) else (f"{e.filename}: {e.strerror}", 1)
     failure = master_decides(failure, distributed)
