@@ -165,13 +165,19 @@ def profile(mode: str, step, device, out_dir: Path):
 
 
 def kernel_times(prof) -> dict[str, float]:
-    """Device kernels' ms per step (the profile holds two steps), by kernel name."""
-    return {e.key: e.self_device_time_total / 2000 for e in prof.key_averages()
-            if e.device_type == torch.autograd.DeviceType.CUDA and e.self_device_time_total > 0}
+    """Device kernels' ms per step (the profile holds two steps), by kernel name. Not the GPU ranges of annotations
+    (ProfilerStep*, Optimizer.step#Muon.step): they span kernels already counted, and doubled the peer's total."""
+    times = {}
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA and not e.is_user_annotation and e.self_device_time_total > 0:
+            times[e.name] = times.get(e.name, 0.0) + e.self_device_time_total / 2000
+    return times
 
 
 # Kernel families, the first whose pattern a kernel's name matches (Inductor names a fused kernel by its ops).
-FAMILIES = [("matmul", r"gemm|nvjet|cutlass|xmma|wgmma|grouped_mm|splitk"), ("attention", r"flash|fmha|attention"),
+# Attention first: cuDNN's attention kernels are named for their wgmma tiles, and were counted as matmuls.
+FAMILIES = [("attention", r"flash|fmha|attention|sdpa|cudnn"), ("grouped", r"GroupProblemShape|grouped_gemm"),
+            ("matmul", r"gemm|nvjet|cutlass|xmma|wgmma|grouped_mm|splitk"),
             ("norm", r"rsqrt|norm"), ("optimizer", r"foreach|adam|lerp|addcmul"), ("copy", r"memcpy|memset|copy|cat_|clone"),
             ("reduction", r"^triton_(red|per)_|reduce|sum|nll|softmax"), ("elementwise", r"^triton_poi_|elementwise|vectorized")]
 
@@ -268,20 +274,21 @@ def time_peer(path: str, env: dict, steps: int, warmup: int) -> dict:
                 max_over_mean_load=None, params=params, active_params=params, step_times_ms=times[warmup:])
 
 
-# `python -c PEER_PROFILER PEER TABLE KERNELS SKIP`: the peer under torch.profiler for two steps after SKIP warm-up steps
+# `python -c PEER_PROFILER PEER TABLE KERNELS SKIP SCRIPTS`: the peer under torch.profiler for two steps after SKIP warm-up steps
 # (a step ends where the first optimizer it steps ends its step), its kernel table and kernel times written as profile()
 # writes the trainer rows', then an exit before the peer's validation and export.
 PEER_PROFILER = """
 import json, os, runpy, sys, torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
-peer, table, kernels, skip = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+peer, table, kernels, skip, scripts = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5]
 cuda = torch.cuda.is_available()
 
 def write(prof):
     sort = "self_device_time_total" if cuda else "self_cpu_time_total"
     open(table, "w").write(prof.key_averages().table(sort_by=sort, row_limit=45, max_name_column_width=90))
-    json.dump({e.key: e.self_device_time_total / 2000 for e in prof.key_averages()  # as kernel_times()
-               if e.device_type == torch.autograd.DeviceType.CUDA and e.self_device_time_total > 0}, open(kernels, "w"))
+    sys.path.insert(0, scripts)
+    from bench_step import kernel_times
+    json.dump(kernel_times(prof), open(kernels, "w"))
     os._exit(0)
 
 activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
@@ -307,7 +314,8 @@ def profile_peer(path: str, env: dict, skip: int, out: Path):
     out.parent.mkdir(parents=True, exist_ok=True)
     out.unlink(missing_ok=True)
     kernels = out.with_name("kernels_peer.json")
-    command = [sys.executable, "-c", PEER_PROFILER, os.path.abspath(path), str(out.resolve()), str(kernels.resolve()), str(skip)]
+    command = [sys.executable, "-c", PEER_PROFILER, os.path.abspath(path), str(out.resolve()), str(kernels.resolve()), str(skip),
+               str(Path(__file__).resolve().parent)]
     with tempfile.TemporaryDirectory() as cwd, subprocess.Popen(
             command, cwd=cwd, env={**env, "ITERATIONS": str(skip + 4)}, stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT, encoding="utf-8", errors="replace", start_new_session=True) as peer:

@@ -5,6 +5,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -258,10 +259,21 @@ def test_the_peer_profile_holds_two_of_its_steps_and_stops_it_before_validation(
 def test_kernel_families_sum_each_profiled_rows_kernels_once():
     profiles = {"dense": {"nvjet_tst_128x256_h_bz_coopA": 10.0, "triton_red_fused__to_copy_add_mean_mul_pow_rsqrt_0": 2.0,
                           "flash_fwd_kernel": 3.0, "triton_poi_fused_mul_0": 0.5, "at::native::vectorized_elementwise_kernel": 0.25,
-                          "void multi_tensor_apply_kernel<foreach_lerp>": 1.0, "Memcpy DtoD": 0.125, "mystery": 1.0},
+                          "void multi_tensor_apply_kernel<foreach_lerp>": 1.0, "Memcpy DtoD": 0.125, "mystery": 1.0,
+                          "cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma_f16_knob_26_64x64x64": 4.0,
+                          "_ZN7cutlass13device_kernelIN2at4cuda6GemmUniversalINS5_17GroupProblemShapeIN4cute": 6.0},
                 "peer": {"sm90_xmma_gemm_bf16": 9.0}}
     lines = {line.split()[0]: line.split()[1:] for line in bench_step.family_table(profiles).splitlines()[1:]}
-    assert lines["matmul"] == ["10.00", "9.00"] and lines["attention"] == ["3.00", "0.00"] and lines["norm"] == ["2.00", "0.00"]
-    assert lines["optimizer"] == ["1.00", "0.00"] and lines["copy"] == ["0.12", "0.00"]
+    assert lines["matmul"] == ["10.00", "9.00"] and lines["attention"] == ["7.00", "0.00"] and lines["norm"] == ["2.00", "0.00"]
+    assert lines["grouped"] == ["6.00", "0.00"] and lines["optimizer"] == ["1.00", "0.00"] and lines["copy"] == ["0.12", "0.00"]
     assert lines["elementwise"] == ["0.75", "0.00"] and lines["other"] == ["1.00", "0.00"]
-    assert lines["total"] == ["17.88", "9.00"]  # each kernel in one family only
+    assert lines["total"] == ["27.88", "9.00"]  # each kernel in one family only
+
+
+def test_kernel_times_leave_out_annotations_and_host_events():
+    """An annotation's GPU range (ProfilerStep*, Optimizer.step#...) spans kernels counted on their own."""
+    cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
+    events = [SimpleNamespace(name=n, device_type=d, is_user_annotation=a, self_device_time_total=us) for n, d, a, us in [
+        ("nvjet_a", cuda, False, 3000.0), ("nvjet_a", cuda, False, 1000.0), ("ProfilerStep#2", cuda, True, 9000.0),
+        ("Optimizer.step#Muon.step", cuda, True, 500.0), ("aten::mm", cpu, False, 4000.0), ("idle", cuda, False, 0.0)]]
+    assert bench_step.kernel_times(SimpleNamespace(events=lambda: events)) == {"nvjet_a": 2.0}

@@ -1,4 +1,5 @@
-"""GPU-only paths (skipped without CUDA): calibrated export under bf16 autocast, as the trainer runs it on a GPU."""
+"""GPU-only paths (skipped without CUDA): calibrated export under bf16 autocast, as the trainer runs it on a GPU, and
+the compiled step against the attention of before the speed work."""
 import copy
 
 import pytest
@@ -7,6 +8,7 @@ import torch
 import train_moe as tm
 from test_export import BITS
 from test_moe import SMALL, randomize
+from test_step_losses import SHAPE, plain_attention
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -49,3 +51,28 @@ def test_gptq_on_the_gpu_matches_the_cpu():
     torch.testing.assert_close(gpu[1].cpu(), cpu[1], rtol=1e-3, atol=0)  # row stds may differ in the last bit
     errors = [(x @ (tm.dequantize(q.cpu(), s.cpu(), w.shape) - w).transpose(1, 2)).square().mean() for q, s in (cpu, gpu)]
     assert errors[1] == pytest.approx(errors[0].item(), rel=0.02)
+
+
+def test_gpu_compiled_step_equals_the_plain_attentions_to_bf16_rounding(monkeypatch):
+    """The compiled bf16 step with q, k and v as one matmul and rotary tables made once, against three projections and
+    angles computed in the step (test_step_losses.plain_attention): the same loss and gradients to bf16 rounding."""
+    cfg = tm.Hyperparameters({**SHAPE, "MLP_MODE": "sparse", "ROPE_DIMS": "8"})
+    torch.manual_seed(0)
+    model = tm.GPT(cfg).cuda()
+    randomize(model)
+    ids = torch.randint(0, cfg.vocab_size, (8, cfg.train_seq_len), device="cuda")
+
+    def loss_and_grads():
+        torch._dynamo.reset()
+        model.zero_grad()
+        with tm.autocast(torch.device("cuda")):
+            loss = torch.compile(model, fullgraph=True)(ids, ids)
+        loss.backward()
+        return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    loss, grads = loss_and_grads()
+    monkeypatch.setattr(tm.Attention, "forward", plain_attention)
+    plain_loss, plain_grads = loss_and_grads()
+    assert loss == pytest.approx(plain_loss, rel=1e-2)
+    for name, grad in grads.items():
+        assert (grad - plain_grads[name]).norm() <= 0.03 * plain_grads[name].norm() + 1e-6, name
