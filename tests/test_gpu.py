@@ -8,7 +8,7 @@ import torch
 import train_moe as tm
 from test_export import BITS
 from test_moe import SMALL, randomize
-from test_step_losses import SHAPE, plain_attention
+from test_step_losses import SHAPE, trainer_and_plain
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -62,17 +62,12 @@ def test_gpu_compiled_step_equals_the_plain_attentions_to_bf16_rounding(monkeypa
     randomize(model)
     ids = torch.randint(0, cfg.vocab_size, (8, cfg.train_seq_len), device="cuda")
 
-    def loss_and_grads():
+    def compiled_step(m):
         torch._dynamo.reset()
-        model.zero_grad()
         with tm.autocast(torch.device("cuda")):
-            loss = torch.compile(model, fullgraph=True)(ids, ids)
-        loss.backward()
-        return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}
+            return torch.compile(m, fullgraph=True)(ids, ids)
 
-    loss, grads = loss_and_grads()
-    monkeypatch.setattr(tm.Attention, "forward", plain_attention)
-    plain_loss, plain_grads = loss_and_grads()
+    (loss, grads), (plain_loss, plain_grads) = trainer_and_plain(model, compiled_step, monkeypatch)
     assert loss == pytest.approx(plain_loss, rel=1e-2)
     for name, grad in grads.items():
         assert (grad - plain_grads[name]).norm() <= 0.03 * plain_grads[name].norm() + 1e-6, name

@@ -93,6 +93,18 @@ def plain_attention(attn: train_moe.Attention, x: torch.Tensor) -> torch.Tensor:
     return attn.output(y, v, x)
 
 
+def trainer_and_plain(model, forward, monkeypatch) -> list[tuple[float, dict]]:
+    """(loss, gradients) of forward(model): with the trainer's attention, then with plain_attention."""
+    results = []
+    for attention in (train_moe.Attention.forward, plain_attention):
+        monkeypatch.setattr(train_moe.Attention, "forward", attention)
+        model.zero_grad()
+        loss = forward(model)
+        loss.backward()
+        results.append((loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    return results
+
+
 @pytest.mark.parametrize("rope_dims", ["0", "8"])
 def test_one_step_equals_the_plain_attentions_to_fp32_rounding(rope_dims, monkeypatch):
     cfg = train_moe.Hyperparameters(bench_step.mode_env(dict(SHAPE, ROPE_DIMS=rope_dims), "default"))
@@ -103,15 +115,7 @@ def test_one_step_equals_the_plain_attentions_to_fp32_rounding(rope_dims, monkey
             p.copy_(torch.randn(p.shape) * 0.3)
     ids = torch.randint(0, cfg.vocab_size, (4, cfg.train_seq_len))
 
-    def loss_and_grads():
-        model.zero_grad()
-        loss = model(ids, ids)
-        loss.backward()
-        return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}
-
-    loss, grads = loss_and_grads()
-    monkeypatch.setattr(train_moe.Attention, "forward", plain_attention)
-    plain_loss, plain_grads = loss_and_grads()
+    (loss, grads), (plain_loss, plain_grads) = trainer_and_plain(model, lambda m: m(ids, ids), monkeypatch)
     assert loss == pytest.approx(plain_loss, rel=1e-6)
     for name, grad in grads.items():
         scale = plain_grads[name].abs().max().clamp_min(1e-12)
