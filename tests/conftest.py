@@ -1,5 +1,6 @@
 """Shared fixtures: a tiny corpus, tokenizer and shards made by the project's own pipeline, once per session."""
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +16,10 @@ sys.path.insert(0, str(REPO))
 
 from data.default_corpus import stdlib_documents  # noqa: E402
 from data.prepare import train_tokenizer, write_splits  # noqa: E402
+
+# One intra-op thread in the test process and the ranks it spawns (which import this file), as run_trainer gives each
+# trainer: the tests' tensors are tiny, and two threads on 2 cores shared with another process wait on each other.
+torch.set_num_threads(1)
 
 TINY_VOCAB = 384  # 4 specials + 256 byte pieces + 124 merges: small, and byte fallback is exercised
 
@@ -36,6 +41,11 @@ DENSE = dict(MLP_MODE="dense", MOE_LAYERS="all", EXPERT_HIDDEN="0", QUANT_ATTN_B
              QUANT_EXPERT_BITS="6", QUANT_FIT="0")
 
 
+# One micro-batch a step (the trainer's default is 8 // WORLD_SIZE): the same gradient, in a third of the step time on
+# a CPU. For whole runs whose tests are about something else; test_trainer's tiny and two-process runs keep the default.
+ONE_MICRO_BATCH = dict(GRAD_ACCUM_STEPS="1")
+
+
 def tiny_env(tiny_data, **overrides) -> dict:
     """A 2-layer, 64-wide model on the tiny data: seconds per run on a CPU, eager (compile is tested on its own)."""
     env = dict(
@@ -48,6 +58,26 @@ def tiny_env(tiny_data, **overrides) -> dict:
     )
     env.update({k: str(v) for k, v in overrides.items()})
     return env
+
+
+@pytest.fixture(scope="session")
+def quickstart_run(tiny_data, tmp_path_factory) -> Path:
+    """A trained one-MoE-layer run as the README's quick start leaves its folder (logs/quickstart.*,
+    artifacts/quickstart.moe), with its fp32 checkpoint (SAVE_FP32=1): the README's commands and export_sweep.py read
+    it, each from a copy of its own (copy_run)."""
+    root = tmp_path_factory.mktemp("quickstart")
+    env = tiny_env(tiny_data, RUN_ID="quickstart", ITERATIONS=40, MLP_MODE="sparse", MOE_LAYERS="1", NUM_EXPERTS=4,
+                   EXPERT_HIDDEN=32, SAVE_FP32=1, **ONE_MICRO_BATCH)
+    result = run_trainer(root, env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return root
+
+
+def copy_run(run_dir: Path, to: Path) -> Path:
+    """A run's logs/ and artifacts/ copied into `to`, for a test that writes beside them."""
+    for sub in ("logs", "artifacts"):
+        shutil.copytree(run_dir / sub, to / sub)
+    return to
 
 
 def run_trainer(cwd: Path, env: dict, nproc: int = 1, timeout: int = 300) -> subprocess.CompletedProcess:

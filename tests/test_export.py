@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import train_moe as tm
-from conftest import run_trainer, tiny_env
+from conftest import ONE_MICRO_BATCH, run_trainer, tiny_env
 from test_moe import SMALL, randomize
 
 BITS = {"embed": 8, "attn": 6, "mlp": 5, "experts": 4}
@@ -175,7 +175,7 @@ def test_quant_fit_lands_under_the_limit_with_gptq(tiny_data, tmp_path):
     """At 8 bits everywhere this model's artifact is over the limit set here; QUANT_FIT picks bits that fit."""
     env = tiny_env(tiny_data, RUN_ID="fit", MLP_MODE="sparse", MOE_LAYERS="1", NUM_EXPERTS=4, EXPERT_HIDDEN=64,
                    QUANT_EMBED_BITS=8, QUANT_ATTN_BITS=8, QUANT_MLP_BITS=8, QUANT_EXPERT_BITS=8, QUANT_METHOD="gptq", CALIBRATION_TOKENS=4096,
-                   QUANT_CLIP_SIGMAS=4, QUANT_FIT=1, QUANT_FIT_MARGIN_BYTES=2000)
+                   QUANT_CLIP_SIGMAS=4, QUANT_FIT=1, QUANT_FIT_MARGIN_BYTES=2000, **ONE_MICRO_BATCH)
     code_bytes = len(tm.pack_code(tm.SOURCE))
     env["ARTIFACT_LIMIT_BYTES"] = str(code_bytes + 60_000)
     result = run_trainer(tmp_path, env)
@@ -192,7 +192,7 @@ def test_quant_fit_lands_under_the_limit_with_gptq(tiny_data, tmp_path):
 def test_quant_fit_fails_clearly_when_nothing_fits(tiny_data, tmp_path):
     code_bytes = len(tm.pack_code(tm.SOURCE))
     env = tiny_env(tiny_data, RUN_ID="nofit", QUANT_FIT=1, CALIBRATION_TOKENS=4096, ARTIFACT_LIMIT_BYTES=code_bytes + 5000,
-                   QUANT_FIT_MARGIN_BYTES=0)
+                   QUANT_FIT_MARGIN_BYTES=0, ITERATIONS=5, **ONE_MICRO_BATCH)  # the fit fails on any weights
     result = run_trainer(tmp_path, env)
     assert result.returncode == 4
     assert result.stderr.strip().splitlines()[-1].startswith("error: QUANT_FIT: nothing fits")

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import train_moe as tm
-from conftest import REPO, run_trainer, tiny_env
+from conftest import REPO, copy_run
 
 sys.path.insert(0, str(REPO / "scripts"))
 import export_sweep  # noqa: E402
@@ -16,15 +16,12 @@ SETTINGS = {"MLP_MODE": "dense", "VOCAB_SIZE": "64", "NUM_LAYERS": "2", "MODEL_D
             "NUM_KV_HEADS": "2"}
 
 
-def test_sweep_reproduces_the_run_and_compares_variants(tiny_data, tmp_path, monkeypatch, capsys):
-    env = tiny_env(tiny_data, RUN_ID="swept", MLP_MODE="sparse", MOE_LAYERS="1", NUM_EXPERTS=4, EXPERT_HIDDEN=32,
-                   ITERATIONS=20, SAVE_FP32=1)
-    result = run_trainer(tmp_path, env)
-    assert result.returncode == 0, result.stderr[-3000:]
-    run = {e["event"]: e for e in map(json.loads, (tmp_path / "logs" / "swept.jsonl").read_text().splitlines())}
+def test_sweep_reproduces_the_run_and_compares_variants(quickstart_run, tmp_path, monkeypatch, capsys):
+    copy_run(quickstart_run, tmp_path)  # a tiny one-MoE-layer run with SAVE_FP32=1
+    run = {e["event"]: e for e in map(json.loads, (tmp_path / "logs" / "quickstart.jsonl").read_text().splitlines())}
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "sweep.json"
-    code = export_sweep.main(["artifacts/swept.fp32.pt", "same:", "gptq4:QUANT_METHOD=gptq QUANT_EXPERT_BITS=4 QUANT_CLIP_SIGMAS=3 CALIBRATION_TOKENS=4096",
+    code = export_sweep.main(["artifacts/quickstart.fp32.pt", "same:", "gptq4:QUANT_METHOD=gptq QUANT_EXPERT_BITS=4 QUANT_CLIP_SIGMAS=3 CALIBRATION_TOKENS=4096",
                               "--json", str(out)])
     assert code == 0
     rows = {r["variant"]: r for r in json.loads(out.read_text())}

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import train_moe as tm
-from conftest import DENSE, on_gloo_ranks, run_trainer, tiny_env
+from conftest import DENSE, ONE_MICRO_BATCH, on_gloo_ranks, run_trainer, tiny_env
 
 SMALL = {**DENSE, "MODEL_DIM": "32", "NUM_HEADS": "4", "NUM_KV_HEADS": "2", "TRAIN_SEQ_LEN": "16", "TRAIN_BATCH_TOKENS": "128",
          "VOCAB_SIZE": "64", "NUM_LAYERS": "2", "NUM_EXPERTS": "4", "TOP_K": "2", "EXPERT_HIDDEN": "16"}
@@ -377,7 +377,7 @@ def test_every_mode_compiles_fullgraph_without_recompiles(mode):
 
 @pytest.mark.parametrize("mode", MODES)
 def test_every_mode_trains_exports_and_roundtrips(tiny_data, tmp_path, mode):
-    env = tiny_env(tiny_data, RUN_ID=mode, ITERATIONS=25, NUM_EXPERTS=4, **MODES[mode])
+    env = tiny_env(tiny_data, RUN_ID=mode, ITERATIONS=25, NUM_EXPERTS=4, **MODES[mode], **ONE_MICRO_BATCH)
     result = run_trainer(tmp_path, env)
     assert result.returncode == 0, result.stderr[-3000:]
     evs = [json.loads(line) for line in (tmp_path / "logs" / f"{mode}.jsonl").read_text().splitlines()]

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import train_moe as tm
-from conftest import run_trainer, tiny_env
+from conftest import ONE_MICRO_BATCH, run_trainer, tiny_env
 from test_moe import SMALL
 
 
@@ -98,14 +98,15 @@ def test_alert_waits_for_the_collapse_to_persist():
 
 
 PATIENCE = 5
+ITERATIONS = 20  # the collapse comes by step 9 and lasts: reports at steps 1 to 10 and 20
 
 
 @pytest.fixture(scope="module")
 def balancing_runs(tiny_data, tmp_path_factory):
     """The same sigmoid-routed model with a router LR high enough to collapse: balancing off, then hash routing."""
     cwd = tmp_path_factory.mktemp("balancing")
-    common = dict(MLP_MODE="sparse", NUM_EXPERTS=8, ITERATIONS=40, TRAIN_LOG_EVERY=10, ROUTER_LR=0.3, EMA_DECAY=0,
-                  ROUTER_ALERT_PATIENCE=PATIENCE)
+    common = dict(MLP_MODE="sparse", NUM_EXPERTS=8, ITERATIONS=ITERATIONS, TRAIN_LOG_EVERY=10, ROUTER_LR=0.3, EMA_DECAY=0,
+                  ROUTER_ALERT_PATIENCE=PATIENCE, **ONE_MICRO_BATCH)
     runs = {"off": dict(ROUTER="sigmoid", ROUTER_BIAS_RATE=0), "hash": dict(ROUTER="hash")}
     events = {}
     for name, overrides in runs.items():
@@ -132,4 +133,4 @@ def test_alert_fires_in_a_collapsing_run_and_not_in_a_balanced_one(balancing_run
     assert alerts == expected and alerted  # and the run ends collapsed
     assert not [e for e in balancing_runs["hash"] if e["event"] == "router_alert"]
     last = {e["layer"]: e for e in balancing_runs["hash"] if e["event"] == "router"}
-    assert all(e["min_over_mean"] > 0.5 and e["step"] == 40 for e in last.values())
+    assert all(e["min_over_mean"] > 0.5 and e["step"] == ITERATIONS for e in last.values())

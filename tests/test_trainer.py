@@ -15,7 +15,7 @@ import sentencepiece as spm
 import torch
 
 import train_moe as tm
-from conftest import REPO, on_gloo_ranks, run_trainer, tiny_env
+from conftest import ONE_MICRO_BATCH, REPO, on_gloo_ranks, run_trainer, tiny_env
 from data.shards import write_shard
 
 sys.path.insert(0, str(REPO / "scripts"))
@@ -512,8 +512,9 @@ def test_two_processes_match_one_and_warmup_is_rolled_back(tiny_data, tmp_path):
 
 
 def test_a_run_stopped_by_its_cap_logs_a_train_line_at_its_last_step(tiny_data, tmp_path):
-    env = tiny_env(tiny_data, RUN_ID="capped", ITERATIONS=10**6, MAX_WALLCLOCK_SECONDS=6, TRAIN_LOG_EVERY=10**6,
-                   WARMDOWN_ITERS=0)
+    # 3 s of one-micro-batch steps: dozens, well past the 10 logged at the start.
+    env = tiny_env(tiny_data, RUN_ID="capped", ITERATIONS=10**6, MAX_WALLCLOCK_SECONDS=3, TRAIN_LOG_EVERY=10**6,
+                   WARMDOWN_ITERS=0, **ONE_MICRO_BATCH)
     result = run_trainer(tmp_path, env)
     assert result.returncode == 0, result.stderr[-3000:]
     evs = events(tmp_path, "capped")

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import train_moe as tm
-from conftest import run_trainer, tiny_env
+from conftest import ONE_MICRO_BATCH, run_trainer, tiny_env
 from test_moe import randomize
 
 
@@ -63,7 +63,9 @@ def test_the_rehearsal_times_every_gptq_stage(tiny_data):
     assert sum(shares) == pytest.approx(1.0) and min(shares) > 0
 
 
-# 512 calibration tokens (QUANT_FIT scores 21 roundings of the model on them) keep calibration to seconds on 2 cores.
+# 512 calibration tokens (QUANT_FIT scores 21 roundings of the model on them) keep calibration to seconds on 2 cores:
+# rehearsed at 0.3 to 0.6 s with its margin, so a 3 s cap leaves the loop 2.4 s or more: 20 to 50 one-micro-batch steps.
+CAP_S = 3
 @pytest.mark.parametrize("overrides", [
     dict(QUANT_METHOD="gptq", CALIBRATION_TOKENS=512),  # dense
     dict(QUANT_METHOD="gptq", CALIBRATION_TOKENS=512, MLP_MODE="sparse", MOE_LAYERS="1", NUM_EXPERTS=4, EXPERT_HIDDEN=64),
@@ -71,9 +73,9 @@ def test_the_rehearsal_times_every_gptq_stage(tiny_data):
          EXPERT_HIDDEN=64),
 ], ids=["dense_gptq", "sparse_gptq", "sparse_quant_fit"])
 def test_a_tiny_cap_holds_training_plus_calibration(tiny_data, tmp_path, overrides):
-    cap_ms = 12_000
-    env = tiny_env(tiny_data, RUN_ID="wall", ITERATIONS=10**6, MAX_WALLCLOCK_SECONDS=cap_ms / 1000, TRAIN_LOG_EVERY=1000,
-                   **overrides)
+    cap_ms = 1000 * CAP_S
+    env = tiny_env(tiny_data, RUN_ID="wall", ITERATIONS=10**6, MAX_WALLCLOCK_SECONDS=CAP_S, TRAIN_LOG_EVERY=1000,
+                   **overrides, **ONE_MICRO_BATCH)
     result = run_trainer(tmp_path, env)
     assert result.returncode == 0, result.stderr[-3000:]
     evs = events(tmp_path, "wall")
@@ -98,12 +100,12 @@ def test_a_tiny_cap_holds_training_plus_calibration(tiny_data, tmp_path, overrid
 def test_under_torchrun_every_rank_stops_on_the_same_step(tiny_data, tmp_path):
     """Rank 0 rehearses and every rank gets its figures; the stop is all-reduced: were the ranks to stop apart, the next
     collective would hang (run_trainer's timeout)."""
-    env = tiny_env(tiny_data, RUN_ID="wall2", ITERATIONS=10**6, MAX_WALLCLOCK_SECONDS=12, TRAIN_LOG_EVERY=1000,
-                   QUANT_METHOD="gptq", CALIBRATION_TOKENS=512)
+    env = tiny_env(tiny_data, RUN_ID="wall2", ITERATIONS=10**6, MAX_WALLCLOCK_SECONDS=CAP_S, TRAIN_LOG_EVERY=1000,
+                   QUANT_METHOD="gptq", CALIBRATION_TOKENS=512, **ONE_MICRO_BATCH)
     result = run_trainer(tmp_path, env, nproc=2)
     assert result.returncode == 0, result.stderr[-3000:]
     done = only(events(tmp_path, "wall2"), "train_done")
-    assert done["stopped_by"] == "wallclock" and done["train_time_ms"] <= 12_000
+    assert done["stopped_by"] == "wallclock" and done["train_time_ms"] <= 1000 * CAP_S
 
 
 def test_a_cap_that_calibration_alone_fills_is_a_config_error(tiny_data, tmp_path):
