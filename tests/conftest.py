@@ -3,6 +3,7 @@ import os
 import shutil
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -88,6 +89,25 @@ def run_trainer(cwd: Path, env: dict, nproc: int = 1, timeout: int = 300) -> sub
     full_env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     full_env.update(env, OMP_NUM_THREADS="1")
     return subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def side_by_side(run, jobs: dict) -> dict:
+    """run(*args) for each job's args, as many at once as there are cores (8 at most); the results by job name. For a
+    table of cases that each start a process of their own (a tool or the trainer, run as a user runs it, on a folder of
+    its own): most of a case's seconds are its interpreter importing torch, one core's work."""
+    with ThreadPoolExecutor(max_workers=min(CORES, 8)) as pool:
+        futures = {name: pool.submit(run, *args) for name, args in jobs.items()}
+        return {name: future.result() for name, future in futures.items()}
+
+
+def selected(request, test_name: str, cases, param: str = "case") -> list:
+    """The cases (values of `param`) of test_name that this session runs: all, or those -k or node ids picked."""
+    picked = {item.callspec.params[param] for item in request.session.items
+              if getattr(item, "originalname", None) == test_name and item.module is request.module}
+    return [case for case in cases if case in picked]
 
 
 def _gloo_rank(rank, world, fn, init_file, out_dir):

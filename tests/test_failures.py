@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import train_moe as tm
-from conftest import REPO, run_trainer, tiny_env
+from conftest import REPO, run_trainer, selected, side_by_side, tiny_env
 from data.shards import write_shard
 
 
@@ -109,30 +109,40 @@ CHECKS = {
 }
 
 
-@pytest.fixture
-def earlier_run(tmp_path):
-    """Files of a finished run with the RUN_ID the failing rerun uses: they must come out untouched."""
-    files = {tmp_path / "logs" / "again.txt": b"log", tmp_path / "logs" / "again.jsonl": b"{}",
-             tmp_path / "artifacts" / "again.moe": b"artifact"}
-    return files
+# Files of a finished run with the RUN_ID the failing rerun uses: they must come out untouched.
+EARLIER_RUN = {Path("logs/again.txt"): b"log", Path("logs/again.jsonl"): b"{}", Path("artifacts/again.moe"): b"artifact"}
+
+
+def files_under(run_dir: Path) -> dict:
+    return {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def failed_checks(request, tiny_data, tmp_path_factory) -> dict:
+    """Each case this session runs, its fault made in a run folder of its own (beside an earlier run's files) and the
+    trainer run there: (its result, the folder's files before, after). The cases' trainers run side by side."""
+    folders, jobs = {}, {}
+    for case in selected(request, "test_a_failed_check_stops_before_anything_is_touched", CHECKS):
+        run_dir = tmp_path_factory.mktemp("failed_check") / "run"
+        run_dir.mkdir()
+        overrides = CHECKS[case][0](tiny_data, run_dir)
+        if case not in ("logs_is_a_file", "artifacts_is_a_file"):
+            for path, content in EARLIER_RUN.items():
+                (run_dir / path).parent.mkdir(exist_ok=True)
+                (run_dir / path).write_bytes(content)
+        folders[case] = (run_dir, files_under(run_dir))
+        jobs[case] = (run_dir, tiny_env(tiny_data, **{"RUN_ID": "again", **overrides}))
+    results = side_by_side(lambda cwd, env: run_trainer(cwd, env, timeout=120), jobs)
+    return {case: (results[case], before, files_under(run_dir)) for case, (run_dir, before) in folders.items()}
 
 
 @pytest.mark.parametrize("case", CHECKS)
-def test_a_failed_check_stops_before_anything_is_touched(tiny_data, tmp_path, earlier_run, case):
-    make, line = CHECKS[case]
-    run_dir = tmp_path / "run"
-    run_dir.mkdir()
-    overrides = make(tiny_data, run_dir)
-    if case not in ("logs_is_a_file", "artifacts_is_a_file"):
-        for path, content in earlier_run.items():
-            path = run_dir / path.relative_to(tmp_path)
-            path.parent.mkdir(exist_ok=True)
-            path.write_bytes(content)
-    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
-    result = run_trainer(run_dir, tiny_env(tiny_data, **{"RUN_ID": "again", **overrides}), timeout=120)
+def test_a_failed_check_stops_before_anything_is_touched(failed_checks, case):
+    result, before, after = failed_checks[case]
+    line = CHECKS[case][1]
     assert result.returncode == 2, result.stderr[-2000:]
     assert len(result.stderr.strip().splitlines()) == 1 and result.stderr.startswith(line), result.stderr[-2000:]
-    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
+    assert after == before
 
 
 def test_a_bad_later_shard_stops_the_run_naming_it(tiny_data, tmp_path):

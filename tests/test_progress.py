@@ -7,7 +7,7 @@ import sys
 import pytest
 from tqdm import tqdm
 
-from conftest import REPO
+from conftest import REPO, selected, side_by_side
 from data import progress as pg
 
 
@@ -57,12 +57,20 @@ SCRIPTS = ["train_moe.py", "scripts/bench_step.py", "scripts/check_record.py", "
            "scripts/sample.py", "scripts/study.py", "-m data.download", "-m data.prepare", "-m data.default_corpus"]
 
 
+@pytest.fixture(scope="module")
+def help_pages(request) -> dict:
+    """`--help` of each script this session checks, their interpreters side by side."""
+    def run(script):
+        return subprocess.run([sys.executable, *script.split(), "--help"], cwd=REPO, capture_output=True, text=True,
+                              timeout=120)
+    return side_by_side(run, {s: (s,) for s in selected(request, "test_every_help_page_reads_cleanly", SCRIPTS, "script")})
+
+
 @pytest.mark.parametrize("script", SCRIPTS)
-def test_every_help_page_reads_cleanly(script):
+def test_every_help_page_reads_cleanly(help_pages, script):
     """Exit 0, nothing on stderr, and no line run together or stretched (a docstring's backslash continuation, an
     argparse choices list)."""
-    result = subprocess.run([sys.executable, *script.split(), "--help"], cwd=REPO, capture_output=True, text=True,
-                            timeout=120)
+    result = help_pages[script]
     assert result.returncode == 0 and result.stderr == "" and result.stdout.strip()
     assert max(map(len, result.stdout.splitlines())) <= 120, max(result.stdout.splitlines(), key=len)
 

@@ -19,7 +19,7 @@ import torch
 import zstandard
 
 import train_moe as tm
-from conftest import REPO
+from conftest import REPO, selected, side_by_side
 from data import prepare
 from data.shards import read_shard
 
@@ -335,12 +335,16 @@ def make_record_args(*runs, extra=()) -> list:
             "--author", "Ada", "--github-id", "ada", "--blurb", "A record that must not be made.", *extra]
 
 
+def write_logs(root: Path) -> Path:
+    (root / "logs").mkdir()
+    write_run(root / "logs", "r1", 1)
+    write_run(root / "logs", "r2", 2)
+    return root / "logs"
+
+
 @pytest.fixture
 def logs(tmp_path) -> Path:
-    (tmp_path / "logs").mkdir()
-    write_run(tmp_path / "logs", "r1", 1)
-    write_run(tmp_path / "logs", "r2", 2)
-    return tmp_path / "logs"
+    return write_logs(tmp_path)
 
 
 def test_the_synthetic_runs_make_a_record_that_passes(logs):
@@ -446,13 +450,26 @@ MAKE_RECORD_CASES = {
 }
 
 
-@pytest.mark.parametrize("fault, extra, fragment", MAKE_RECORD_CASES.values(), ids=MAKE_RECORD_CASES)
-def test_make_record_refuses(fault, extra, fragment, logs):
-    cwd = logs.parent
-    fault(logs)
-    before = tree(cwd)
-    assert_refused(run_tool(make_record_args("r1", "logs/r2.txt", extra=extra), cwd), fragment)
-    assert tree(cwd) == before
+@pytest.fixture(scope="module")
+def make_record_runs(request, tmp_path_factory) -> dict:
+    """Each case this session runs, its fault made in the logs of a folder of its own and make_record run there:
+    (its result, the folder before, after). The cases' interpreters run side by side."""
+    folders, jobs = {}, {}
+    for case in selected(request, "test_make_record_refuses", MAKE_RECORD_CASES):
+        fault, extra, _ = MAKE_RECORD_CASES[case]
+        cwd = tmp_path_factory.mktemp("make_record")
+        fault(write_logs(cwd))
+        folders[case] = (cwd, tree(cwd))
+        jobs[case] = (make_record_args("r1", "logs/r2.txt", extra=extra), cwd)
+    results = side_by_side(run_tool, jobs)
+    return {case: (results[case], before, tree(cwd)) for case, (cwd, before) in folders.items()}
+
+
+@pytest.mark.parametrize("case", MAKE_RECORD_CASES)
+def test_make_record_refuses(case, make_record_runs):
+    result, before, after = make_record_runs[case]
+    assert_refused(result, MAKE_RECORD_CASES[case][2])
+    assert after == before
 
 
 def test_make_record_leaves_no_half_record_when_a_write_fails(logs, monkeypatch):
@@ -534,16 +551,29 @@ def record(tmp_path_factory) -> Path:
     return root / RECORD
 
 
-@pytest.mark.parametrize("fault, fragment, one_line", CHECK_RECORD_CASES.values(), ids=CHECK_RECORD_CASES)
-def test_check_record_reports(fault, fragment, one_line, record, tmp_path):
-    folder = tmp_path / RECORD
-    shutil.copytree(record, folder)
-    fault(folder)
-    before = tree(tmp_path)
-    result = run_tool([REPO / "scripts/check_record.py", folder], tmp_path)
+@pytest.fixture(scope="module")
+def check_record_runs(request, record, tmp_path_factory) -> dict:
+    """Each case this session runs, its fault made in a copy of the record in a folder of its own and check_record run
+    on it: (its result, the record's path, the folder before, after). The cases' interpreters run side by side."""
+    folders, jobs = {}, {}
+    for case in selected(request, "test_check_record_reports", CHECK_RECORD_CASES):
+        root = tmp_path_factory.mktemp("check_record")
+        folder = root / RECORD
+        shutil.copytree(record, folder)
+        CHECK_RECORD_CASES[case][0](folder)
+        folders[case] = (root, folder, tree(root))
+        jobs[case] = ([REPO / "scripts/check_record.py", folder], root)
+    results = side_by_side(run_tool, jobs)
+    return {case: (results[case], folder, before, tree(root)) for case, (root, folder, before) in folders.items()}
+
+
+@pytest.mark.parametrize("case", CHECK_RECORD_CASES)
+def test_check_record_reports(case, check_record_runs):
+    _, fragment, one_line = CHECK_RECORD_CASES[case]
+    result, folder, before, after = check_record_runs[case]
     assert_refused(result, fragment, one_line)
     assert all(line.startswith(f"error: {folder}: ") for line in result.stderr.splitlines())
-    assert tree(tmp_path) == before
+    assert after == before
 
 
 def test_check_record_refuses_a_missing_folder(tmp_path):
