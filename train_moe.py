@@ -1653,15 +1653,16 @@ def calibration_stages(model: GPT) -> list[list[tuple[str, nn.Module, list[str]]
     that input's Hessian): later stages see the quantized earlier ones' outputs, as the exported model will."""
     names = {m: n for n, m in model.named_modules()}
 
-    def linear(*modules):
-        return [("linear", modules[0], [f"{names[m]}.weight" for m in modules])]
+    def linear(*modules, input_of=None):
+        """Matrices quantized with the Hessian of one input: that of `input_of`, or of the first module."""
+        return [("linear", input_of or modules[0], [f"{names[m]}.weight" for m in modules])]
 
     tied = model.lm_head is None
     head = [[("head", model.blocks[-1], ["tok_emb.weight" if tied else "lm_head.weight"])]]
     stages = head if tied else []
     for block in model.blocks:
-        attn = block.attn  # q, k and v as one matmul of the attention's input (Attention.forward)
-        stages += [[("linear", attn, [f"{names[m]}.weight" for m in (attn.q, attn.k, attn.v)])], linear(attn.out)]
+        attn = block.attn  # q, k and v: one matmul of the attention's input (Attention.forward)
+        stages += [linear(attn.q, attn.k, attn.v, input_of=attn), linear(attn.out)]
         mlp = block.mlp
         if isinstance(mlp, FeedForward):
             stages += [linear(mlp.fc), linear(mlp.proj)]

@@ -101,8 +101,9 @@ class CachedAttention(nn.Module):
         q = a.q(x).view(B, T, a.num_heads, a.head_dim).transpose(1, 2)
         k = a.k(x).view(B, T, a.num_kv_heads, a.head_dim).transpose(1, 2)
         v = a.v(x).view(B, T, a.num_kv_heads, a.head_dim).transpose(1, 2)
-        q = tm.rotary(tm.rms_norm(q), a.rope_base, start, a.rope_dims) * a.q_gain.to(x.dtype)[:, None, None]
-        k = tm.rotary(tm.rms_norm(k), a.rope_base, start, a.rope_dims)
+        tables = (a.rope_cos, a.rope_sin)  # TRAIN_SEQ_LEN positions made once; rotary makes longer ones itself
+        q = tm.rotary(tm.rms_norm(q), a.rope_base, start, a.rope_dims, tables) * a.q_gain.to(x.dtype)[:, None, None]
+        k = tm.rotary(tm.rms_norm(k), a.rope_base, start, a.rope_dims, tables)
         self.keys = k if self.keys is None else torch.cat([self.keys, k], dim=2)
         self.values = v if self.values is None else torch.cat([self.values, v], dim=2)
         y = F.scaled_dot_product_attention(q, self.keys, self.values, is_causal=T > 1, enable_gqa=a.num_kv_heads != a.num_heads)
