@@ -4,8 +4,8 @@ each SDPA backend with grouped KV heads passed as they are or repeated, and q, k
     python scripts/bench_attention.py                      # the trainer's default shape (env vars as the trainer's)
     NUM_KV_HEADS=8 python scripts/bench_attention.py --iters 50 --json attn.json
 
-Issue 28 measured these on an H100 (docs/performance.md): the trainer's attention runs on cuDNN, and q, k and v as
-one matmul. A backend this machine lacks is a row that says so."""
+Issue 28's H100 figures (docs/performance.md, from this script's prototype) are why the trainer runs q, k and v as one
+matmul. A backend this machine lacks is a row that says so."""
 import argparse
 import json
 import sys
