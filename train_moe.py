@@ -337,6 +337,9 @@ class Hyperparameters:
         self.quant_clip_sigmas = get.number("QUANT_CLIP_SIGMAS", 0.0, 0.0, 64.0)
         self.quant_fit = get.flag("QUANT_FIT", 1)  # QUANT_*_BITS apply with QUANT_FIT=0
         self.quant_fit_margin_bytes = get.integer("QUANT_FIT_MARGIN_BYTES", 50_000, 0)
+        # The calibration sequences' share the fit scores its options on. A quarter cut a 65 s H100 MoE run's fit from
+        # 4.1 to 1.4 s: 37 more steps (668 against 631), the same quantization gap (0.0011), 0.015 val_bpb better.
+        self.quant_fit_share = get.number("QUANT_FIT_SHARE", 0.25, above=0.0, hi=1.0)
         self.gptq_damp = get.number("GPTQ_DAMP", 0.01, above=0.0, hi=10.0)
         self.lqer_rank = get.integer("LQER_RANK", 0, 0, 64)  # 0: no low-rank correction of the quantization error
         self.lqer_tensors = get.integer("LQER_TENSORS", 3, 1, 1024)
@@ -1832,9 +1835,14 @@ def levels_bytes(levels: dict) -> dict[str, float]:
 
 
 @torch.no_grad()
+def fit_sequences(batches: list[tuple[Tensor, Tensor]], share: float) -> list[tuple[Tensor, Tensor]]:
+    """QUANT_FIT_SHARE of the calibration sequences (one at least): what the fit scores its options on."""
+    return first_sequences(batches, max(1, math.ceil(share * sum(len(x) for x, _ in batches))))
+
+
 def fit_options(model: GPT, cfg: Hyperparameters, batches: list[tuple[Tensor, Tensor]]) -> dict:
-    """QUANT_FIT's options: per quant group and bits, (bytes of its rounded levels, loss increase on the calibration
-    batches with only it rounded to nearest, which GPTQ then lowers); taken as additive over groups."""
+    """QUANT_FIT's options: per quant group and bits, (bytes of its rounded levels, loss increase on `batches` with
+    only it rounded to nearest, which GPTQ then lowers); taken as additive over groups."""
     state = model.state_dict()
 
     def loss() -> float:
@@ -1878,8 +1886,10 @@ def rehearse_calibration(model: GPT, cfg: Hyperparameters, device) -> tuple[dict
 
     def phases() -> dict[str, CalibrationCost]:
         costs = {}
-        if cfg.quant_fit:
-            costs["fit"] = timed_phase(batches, lambda: fit_options(model, cfg, batches))
+        if cfg.quant_fit:  # its passes timed on its share, counted per calibration token
+            scored = CalibrationBatches(fit_sequences(batches, cfg.quant_fit_share), device)
+            cost = timed_phase(scored, lambda: fit_options(model, cfg, scored))
+            costs["fit"] = cost._replace(per_token=cost.per_token * scored.tokens() / batches.tokens())
         if cfg.quant_method == "gptq":
             stage_seconds = []
             cost = timed_phase(batches, lambda: calibrated_levels(copy.deepcopy(model), cfg, batches, cfg.quant_bits,
@@ -2192,9 +2202,10 @@ def export_artifact(model: GPT, cfg: Hyperparameters, loader, code_bytes: int, l
         groups with no time left and rounded every tensor, a quantization gap of 0.0025 against the other seed's 0.0011."""
         wanted = sum(x.numel() for x, _ in batches) if cfg.quant_method == "gptq" else 0
         gptq_tokens = cut(("gptq",), wanted) if refit and wanted else wanted
-        if not gptq_tokens:
-            rounded = rounded_levels(model.state_dict(), bits, cfg.quant_clip_sigmas)
-            return {n: calibrated[n] if n in calibrated and calibrated[n][0] == r[0] else r for n, r in rounded.items()}
+        if not gptq_tokens:  # round only what changed bits: rounding all took a 65 s H100 run 76 ms past its cap
+            state = model.state_dict()
+            kept = {n: calibrated[n] for n in calibrated if calibrated[n][0] == group_bits(bits, n)}
+            return {**kept, **rounded_levels({n: t for n, t in state.items() if n not in kept}, bits, cfg.quant_clip_sigmas)}
         schedule = StageSchedule(costs["gptq"], time.perf_counter() + seconds_left(), []) if "gptq" in costs else None
         levels = calibrated_levels(copy.deepcopy(model), cfg, first_sequences(batches, -(-gptq_tokens // cfg.train_seq_len)),
                                    bits, schedule)
@@ -2210,7 +2221,7 @@ def export_artifact(model: GPT, cfg: Hyperparameters, loader, code_bytes: int, l
     fixed_bytes = (code_bytes + len(json.dumps(floats[0])) + sum(a.nbytes for a in floats[1].values())
                    + lqer_bytes(model.state_dict(), cfg.lqer_rank, cfg.lqer_tensors))
     budget = cfg.artifact_limit_bytes - cfg.quant_fit_margin_bytes - fixed_bytes
-    options = fit_options(model, cfg, batches)
+    options = fit_options(model, cfg, fit_sequences(batches, cfg.quant_fit_share))
     for group, choices in options.items():
         for b, (size, loss) in choices.items():
             log.metrics("quant_fit_option", group=group, bits=b, est_bytes=round(size), loss_increase=loss)
@@ -2218,17 +2229,19 @@ def export_artifact(model: GPT, cfg: Hyperparameters, loader, code_bytes: int, l
         bits = choose_bits(options, budget, cfg, log)
         levels = quantize(bits, refit=fit > 0)
         blob = pack(levels)
-        if code_bytes + len(blob) <= cfg.artifact_limit_bytes - cfg.quant_fit_margin_bytes:
+        # The margin is the estimates' room; the packed bytes are exact, so only the cap sends the fit back. A 65 s
+        # H100 MoE came 6.7 KB into the margin, 43 KB under the cap, and its refit, with no time left, rounded the
+        # embedding to 7 bits: a quantization gap of 0.0024 where the same seed's GPTQ had given 0.0011.
+        if code_bytes + len(blob) <= cfg.artifact_limit_bytes:
             return bits, blob, calibrated_seconds(), pack_seconds
         # The sizes are estimates (zstd once landed 384 KB over, docs/study.md): refit with them scaled to the bytes.
         sizes = levels_bytes(levels)
         scale = (code_bytes + len(blob) - fixed_bytes) / sum(sizes.values())
         log.metrics("quant_fit_over", artifact_bytes=code_bytes + len(blob), est_bytes=round(sum(sizes.values()) + fixed_bytes),
-                    limit=cfg.artifact_limit_bytes - cfg.quant_fit_margin_bytes)
+                    limit=cfg.artifact_limit_bytes)
         options = {c: {b: (size * scale * sizes[c] / o[bits[c]][0], loss) for b, (size, loss) in o.items()}
                    for c, o in options.items()}
-    raise RunFailed(f"QUANT_FIT: the artifact stayed over ARTIFACT_LIMIT_BYTES={cfg.artifact_limit_bytes:,} less "
-                    f"QUANT_FIT_MARGIN_BYTES={cfg.quant_fit_margin_bytes:,} after 3 fits", 4)
+    raise RunFailed(f"QUANT_FIT: the artifact stayed over ARTIFACT_LIMIT_BYTES={cfg.artifact_limit_bytes:,} after 3 fits", 4)
 
 
 def in_progress(path: Path) -> Path:

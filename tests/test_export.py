@@ -241,6 +241,31 @@ def test_quant_fit_refits_when_the_artifact_comes_out_bigger_than_estimated(tiny
     assert code_bytes + len(blob) <= cfg.artifact_limit_bytes  # the packed bytes decide, not the estimate
 
 
+@pytest.mark.parametrize("past_the_cap, fits", [(-1, 1), (1, 2)], ids=["inside_the_margin", "over_the_cap"])
+def test_the_packed_artifact_may_use_the_margin_but_not_the_cap(tiny_data, monkeypatch, past_the_cap, fits):
+    """QUANT_FIT_MARGIN_BYTES is the estimates' room: a packed artifact inside it, a byte under the cap, is kept as it
+    is; one a byte over the cap is fitted again (whose 10 bytes then fit)."""
+    cfg = tm.Hyperparameters(tiny_env(tiny_data, QUANT_METHOD="rtn", QUANT_FIT=1, CALIBRATION_TOKENS=256,
+                                      QUANT_FIT_MARGIN_BYTES=50_000))
+    torch.manual_seed(0)
+    model = tm.GPT(cfg)
+    state, code_bytes = model.state_dict(), 1000
+    floats = tm.quantize_state({n: t for n, t in state.items() if not tm.is_quantized(n, t)}, {})
+    fixed = code_bytes + len(json.dumps(floats[0])) + sum(a.nbytes for a in floats[1].values())
+    sizes = {b: tm.levels_bytes(tm.rounded_levels(state, dict.fromkeys(tm.QUANTIZED, b), 0.0)) for b in tm.QUANT_BITS}
+    monkeypatch.setattr(tm, "fit_options", lambda *args: {g: {b: (sizes[b][g], 2.0**-b) for b in tm.QUANT_BITS}
+                                                          for g in sizes[8]})  # more bits, less loss
+    cfg.artifact_limit_bytes = round(fixed + sum(sizes[8].values()) + 50_000 + 1000)  # the first fit: 8 bits everywhere
+    packed = iter([cfg.artifact_limit_bytes - code_bytes + past_the_cap, 10])
+    monkeypatch.setattr(tm, "pack_artifact", lambda *args: b"\0" * next(packed))
+    log = Metrics()
+    bits, blob, _, _ = tm.export_artifact(model, cfg, tm.DistributedTokenLoader(cfg, torch.device("cpu")), code_bytes, log,
+                                          {}, math.inf)
+    chosen = [v for e, v in log.lines if e == "quant_fit"]
+    assert len(chosen) == fits and set(chosen[0][f"{g}_bits"] for g in bits) == {8}
+    assert len(blob) == (cfg.artifact_limit_bytes - code_bytes - 1 if fits == 1 else 10)
+
+
 def test_a_refit_with_no_time_left_keeps_gptqs_levels_where_its_bits_did_not_change(tiny_data, monkeypatch):
     """The refit has no time for GPTQ: the tensors whose bits it kept keep GPTQ's levels; only the others round."""
     # Attention below 8 bits costs too much loss to be chosen: the refit lowers the other groups alone.
@@ -254,9 +279,13 @@ def test_a_refit_with_no_time_left_keeps_gptqs_levels_where_its_bits_did_not_cha
     calibrated_levels, quantize_state = tm.calibrated_levels, tm.quantize_state
     monkeypatch.setattr(tm, "calibrated_levels", lambda *a, **k: gptq.append(calibrated_levels(*a, **k)) or gptq[-1])
     monkeypatch.setattr(tm, "quantize_state", lambda state, levels, *a: packed.append(levels) or quantize_state(state, levels, *a))
+    rounding, rounded_levels = [], tm.rounded_levels
+    monkeypatch.setattr(tm, "rounded_levels", lambda state, *a: rounding.append(
+        [n for n, t in state.items() if tm.is_quantized(n, t)]) or rounded_levels(state, *a))
     log = Metrics()
     bits, blob, _, _ = tm.export_artifact(model, cfg, tm.DistributedTokenLoader(cfg, torch.device("cpu")), code_bytes, log,
                                           {"gptq": tm.CalibrationCost(0.0, 0.0)}, 1e9)
+    refit_rounded = rounding[-1]
     assert [v["method"] for e, v in log.lines if e == "calibration_cut"] == ["rtn"] and len(gptq) == 1
     final, first = packed[-1], gptq[0]
     rounded = tm.rounded_levels(model.state_dict(), bits, cfg.quant_clip_sigmas)
@@ -266,4 +295,5 @@ def test_a_refit_with_no_time_left_keeps_gptqs_levels_where_its_bits_did_not_cha
     assert all(torch.equal(final[n][1], first[n][1]) for n in kept)
     assert any(not torch.equal(first[n][1], rounded[n][1]) for n in kept)  # GPTQ's levels are not the rounded ones
     assert all(torch.equal(final[n][1], rounded[n][1]) for n in changed)
+    assert sorted(refit_rounded) == sorted(changed)  # the refit's time goes to those alone
     assert code_bytes + len(blob) <= cfg.artifact_limit_bytes

@@ -3,6 +3,7 @@ measured (rehearsed before the clock starts), not reserved by a constant."""
 import copy
 import json
 import math
+import time
 
 import pytest
 import torch
@@ -61,6 +62,37 @@ def test_the_rehearsal_times_every_gptq_stage(tiny_data):
     shares = warm["gptq"].stages
     assert len(shares) == len(tm.calibration_stages(model)) > 1
     assert sum(shares) == pytest.approx(1.0) and min(shares) > 0
+
+
+def test_the_fit_scores_its_share_of_the_calibration_sequences(tiny_data, monkeypatch):
+    """QUANT_FIT_SHARE=0.25 of 16 calibration sequences: the fit scores on the first 4, in the rehearsal and in the
+    export, and its rehearsed passes count per calibration token, so that a cut plans the fit's time right."""
+    cfg = tm.Hyperparameters(tiny_env(tiny_data, QUANT_METHOD="rtn", QUANT_FIT=1, CALIBRATION_TOKENS=16 * 64,
+                                      QUANT_FIT_SHARE=0.25))
+    assert cfg.train_seq_len == 64 and tm.Hyperparameters({}).quant_fit_share == 0.25
+    scored, fit_options = [], tm.fit_options
+
+    def passes_of_20_ms(model, cfg, batches):  # three passes over the batches, 20 ms each
+        scored.append([tuple(x.shape) for x, _ in batches])
+        for _ in range(3):
+            for _ in batches:
+                time.sleep(0.02)
+        return {}
+
+    monkeypatch.setattr(tm, "fit_options", passes_of_20_ms)
+    torch.manual_seed(0)
+    model = tm.GPT(cfg)
+    cold, warm = tm.rehearse_calibration(model, cfg, torch.device("cpu"))
+    assert scored == [[(4, 64)], [(4, 64)]]
+    # 60 ms of passes over 256 tokens: 60 ms per 1,024 calibration tokens (unscaled it would be 240 ms).
+    assert 0.06 <= warm["fit"].predicted(1024) - warm["fit"].fixed < 0.1
+    monkeypatch.setattr(tm, "fit_options", lambda model, cfg, batches: scored.append([tuple(x.shape) for x, _ in batches])
+                        or fit_options(model, cfg, batches))
+    tm.export_artifact(model, cfg, tm.DistributedTokenLoader(cfg, torch.device("cpu")), 1000, Metrics(), {}, math.inf)
+    assert scored[-1] == [(4, 64)]
+    two_batches = [(torch.zeros(8, 64), torch.zeros(8, 64))] * 2
+    assert [[len(x) for x, _ in tm.fit_sequences(two_batches, share)] for share in (1.0, 0.5, 0.3, 0.01)] == [
+        [8, 8], [8], [5], [1]]
 
 
 # 512 calibration tokens (QUANT_FIT scores 21 roundings of the model on them) keep calibration to seconds on 2 cores:
