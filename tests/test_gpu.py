@@ -8,7 +8,7 @@ import torch
 import train_moe as tm
 from test_export import BITS
 from test_moe import SMALL, randomize
-from test_step_losses import SHAPE, trainer_and_plain
+from test_step_losses import SHAPE, assert_within_bf16_rounding, distances_from_fp32
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -53,9 +53,11 @@ def test_gptq_on_the_gpu_matches_the_cpu():
     assert errors[1] == pytest.approx(errors[0].item(), rel=0.02)
 
 
-def test_gpu_compiled_step_equals_the_plain_attentions_to_bf16_rounding(monkeypatch):
-    """The compiled bf16 step with q, k and v as one matmul and rotary tables made once, against three projections and
-    angles computed in the step (test_step_losses.plain_attention): the same loss and gradients to bf16 rounding."""
+def test_gpu_compiled_step_is_as_close_to_fp32_as_the_plain_attentions(monkeypatch):
+    """The compiled bf16 step with q, k and v as one matmul and rotary tables made once, and the same with three
+    projections and angles computed in the step (test_step_losses.plain_attention), each against the plain attention's
+    fp32 step: the trainer's gradients lie no further from fp32 than bf16 rounding puts the plain ones. (Compared with
+    each other at 3%, one gradient differed by 3.04% on an H100: bf16 rounding moved them 2-13% from fp32 on a CPU.)"""
     cfg = tm.Hyperparameters({**SHAPE, "MLP_MODE": "sparse", "ROPE_DIMS": "8"})
     torch.manual_seed(0)
     model = tm.GPT(cfg).cuda()
@@ -67,7 +69,6 @@ def test_gpu_compiled_step_equals_the_plain_attentions_to_bf16_rounding(monkeypa
         with tm.autocast(torch.device("cuda")):
             return torch.compile(m, fullgraph=True)(ids, ids)
 
-    (loss, grads), (plain_loss, plain_grads) = trainer_and_plain(model, compiled_step, monkeypatch)
-    assert loss == pytest.approx(plain_loss, rel=1e-2)
-    for name, grad in grads.items():
-        assert (grad - plain_grads[name]).norm() <= 0.03 * plain_grads[name].norm() + 1e-6, name
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)  # an fp32 reference, not TF32's
+    distances = distances_from_fp32(model, compiled_step, lambda m: m(ids, ids), monkeypatch)
+    assert_within_bf16_rounding(distances)

@@ -19,6 +19,7 @@ sys.path.insert(0, str(REPO / "scripts"))
 
 import bench_step  # noqa: E402
 import train_moe  # noqa: E402
+from test_moe import randomize  # noqa: E402
 
 # The trainer's defaults (the record-stack techniques included) at a tiny shape: 3 blocks, so `default` has its MoE in
 # block 1 and XSA covers all three.
@@ -121,3 +122,42 @@ def test_one_step_equals_the_plain_attentions_to_fp32_rounding(rope_dims, monkey
         scale = plain_grads[name].abs().max().clamp_min(1e-12)
         assert (grad - plain_grads[name]).abs().max() / scale < 1e-5, name
     assert any((plain_grads[n] != 0).any() for n in grads if ".attn.q." in n)
+
+
+def distances_from_fp32(model, bf16_forward, fp32_forward, monkeypatch) -> dict[str, tuple[float, float]]:
+    """Per gradient, and over all of them ("all"): how far the trainer's bf16 step and plain_attention's bf16 step lie
+    from plain_attention's fp32 step, relative to the fp32 gradient's norm: (trainer, plain)."""
+    (_, trainer), (_, plain) = trainer_and_plain(model, bf16_forward, monkeypatch)
+    _, (_, exact) = trainer_and_plain(model, fp32_forward, monkeypatch)
+
+    def norm(grads):
+        return sum(g.float().square().sum() for g in grads).sqrt().item()
+
+    distances = {n: (norm([trainer[n] - g]) / norm([g]), norm([plain[n] - g]) / norm([g])) for n, g in exact.items()}
+    distances["all"] = tuple(norm([grads[n] - g for n, g in exact.items()]) / norm(exact.values()) for grads in (trainer, plain))
+    return distances
+
+
+def assert_within_bf16_rounding(distances: dict[str, tuple[float, float]]):
+    """The trainer's bf16 gradients are no further from fp32 than the plain attention's bf16 rounding puts them. Measured
+    on a CPU (seeds 0-2): 2-4% over all gradients and up to 13% on one, the two within 1.2% of each other."""
+    trainer, plain = distances["all"]
+    assert 0 < trainer <= 1.25 * plain, distances["all"]
+    for name, (trainer, plain) in distances.items():
+        assert trainer <= 1.5 * plain + 0.01, (name, trainer, plain)
+
+
+def test_the_bf16_step_is_as_close_to_fp32_as_the_plain_attentions(monkeypatch):
+    cfg = train_moe.Hyperparameters({**SHAPE, "MLP_MODE": "sparse", "ROPE_DIMS": "8"})
+    torch.manual_seed(0)
+    model = train_moe.GPT(cfg)
+    randomize(model)
+    ids = torch.randint(0, cfg.vocab_size, (8, cfg.train_seq_len))
+
+    def bf16_step(m):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return m(ids, ids)
+
+    distances = distances_from_fp32(model, bf16_step, lambda m: m(ids, ids), monkeypatch)
+    assert_within_bf16_rounding(distances)
+    assert distances["all"][1] > 1e-3  # bf16 did round: the check compares two roundings, not two fp32 steps
