@@ -1834,12 +1834,12 @@ def levels_bytes(levels: dict) -> dict[str, float]:
     return sizes
 
 
-@torch.no_grad()
 def fit_sequences(batches: list[tuple[Tensor, Tensor]], share: float) -> list[tuple[Tensor, Tensor]]:
     """QUANT_FIT_SHARE of the calibration sequences (one at least): what the fit scores its options on."""
     return first_sequences(batches, max(1, math.ceil(share * sum(len(x) for x, _ in batches))))
 
 
+@torch.no_grad()
 def fit_options(model: GPT, cfg: Hyperparameters, batches: list[tuple[Tensor, Tensor]]) -> dict:
     """QUANT_FIT's options: per quant group and bits, (bytes of its rounded levels, loss increase on `batches` with
     only it rounded to nearest, which GPTQ then lowers); taken as additive over groups."""

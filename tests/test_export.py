@@ -241,6 +241,19 @@ def test_quant_fit_refits_when_the_artifact_comes_out_bigger_than_estimated(tiny
     assert code_bytes + len(blob) <= cfg.artifact_limit_bytes  # the packed bytes decide, not the estimate
 
 
+def test_the_fits_passes_record_no_autograd_graph(tiny_data):
+    """36 forward passes of the whole model: with autograd on, each would keep its activations for a backward never
+    taken (a decorator once slid off fit_options onto the function above it)."""
+    cfg = tm.Hyperparameters(tiny_env(tiny_data, QUANT_FIT=1, MLP_MODE="sparse", MOE_LAYERS="1", NUM_EXPERTS=4))
+    torch.manual_seed(0)
+    model = tm.GPT(cfg)
+    grad_enabled, token_losses = [], model.token_losses
+    model.token_losses = lambda x, y: grad_enabled.append(torch.is_grad_enabled()) or token_losses(x, y)
+    batches = [(x, torch.roll(x, -1, 1)) for x in torch.randint(0, cfg.vocab_size, (1, 2, cfg.train_seq_len))]
+    options = tm.fit_options(model, cfg, batches)
+    assert len(grad_enabled) == 1 + len(options) * len(tm.QUANT_BITS) and not any(grad_enabled)
+
+
 @pytest.mark.parametrize("past_the_cap, fits", [(-1, 1), (1, 2)], ids=["inside_the_margin", "over_the_cap"])
 def test_the_packed_artifact_may_use_the_margin_but_not_the_cap(tiny_data, monkeypatch, past_the_cap, fits):
     """QUANT_FIT_MARGIN_BYTES is the estimates' room: a packed artifact inside it, a byte under the cap, is kept as it
