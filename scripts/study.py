@@ -144,8 +144,15 @@ def run_row(path: Path) -> dict | None:
                 gap=last["final_roundtrip"]["val_bpb"] - pre, bytes=last["artifact"]["artifact_bytes"],
                 status=last["artifact"]["status"], steps=last["train_done"]["steps"],
                 ms_per_step=last["train_done"]["step_avg_ms"], passes=last["train_done"]["data_passes"],
+                slack_ms=last["train_done"].get("cap_slack_ms"),
                 maxvio=max((r["maxvio"] for r in routers), default=None),
                 dead=max((r["dead"] for r in routers), default=None))
+
+
+def past_cap(row: dict) -> bool:
+    """Trained past its wallclock (loop and calibration): equal clocks are the study's premise, and a record that runs
+    past 600 s is void. A 65 s MoE run once ended 76 ms past (docs/study.md)."""
+    return row["slack_ms"] is not None and row["slack_ms"] < 0
 
 
 def summarize(rows: list[dict]) -> dict:
@@ -154,7 +161,7 @@ def summarize(rows: list[dict]) -> dict:
     mean = {k: statistics.fmean(r[k] for r in rows) for k in ("roundtrip", "pre_export", "gap", "bytes", "steps",
                                                              "ms_per_step", "passes")}
     worst = [r for r in rows if r["maxvio"] is not None]
-    return dict(mean, seeds=len(rows), spread=max(scores) - min(scores), status="OK" if all(r["status"] == "OK" for r in rows) else "OVER",
+    return dict(mean, seeds=len(rows), past_cap=sum(past_cap(r) for r in rows), spread=max(scores) - min(scores), status="OK" if all(r["status"] == "OK" for r in rows) else "OVER",
                 maxvio=max((r["maxvio"] for r in worst), default=None), dead=max((r["dead"] for r in worst), default=None))
 
 
@@ -173,10 +180,11 @@ def finished_runs(logs: Path, configs=CONFIGS) -> dict[str, dict[str, dict]]:
 def runs_table(logs: Path, configs=CONFIGS) -> str:
     """One line per finished run: the step time varies from run to run on a shared GPU, and at equal wallclock the
     steps it leaves decide much of the score."""
-    lines = ["| run | steps | ms/step | passes | pre-export | roundtrip val_bpb |", "|---|---|---|---|---|---|"]
+    lines = ["| run | steps | ms/step | passes | cap slack ms | pre-export | roundtrip val_bpb |", "|---|---|---|---|---|---|---|"]
     for runs in finished_runs(logs, configs).values():
         for run, r in runs.items():
-            lines.append(f"| {run} | {r['steps']} | {r['ms_per_step']:.1f} | {r['passes']:.2f} | "
+            slack = "-" if r["slack_ms"] is None else f"{r['slack_ms']:,}" + (" (past the cap)" if past_cap(r) else "")
+            lines.append(f"| {run} | {r['steps']} | {r['ms_per_step']:.1f} | {r['passes']:.2f} | {slack} | "
                          f"{r['pre_export']:.4f} | {r['roundtrip']:.4f} |")
     return "\n".join(lines)
 
@@ -188,7 +196,8 @@ def results_table(logs: Path, configs=CONFIGS) -> str:
     summaries = {config: summarize(list(runs.values())) for config, runs in finished_runs(logs, configs).items()}
     for config, s in sorted(summaries.items(), key=lambda kv: kv[1]["roundtrip"]):
         router = f"{s['maxvio']:.2f} | {s['dead']}" if s["maxvio"] is not None else "- | -"
-        lines.append(f"| {config} | {s['seeds']} | {s['roundtrip']:.4f} | {s['spread']:.4f} | {s['pre_export']:.4f} | "
+        seeds = f"{s['seeds']}" + (f" ({s['past_cap']} past the cap)" if s["past_cap"] else "")
+        lines.append(f"| {config} | {seeds} | {s['roundtrip']:.4f} | {s['spread']:.4f} | {s['pre_export']:.4f} | "
                      f"{s['gap']:+.4f} | {s['bytes']:,.0f} {s['status']} | {s['steps']:.0f} | {s['ms_per_step']:.1f} | "
                      f"{s['passes']:.2f} | {router} |")
     return "\n".join(lines)

@@ -44,8 +44,8 @@ def test_the_trainer_default_is_the_studys_winner():
     assert (base.mlp_mode, base.quant_attn_bits, base.quant_mlp_bits) == ("dense", 8, 6)
 
 
-def write_log(folder: Path, run_id: str, bpb: float, ema: float, maxvio=None, finished=True):
-    events = [dict(event="train_done", steps=500, step_avg_ms=200.0, data_passes=1.25),
+def write_log(folder: Path, run_id: str, bpb: float, ema: float, maxvio=None, finished=True, slack_ms=None):
+    events = [dict(event="train_done", steps=500, step_avg_ms=200.0, data_passes=1.25, cap_slack_ms=slack_ms),
               dict(event="final_raw", val_bpb=ema + 0.01), dict(event="final_ema", val_bpb=ema),
               dict(event="artifact", artifact_bytes=15_000_000, status="OK")]
     if maxvio is not None:
@@ -58,8 +58,8 @@ def write_log(folder: Path, run_id: str, bpb: float, ema: float, maxvio=None, fi
 
 
 def test_table_means_spreads_and_order(tmp_path):
-    write_log(tmp_path, "study_dense_base_s1", bpb=1.50, ema=1.49)
-    write_log(tmp_path, "study_dense_base_s2", bpb=1.54, ema=1.52)
+    write_log(tmp_path, "study_dense_base_s1", bpb=1.50, ema=1.49, slack_ms=388)
+    write_log(tmp_path, "study_dense_base_s2", bpb=1.54, ema=1.52, slack_ms=-76)
     write_log(tmp_path, "study_sparse_hash_s1", bpb=1.45, ema=1.44, maxvio=0.4)
     write_log(tmp_path, "study_sparse_hash_s2", bpb=1.47, ema=1.45, maxvio=0.6)
     write_log(tmp_path, "study_soft_s1", bpb=1.0, ema=1.0, finished=False)  # never finished: not in the table
@@ -70,9 +70,11 @@ def test_table_means_spreads_and_order(tmp_path):
     assert cells[6] == "15,000,000 OK" and cells[7:10] == ["500", "200.0", "1.25"]
     assert cells[10:] == ["0.60", "1"]  # worst layer over both seeds' last reports
     runs = study.runs_table(tmp_path).splitlines()
-    assert len(runs) == 6 and runs[2].startswith("| study_dense_base_s1 | 500 | 200.0 | 1.25 | 1.4900 | 1.5000 |")
+    assert len(runs) == 6 and runs[2].startswith("| study_dense_base_s1 | 500 | 200.0 | 1.25 | 388 | 1.4900 | 1.5000 |")
+    assert runs[3].startswith("| study_dense_base_s2 | 500 | 200.0 | 1.25 | -76 (past the cap) |")
+    assert runs[4].startswith("| study_sparse_hash_s1 | 500 | 200.0 | 1.25 | - |")  # no cap: a fixed-step run
     dense = [c.strip() for c in lines[3].split("|")[1:-1]]
-    assert dense[2:4] == ["1.5200", "0.0400"] and dense[10:] == ["-", "-"]
+    assert dense[1:4] == ["2 (1 past the cap)", "1.5200", "0.0400"] and dense[10:] == ["-", "-"]
 
 
 def test_run_refuses_without_shards(tmp_path, monkeypatch, capsys):
