@@ -196,7 +196,8 @@ def test_a_misspelt_setting_is_named_and_the_run_goes_on(tiny_data, tmp_path):
     assert "config mlp_mode:dense" in (tmp_path / "logs" / "typo.txt").read_text()
 
 
-@pytest.mark.parametrize("name", ["MATRIX_LR", "ROPE_BASE", "LOGIT_SOFTCAP", "EMA_DECAY", "QUANT_CLIP_SIGMAS", "GPTQ_DAMP"])
+@pytest.mark.parametrize("name", ["MATRIX_LR", "ROPE_BASE", "LOGIT_SOFTCAP", "EMA_DECAY", "QUANT_CLIP_SIGMAS", "GPTQ_DAMP",
+                                  "QUANT_FIT_SHARE"])
 @pytest.mark.parametrize("value", ["inf", "nan", "-inf", "1e400"])
 def test_numbers_must_be_finite(name, value):
     with pytest.raises(tm.ConfigError, match=rf"^{name}="):
