@@ -10,6 +10,7 @@ import torch
 
 import train_moe as tm
 from conftest import ONE_MICRO_BATCH, run_trainer, tiny_env
+from test_export import Metrics
 from test_moe import randomize
 
 
@@ -148,14 +149,6 @@ def test_a_cap_that_calibration_alone_fills_is_a_config_error(tiny_data, tmp_pat
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("config_error: MAX_WALLCLOCK_SECONDS=0.2: calibration on CALIBRATION_TOKENS=4096")
     assert not list((tmp_path / "artifacts").glob("*")) if (tmp_path / "artifacts").exists() else True
-
-
-class Metrics:
-    def __init__(self):
-        self.lines = []
-
-    def metrics(self, event, **values):
-        self.lines.append((event, values))
 
 
 @pytest.mark.parametrize("seconds,tokens", [(1.4, 1088), (0.2, 0)])
