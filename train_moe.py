@@ -262,8 +262,8 @@ class Hyperparameters:
         self.mlp_mode = get.choice("MLP_MODE", "sparse", MLP_MODES)
         self.mlp_mult = get.integer("MLP_MULT", 2, 1, 64)
         # LeakyReLU(0.5)² in every MLP, XSA on the last 4 blocks, MuonEq-R with Polar Express and Muon weight decay 0.04:
-        # the third study's finalists, two seeds each on an H100: dense 0.0175 better at 65 s, the MoE on them 0.0094
-        # better than that dense at 65 s and 0.0172 at 180 s (docs/study.md).
+        # the third study's finalists, two seeds each on H100s: dense 0.019 better at 65 s, the MoE on them 0.014
+        # better than that dense at 65 s and 0.017 at 180 s (docs/study.md).
         self.mlp_act = get.choice("MLP_ACT", "leaky_relu2", ACTIVATIONS[:2])  # of the dense MLPs
         # Mixture of experts (MLP_MODE other than dense). Sizes of 0 mean "the dense MLP's active FLOPs".
         self.moe_layers = parse_layers("MOE_LAYERS", get.text("MOE_LAYERS", "odd"), self.num_layers)

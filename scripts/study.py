@@ -87,6 +87,7 @@ TECHNIQUES = {
     "smear_bigram": dict(SMEAR_GATE="1", BIGRAM_BUCKETS="2048", BIGRAM_DIM="128"),
     "attn_gate": dict(ATTN_GATE="1"),
     "muon_wd": dict(MUON_WD="0.04"),
+    "muon_wd09": dict(MUON_WD="0.09"),  # the later records' value (reference §7.6: 0.085-0.095)
     "muon_eqr_polar": dict(MUON_EQ_R="1", MUON_POLAR_EXPRESS="1"),
     "min_lr": dict(MIN_LR="0.1"),
     "parallel": dict(PARALLEL_LAYERS="5-8"),
@@ -108,7 +109,11 @@ THIRD = {"s3_dense": DENSE_BASELINE, "s3_moe": MOE_DEFAULT,
          # the finalists: every technique that won its 250-step screen
          "s3_dense_final": {**DENSE_BASELINE, **FINAL}, "s3_moe_final": {**MOE_DEFAULT, **FINAL},
          # the MoE finalist with the trainer's cheaper fit: its options scored on a quarter of the calibration tokens
-         "s3_moe_final_fit25": {**MOE_DEFAULT, **FINAL, "QUANT_FIT_SHARE": "0.25"}}
+         "s3_moe_final_fit25": {**MOE_DEFAULT, **FINAL, "QUANT_FIT_SHARE": "0.25"},
+         # the finalists with one more technique each (the second screen's candidates)
+         **{f"s3_dense_final_{name}": {**DENSE_BASELINE, **FINAL, **TECHNIQUES[name]} for name in ("min_lr", "muon_wd09")},
+         **{f"s3_moe_final_fit25_{name}": {**MOE_DEFAULT, **FINAL, "QUANT_FIT_SHARE": "0.25", **TECHNIQUES[name]}
+            for name in ("min_lr", "muon_wd09")}}
 ALL = {**CONFIGS, **THIRD}
 SEEDS = (1337, 42)
 
