@@ -98,6 +98,9 @@ TECHNIQUES = {
 EVERY_TECHNIQUE = {k: v for settings in TECHNIQUES.values() for k, v in settings.items()}
 FINAL = {k: v for name in ("leaky", "xsa4", "muon_eqr_polar", "muon_wd") for k, v in TECHNIQUES[name].items()}
 NO_RECURRENCE = {**EVERY_TECHNIQUE, "RECUR_LAYERS": "none"}
+DENSE_FINAL = {**DENSE_BASELINE, **FINAL}
+# the MoE finalist with the trainer's cheaper fit: its options scored on a quarter of the calibration tokens
+MOE_FINAL_FIT25 = {**MOE_DEFAULT, **FINAL, "QUANT_FIT_SHARE": "0.25"}
 THIRD = {"s3_dense": DENSE_BASELINE, "s3_moe": MOE_DEFAULT,
          **{f"s3_dense_{name}": {**DENSE_BASELINE, **settings} for name, settings in TECHNIQUES.items()},
          **{f"s3_moe_{name}": {**MOE_DEFAULT, **settings} for name, settings in TECHNIQUES.items()},
@@ -107,13 +110,10 @@ THIRD = {"s3_dense": DENSE_BASELINE, "s3_moe": MOE_DEFAULT,
          "s3_dense_best": {**DENSE_BASELINE, **TECHNIQUES["leaky"], **TECHNIQUES["xsa4"]},
          "s3_moe_best": {**MOE_DEFAULT, **TECHNIQUES["leaky"], **TECHNIQUES["xsa4"]},
          # the finalists: every technique that won its 250-step screen
-         "s3_dense_final": {**DENSE_BASELINE, **FINAL}, "s3_moe_final": {**MOE_DEFAULT, **FINAL},
-         # the MoE finalist with the trainer's cheaper fit: its options scored on a quarter of the calibration tokens
-         "s3_moe_final_fit25": {**MOE_DEFAULT, **FINAL, "QUANT_FIT_SHARE": "0.25"},
+         "s3_dense_final": DENSE_FINAL, "s3_moe_final": {**MOE_DEFAULT, **FINAL}, "s3_moe_final_fit25": MOE_FINAL_FIT25,
          # the finalists with one more technique each (the second screen's candidates)
-         **{f"s3_dense_final_{name}": {**DENSE_BASELINE, **FINAL, **TECHNIQUES[name]} for name in ("min_lr", "muon_wd09")},
-         **{f"s3_moe_final_fit25_{name}": {**MOE_DEFAULT, **FINAL, "QUANT_FIT_SHARE": "0.25", **TECHNIQUES[name]}
-            for name in ("min_lr", "muon_wd09")}}
+         **{f"{finalist}_{name}": {**settings, **TECHNIQUES[name]} for name in ("min_lr", "muon_wd09")
+            for finalist, settings in (("s3_dense_final", DENSE_FINAL), ("s3_moe_final_fit25", MOE_FINAL_FIT25))}}
 ALL = {**CONFIGS, **THIRD}
 SEEDS = (1337, 42)
 
@@ -166,7 +166,8 @@ def summarize(rows: list[dict]) -> dict:
     mean = {k: statistics.fmean(r[k] for r in rows) for k in ("roundtrip", "pre_export", "gap", "bytes", "steps",
                                                              "ms_per_step", "passes")}
     worst = [r for r in rows if r["maxvio"] is not None]
-    return dict(mean, seeds=len(rows), past_cap=sum(past_cap(r) for r in rows), spread=max(scores) - min(scores), status="OK" if all(r["status"] == "OK" for r in rows) else "OVER",
+    return dict(mean, seeds=len(rows), past_cap=sum(past_cap(r) for r in rows), spread=max(scores) - min(scores),
+                status="OK" if all(r["status"] == "OK" for r in rows) else "OVER",
                 maxvio=max((r["maxvio"] for r in worst), default=None), dead=max((r["dead"] for r in worst), default=None))
 
 
