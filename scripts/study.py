@@ -98,9 +98,9 @@ TECHNIQUES = {
 EVERY_TECHNIQUE = {k: v for settings in TECHNIQUES.values() for k, v in settings.items()}
 FINAL = {k: v for name in ("leaky", "xsa4", "muon_eqr_polar", "muon_wd") for k, v in TECHNIQUES[name].items()}
 NO_RECURRENCE = {**EVERY_TECHNIQUE, "RECUR_LAYERS": "none"}
-DENSE_FINAL = {**DENSE_BASELINE, **FINAL}
+DENSE_FINAL, MOE_FINAL = {**DENSE_BASELINE, **FINAL}, {**MOE_DEFAULT, **FINAL}
 # the MoE finalist with the trainer's cheaper fit: its options scored on a quarter of the calibration tokens
-MOE_FINAL_FIT25 = {**MOE_DEFAULT, **FINAL, "QUANT_FIT_SHARE": "0.25"}
+MOE_FINAL_FIT25 = {**MOE_FINAL, "QUANT_FIT_SHARE": "0.25"}
 THIRD = {"s3_dense": DENSE_BASELINE, "s3_moe": MOE_DEFAULT,
          **{f"s3_dense_{name}": {**DENSE_BASELINE, **settings} for name, settings in TECHNIQUES.items()},
          **{f"s3_moe_{name}": {**MOE_DEFAULT, **settings} for name, settings in TECHNIQUES.items()},
@@ -110,7 +110,7 @@ THIRD = {"s3_dense": DENSE_BASELINE, "s3_moe": MOE_DEFAULT,
          "s3_dense_best": {**DENSE_BASELINE, **TECHNIQUES["leaky"], **TECHNIQUES["xsa4"]},
          "s3_moe_best": {**MOE_DEFAULT, **TECHNIQUES["leaky"], **TECHNIQUES["xsa4"]},
          # the finalists: every technique that won its 250-step screen
-         "s3_dense_final": DENSE_FINAL, "s3_moe_final": {**MOE_DEFAULT, **FINAL}, "s3_moe_final_fit25": MOE_FINAL_FIT25,
+         "s3_dense_final": DENSE_FINAL, "s3_moe_final": MOE_FINAL, "s3_moe_final_fit25": MOE_FINAL_FIT25,
          # the finalists with one more technique each (the second screen's candidates)
          **{f"{finalist}_{name}": {**settings, **TECHNIQUES[name]} for name in ("min_lr", "muon_wd09")
             for finalist, settings in (("s3_dense_final", DENSE_FINAL), ("s3_moe_final_fit25", MOE_FINAL_FIT25))}}
