@@ -1169,9 +1169,12 @@ class GroupedMatmul(torch.autograd.Function):
         x, w, offsets, cuts, cut_expert = ctx.saved_tensors
         grad = grad.contiguous()
         grad_x = torch._grouped_mm(grad, w, offs=offsets)
-        per_group = torch._grouped_mm(x.mT, grad, offs=cuts).mT  # [groups, out, in]; an empty group gives zeros
-        grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device).index_add_(0, cut_expert, per_group.float())
-        return grad_x, grad_w.to(w.dtype), None, None, None
+        per_group = torch._grouped_mm(grad.mT, x, offs=cuts)  # [groups, out, in]; an empty group gives zeros
+        # Each expert's groups summed by a matmul with a one-hot [experts, groups], not index_add_'s atomic adds into
+        # an fp32 copy: on an H100, sparse in every block 391.5-391.8 -> 388.0-389.4 ms/step, peak memory 16.9 -> 14.8
+        # GiB (default: equal time, 13.3 -> 12.6 GiB), and the sum's order no longer varies from run to run.
+        owner = (cut_expert == torch.arange(len(w), device=w.device)[:, None]).to(per_group.dtype)
+        return grad_x, (owner @ per_group.flatten(1)).view(w.shape), None, None, None
 
 
 class Fp32Logits(torch.autograd.Function):
