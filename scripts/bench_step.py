@@ -83,15 +83,12 @@ def watch_recompiles() -> RecompileCounter:
 
 
 def mode_env(base: dict, mode: str) -> dict:
-    mode, _, kernel = mode.partition("@")
     mlp_mode, _, router = mode.partition(":")
     # Every mode in every block at the dense MLP's active FLOPs, unless the env says otherwise (the trainer's own
     # default, `default`, has half-size experts in every other block).
     env = dict(base) if mode == "default" else {"MOE_LAYERS": "all", "EXPERT_HIDDEN": "0", **base, "MLP_MODE": mlp_mode}
     if router:
         env["ROUTER"] = router
-    if kernel:
-        env["EXPERT_KERNEL"] = kernel
     return env
 
 
@@ -163,7 +160,7 @@ def profile(mode: str, step, device, out_dir: Path):
     out_dir.mkdir(parents=True, exist_ok=True)
     if not dist.is_initialized() or dist.get_rank() == 0:
         table = prof.key_averages().table(sort_by=sort, row_limit=45, max_name_column_width=90)
-        (out_dir / f"profile_{re.sub(r'[^A-Za-z0-9_]', '_', mode)}.txt").write_text(table)
+        (out_dir / f"profile_{mode.replace(':', '_')}.txt").write_text(table)
         (out_dir / f"kernels_{mode.replace(':', '_')}.json").write_text(json.dumps(kernel_times(prof)))
 
 
