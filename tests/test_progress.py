@@ -14,7 +14,9 @@ from data import progress as pg
 def test_off_a_terminal_a_line_comes_every_period_even_inside_one_long_item(capsys):
     lines = pg.Lines(total=4, desc="sweep", unit="scoring")
     try:
-        start = lines.start
+        # A whole-second start a minute ahead: start + n is exact (from an arbitrary monotonic start, start + 25 - start
+        # can round below 25 and miss its line), and the lines' own 1 s timer stays silent during the test.
+        start = lines.start = lines.last = float(int(lines.start) + 60)
         lines.beat(start + pg.PROGRESS_SECONDS - 1)  # not yet
         assert capsys.readouterr().out == ""
         lines.update()
