@@ -23,6 +23,7 @@ import difflib
 import fcntl
 import glob
 import hashlib
+import importlib.metadata
 import importlib.util
 import inspect
 import io
@@ -59,6 +60,35 @@ import pyppmd
 from torch import Tensor, nn
 from tqdm import tqdm
 from torch.nn.parallel import DistributedDataParallel as DDP
+
+try:  # QuACK (requirements-gpu.txt): Hopper grouped GEMMs for the experts; absent on CPU machines
+    from quack import activation as quack_activation, gemm_interface as quack
+    from cutlass.cutlass_dsl import dsl_user_op
+
+    @dsl_user_op
+    def leaky_relu_sq(x, *, loc=None, ip=None):
+        """LeakyReLU(0.5)^2 for QuACK's epilogues, which have relu^2 but not it: ((x + relu(x)) / 2)^2."""
+        if isinstance(x, tuple):
+            return tuple(leaky_relu_sq(v, loc=loc, ip=ip) for v in x)
+        y = 0.5 * (x + quack_activation.relu(x, loc=loc, ip=ip))
+        return y * y
+
+    @dsl_user_op
+    def dleaky_relu_sq(x, dout, *, loc=None, ip=None):
+        """(its gradient, the forward), as QuACK's dact functions return them: 2x above 0, x/2 below."""
+        if isinstance(x, tuple):
+            pairs = [dleaky_relu_sq(v, d, loc=loc, ip=ip) for v, d in zip(x, dout)]
+            return tuple(p[0] for p in pairs), tuple(p[1] for p in pairs)
+        relu = quack_activation.relu(x, loc=loc, ip=ip)
+        y = 0.5 * (x + relu)
+        return dout * (0.5 * x + 1.5 * relu), y * y
+
+    # QuACK's epilogue tables, not its public interface (quack-kernels 0.6.5).
+    quack_activation.act_fn_map["leaky_relu_sq"] = leaky_relu_sq
+    quack_activation.dact_fn_map["leaky_relu_sq"] = dleaky_relu_sq
+    QUACK_IMPORT_ERROR = ""
+except Exception as e:  # ImportError, or a CUTLASS DSL that finds no CUDA toolkit it can load
+    quack, QUACK_IMPORT_ERROR = None, f"{type(e).__name__}: {e}"
 
 # -----------------------------------------------------------------------------
 # HYPERPARAMETERS
@@ -249,6 +279,9 @@ class Hyperparameters:
         self.val_batch_size = get.integer("VAL_BATCH_SIZE", 524288, 1, 2**30)
         self.eval_stride = get.integer("EVAL_STRIDE", 0, 0)
         self.compile = get.flag("COMPILE", 1)
+        # auto: QuACK's expert GEMMs where they run (sm90 and the package), else torch._grouped_mm, the CPU and
+        # reference path. Not a model setting: both compute the same model.
+        self.expert_kernel = get.choice("EXPERT_KERNEL", "auto", ("auto", "quack", "torch"))
         self.wandb = get.flag("WANDB", 0)
         # Model.
         model_start = len(get.texts)
@@ -365,6 +398,7 @@ class Hyperparameters:
         self._check_moe()
         if self.calibrates and self.calibration_tokens < self.train_seq_len:
             raise ConfigError(f"CALIBRATION_TOKENS={self.calibration_tokens}: at least one sequence, TRAIN_SEQ_LEN={self.train_seq_len}")
+        self._resolve_expert_kernel()
 
     def _check_shapes(self):
         if self.model_dim % self.num_heads:
@@ -430,6 +464,15 @@ class Hyperparameters:
         for name in ("model_dim", "expert_hidden", "shared_hidden"):
             if getattr(self, name) % 8:
                 raise ConfigError(f"{name.upper()}={getattr(self, name)}: must be a multiple of 8 for the expert matmuls")
+
+    def _resolve_expert_kernel(self):
+        unusable = ("needs a CUDA GPU of compute capability 9.0 (Hopper)" if not torch.cuda.is_available()
+                    or torch.cuda.get_device_capability() != (9, 0) else
+                    f"needs the quack-kernels package (pip install -r requirements-gpu.txt): {QUACK_IMPORT_ERROR}"
+                    if quack is None else "QuACK's SwiGLU has no clamp for SWIGLU_LIMIT" if self.swiglu_limit else "")
+        if self.expert_kernel == "quack" and unusable:
+            raise ConfigError(f"EXPERT_KERNEL=quack: {unusable}")
+        self.expert_kernel = "torch" if unusable or self.expert_kernel == "torch" else "quack"
 
     def check_inputs(self) -> tuple[spm.SentencePieceProcessor, Tensor]:
         """What can fail before training, before any file is touched: data, tokenizer, folders, memory -> (sp, val)."""
@@ -1154,6 +1197,14 @@ class Permute(torch.autograd.Function):
         return grad[inverse], None, None
 
 
+def sum_per_expert(per_group: Tensor, cut_expert: Tensor, experts: int) -> Tensor:
+    """[groups, ...] -> [experts, ...], each expert's groups summed. By a matmul with a one-hot [experts, groups], not
+    index_add_'s atomic adds into an fp32 copy: on an H100, sparse in every block 391.5-391.8 -> 388.0-389.4 ms/step,
+    peak memory 16.9 -> 14.8 GiB (default: equal time, 13.3 -> 12.6 GiB), and the sum's order no longer varies."""
+    owner = (cut_expert == torch.arange(experts, device=cut_expert.device)[:, None]).to(per_group.dtype)
+    return (owner @ per_group.flatten(1)).view(experts, *per_group.shape[1:])
+
+
 class GroupedMatmul(torch.autograd.Function):
     """Expert-sorted rows times their expert's weight: x [S, in], w [E, out, in] -> [S, out]. Per expert, the weight
     gradient ran 2-3.5x slower at early training's imbalance than balanced (one overloaded expert serialises it): it is
@@ -1170,11 +1221,7 @@ class GroupedMatmul(torch.autograd.Function):
         grad = grad.contiguous()
         grad_x = torch._grouped_mm(grad, w, offs=offsets)
         per_group = torch._grouped_mm(grad.mT, x, offs=cuts)  # [groups, out, in]; an empty group gives zeros
-        # Each expert's groups summed by a matmul with a one-hot [experts, groups], not index_add_'s atomic adds into
-        # an fp32 copy: on an H100, sparse in every block 391.5-391.8 -> 388.0-389.4 ms/step, peak memory 16.9 -> 14.8
-        # GiB (default: equal time, 13.3 -> 12.6 GiB), and the sum's order no longer varies from run to run.
-        owner = (cut_expert == torch.arange(len(w), device=w.device)[:, None]).to(per_group.dtype)
-        return grad_x, (owner @ per_group.flatten(1)).view(w.shape), None, None, None
+        return grad_x, sum_per_expert(per_group, cut_expert, len(w)), None, None, None
 
 
 class Fp32Logits(torch.autograd.Function):
@@ -1192,6 +1239,49 @@ class Fp32Logits(torch.autograd.Function):
         return grad.to(x.dtype) @ w.to(x.dtype), (grad.T.to(x.dtype) @ x).to(w.dtype)
 
 
+QUACK_ACTIVATIONS = {"relu2": "relu_sq", "leaky_relu2": "leaky_relu_sq", "swiglu": "swiglu"}
+
+
+class QuackExperts(torch.autograd.Function):
+    """ExpertBank.grouped's function through QuACK's grouped GEMMs (sm90): x [N, D], w_in [E, rows, D], w_out
+    [E, D, F], weights [N, K] and the expert-sorted slot order -> [N, D] fp32. The first GEMM gathers each slot's
+    token row in its loads and writes the activation in its epilogue; the backward's first GEMM gathers the output
+    gradient the same way and its epilogue gives the activation's gradient scaled by the routing weight, the
+    weighted hidden units (W2's gradient input) and, as a row reduction, each routing weight's gradient. Only the
+    slot outputs and the slot input gradients are [N*K, D]; the torch path also permutes its inputs and outputs."""
+
+    @staticmethod
+    def forward(ctx, x, w_in, w_out, weights, order, inverse, offsets, cuts, cut_expert, act):
+        n, k = weights.shape
+        token = (order // k).to(torch.int32)  # the row of x each sorted slot reads
+        bounds, cut_bounds = F.pad(offsets, (1, 0)), F.pad(cuts, (1, 0))
+        preact, hidden = quack.gemm_act(x, w_in.mT, activation=act, cu_seqlens_m=bounds, A_idx=token)
+        y = quack.gemm(hidden, w_out.mT, cu_seqlens_m=bounds)
+        ctx.save_for_backward(x, w_in, w_out, weights, order, inverse, preact, token, bounds, cut_bounds, cut_expert)
+        ctx.act = act
+        # The routing weight scales the slot's output here, in the combine pass that runs anyway: the same product
+        # as scaling its hidden units, which the backward does.
+        return (y[inverse].view(n, k, -1).float() * weights[..., None]).sum(dim=1)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x, w_in, w_out, weights, order, inverse, preact, token, bounds, cut_bounds, cut_expert = ctx.saved_tensors
+        n, k = weights.shape
+        grad = grad.to(x.dtype).contiguous()
+        grad_pre, hidden, grad_weights = quack.gemm_dact(
+            grad, w_out, preact, activation=ctx.act, colvec_scale=weights.flatten()[order], colvec_reduce=True,
+            cu_seqlens_m=bounds, A_idx=token)
+
+        def per_expert(rows: Tensor, b: Tensor) -> Tensor:
+            """sum over each expert's slots of rows[token]^T b, cut as GroupedMatmul cuts it: [E, D, b's width]."""
+            cut_sums = quack.gemm(rows.T, b, cu_seqlens_k=cut_bounds, A_idx=token, out_dtype=torch.float32)
+            return sum_per_expert(cut_sums, cut_expert, len(w_in))
+
+        grad_x = quack.gemm(grad_pre, w_in, cu_seqlens_m=bounds)[inverse].view(n, k, -1).float().sum(dim=1)
+        return (grad_x.to(x.dtype), per_expert(x, grad_pre).mT.to(w_in.dtype), per_expert(grad, hidden).to(w_out.dtype),
+                grad_weights[inverse].view(n, k), None, None, None, None, None, None)
+
+
 def expert_groups(counts: Tensor, chunks: int) -> tuple[Tensor, Tensor, Tensor]:
     """Group ends of the expert-sorted rows; the weight gradient's cuts (expert and chunk ends) and their experts."""
     offsets = counts.cumsum(0).to(torch.int32)
@@ -1206,9 +1296,9 @@ def expert_groups(counts: Tensor, chunks: int) -> tuple[Tensor, Tensor, Tensor]:
 class ExpertBank(nn.Module):
     """E experts as two stacked fp32 weights [E, out, in]: Muon and export treat each expert's matrix on its own."""
 
-    def __init__(self, num_experts: int, dim: int, hidden: int, act: str, limit: float = 0.0):
+    def __init__(self, num_experts: int, dim: int, hidden: int, act: str, limit: float = 0.0, kernel: str = "torch"):
         super().__init__()
-        self.act, self.limit = act, limit
+        self.act, self.limit, self.kernel = act, limit, kernel
         rows = 2 * hidden if act == "swiglu" else hidden
         bound = 1 / math.sqrt(dim)  # nn.Linear's default init, per expert
         self.w_in = nn.Parameter(torch.empty(num_experts, rows, dim).uniform_(-bound, bound))
@@ -1219,8 +1309,9 @@ class ExpertBank(nn.Module):
         return self.dense(x, weights) if expert_idx is None else self.grouped(x, expert_idx, weights, counts)
 
     def grouped(self, x: Tensor, expert_idx: Tensor, weights: Tensor, counts: Tensor) -> Tensor:
-        """Dropless top-k: x [N, D], expert_idx and weights [N, K] -> fp32 [N, D]. Two grouped matmuls over the slots
-        sorted by expert; static shapes and no host sync, so it compiles whole."""
+        """Dropless top-k: x [N, D], expert_idx and weights [N, K] -> the weighted sum of each token's experts, fp32
+        [N, D]. Slots are sorted by expert and run through two grouped matmuls (QuACK's in bf16 when EXPERT_KERNEL
+        resolved to quack, else torch._grouped_mm); static shapes and no host sync, so it compiles whole."""
         n, k = expert_idx.shape
         # uint8 keys (NUM_EXPERTS <= 256) sort in one radix pass where int64 keys take eight.
         order = torch.argsort(expert_idx.flatten().to(torch.uint8), stable=True)
@@ -1228,6 +1319,12 @@ class ExpertBank(nn.Module):
         # 4E chunks: on an H100 (8 experts, 131072 slots) 11% faster than 2E, balanced or not too skewed.
         groups = expert_groups(counts, 4 * len(counts))
         dtype = matmul_dtype(x)
+        if self.kernel == "quack" and dtype == torch.bfloat16:
+            w_in = self.w_in.to(dtype)
+            if self.act == "swiglu":  # QuACK pairs gate and up in adjacent columns: [g0, u0, g1, u1, ...]
+                w_in = w_in.unflatten(1, (2, -1)).transpose(1, 2).flatten(1, 2)
+            return QuackExperts.apply(x.to(dtype), w_in, self.w_out.to(dtype), weights, order, inverse, *groups,
+                                      QUACK_ACTIVATIONS[self.act])
         slots = x.to(dtype)[:, None, :].expand(n, k, x.size(-1)).reshape(n * k, -1)
         h = GroupedMatmul.apply(Permute.apply(slots, order, inverse), self.w_in.to(dtype), *groups)
         # Routing weights scale the hidden units before the linear second matmul: no gradient pass over [N*K, D].
@@ -1274,7 +1371,8 @@ class MoEMLP(nn.Module):
         self.aux_coef, self.z_coef, self.route_scale = cfg.moe_aux_coef, cfg.router_z_coef, cfg.route_scale
         # HASH_LAYERS: the token-id table picks, the router's scores weigh.
         self.hashed = self.mode != "soft" and (cfg.router == "hash" or layer in cfg.moe_layers[: cfg.hash_layers])
-        self.experts = ExpertBank(cfg.num_experts, cfg.model_dim, cfg.expert_hidden, cfg.expert_act, cfg.swiglu_limit)
+        self.experts = ExpertBank(cfg.num_experts, cfg.model_dim, cfg.expert_hidden, cfg.expert_act, cfg.swiglu_limit,
+                                  cfg.expert_kernel)
         if self.mode == "soft" or self.router_kind != "hash":
             self.router = nn.Parameter(torch.randn(cfg.num_experts, cfg.model_dim) * 0.02)
         if self.mode != "soft" and not self.hashed and self.router_kind in ("sigmoid", "sqrtsoftplus"):
@@ -2079,6 +2177,8 @@ def environment_report(device) -> str:
              f"sentencepiece {spm.__version__} brotli {brotli.__version__} platform {platform.platform()}"]
     if device.type == "cuda":
         lines.append(f"cuda {torch.version.cuda} gpu {torch.cuda.get_device_name(device)}")
+        if quack is not None:
+            lines.append(" ".join(f"{p} {importlib.metadata.version(p)}" for p in ("quack-kernels", "nvidia-cutlass-dsl")))
         try:
             lines.append(subprocess.run(["nvidia-smi"], capture_output=True, text=True, timeout=30).stdout)
         except (OSError, subprocess.SubprocessError) as e:
@@ -2350,7 +2450,7 @@ def run(cfg, sp, val_tokens, device, distributed, log, artifact_path: Path, fp32
     params = parameter_report(model)
     log.metrics("model", params=params.pop("total"), active_params=params.pop("active"), **params,
                 muon_matrices=len(muon_params(model)), val_tokens=val_tokens.numel() - 1, world_size=cfg.world_size,
-                grad_accum_steps=cfg.grad_accum_steps)
+                grad_accum_steps=cfg.grad_accum_steps, expert_kernel=cfg.expert_kernel)
 
     def set_schedule(step: int, scale: float):
         frac = min(step / cfg.muon_momentum_warmup_steps, 1.0) if cfg.muon_momentum_warmup_steps else 1.0

@@ -83,12 +83,15 @@ def watch_recompiles() -> RecompileCounter:
 
 
 def mode_env(base: dict, mode: str) -> dict:
+    mode, _, kernel = mode.partition("@")
     mlp_mode, _, router = mode.partition(":")
     # Every mode in every block at the dense MLP's active FLOPs, unless the env says otherwise (the trainer's own
     # default, `default`, has half-size experts in every other block).
     env = dict(base) if mode == "default" else {"MOE_LAYERS": "all", "EXPERT_HIDDEN": "0", **base, "MLP_MODE": mlp_mode}
     if router:
         env["ROUTER"] = router
+    if kernel:
+        env["EXPERT_KERNEL"] = kernel
     return env
 
 
@@ -147,6 +150,11 @@ def bench_mode(mode: str, base_env: dict, args, device, recompiles: RecompileCou
     return row
 
 
+def file_label(mode: str) -> str:
+    """A mode as a file name's part: sparse:sigmoid@quack -> sparse_sigmoid_quack."""
+    return re.sub(r"[^A-Za-z0-9_]", "_", mode)
+
+
 def profile(mode: str, step, device, out_dir: Path):
     """Kernel table of two steps, by self device time: where the step's time goes."""
     activities = [torch.profiler.ProfilerActivity.CPU]
@@ -160,8 +168,8 @@ def profile(mode: str, step, device, out_dir: Path):
     out_dir.mkdir(parents=True, exist_ok=True)
     if not dist.is_initialized() or dist.get_rank() == 0:
         table = prof.key_averages().table(sort_by=sort, row_limit=45, max_name_column_width=90)
-        (out_dir / f"profile_{mode.replace(':', '_')}.txt").write_text(table)
-        (out_dir / f"kernels_{mode.replace(':', '_')}.json").write_text(json.dumps(kernel_times(prof)))
+        (out_dir / f"profile_{file_label(mode)}.txt").write_text(table)
+        (out_dir / f"kernels_{file_label(mode)}.json").write_text(json.dumps(kernel_times(prof)))
 
 
 def kernel_times(prof) -> dict[str, float]:
@@ -175,8 +183,9 @@ def kernel_times(prof) -> dict[str, float]:
 
 
 # Kernel families, the first whose pattern a kernel's name matches (Inductor names a fused kernel by its ops).
-# Attention first: cuDNN's attention kernels are named for their wgmma tiles, and were counted as matmuls.
-FAMILIES = [("attention", r"flash|fmha|attention|sdpa|cudnn"), ("grouped", r"GroupProblemShape|grouped_gemm"),
+# Attention first: cuDNN's attention kernels are named for their wgmma tiles, and were counted as matmuls. QuACK's
+# expert GEMMs are CUTLASS kernels named kernel_cutlass_kernel_quackgemm_...: grouped, not matmul.
+FAMILIES = [("attention", r"flash|fmha|attention|sdpa|cudnn"), ("grouped", r"GroupProblemShape|grouped_gemm|quackgemm"),
             ("matmul", r"gemm|nvjet|cutlass|xmma|wgmma|grouped_mm|splitk"),
             ("norm", r"rsqrt|norm"), ("optimizer", r"foreach|adam|lerp|addcmul"), ("copy", r"memcpy|memset|copy|cat_|clone"),
             ("reduction", r"^triton_(red|per)_|reduce|sum|nll|softmax"), ("elementwise", r"^triton_poi_|elementwise|vectorized")]
@@ -412,9 +421,8 @@ def main(argv=None):
               f"seq:{cfg.train_seq_len} batch_tokens:{cfg.train_batch_tokens}")
         print(format_table(rows))
         if args.profile:
-            names = [m.replace(":", "_") for m in args.modes] + (["peer"] if args.peer else [])
-            files = [Path(args.profile) / f"kernels_{n}.json" for n in names]
-            profiles = {f.stem.removeprefix("kernels_"): json.loads(f.read_text()) for f in files if f.exists()}
+            files = {m: Path(args.profile) / f"kernels_{file_label(m)}.json" for m in args.modes + (["peer"] if args.peer else [])}
+            profiles = {m: json.loads(f.read_text()) for m, f in files.items() if f.exists()}
             if any(profiles.values()):  # none on a CPU
                 print(family_table(profiles))
     if distributed:

@@ -106,3 +106,70 @@ def test_gpu_compiled_experts_match_the_per_expert_loop():
         error = ((g.float().cpu() - w).norm() / w.norm()).item()
         assert error < 2e-2, (name, error)  # bf16 keeps 8 bits: ~4e-3 per rounding
     assert gotten[3][7].abs().sum() == 0 and gotten[4][7].abs().sum() == 0
+
+
+quack_only = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0)
+                                or tm.quack is None, reason="needs an sm90 GPU and quack-kernels (requirements-gpu.txt)")
+
+
+def routing(tokens: int, experts: int, load: str, g: torch.Generator):
+    """Top-2 picks with the last expert empty; `skewed`: expert 3 takes 80% of the first picks."""
+    first = torch.randint(0, experts - 1, (tokens,), generator=g)
+    if load == "skewed":
+        first = torch.where(torch.rand(tokens, generator=g) < 0.8, 3, first)
+    second = (first + 1 + torch.randint(0, experts - 2, (tokens,), generator=g)) % (experts - 1)
+    idx = torch.stack([first, second], 1).cuda()
+    return idx, torch.zeros(experts, device="cuda").scatter_add_(0, idx.flatten(), torch.ones(idx.numel(), device="cuda"))
+
+
+@quack_only
+@pytest.mark.parametrize("act", ["relu2", "leaky_relu2", "swiglu"])
+@pytest.mark.parametrize("load", ["balanced", "skewed"])
+def test_quack_experts_match_the_torch_path(act, load):
+    """Output and the gradients of x, the routing weights and both expert weights, bf16 against the torch path's
+    bf16 and against fp32: QuACK's error from fp32 within twice the torch path's (plus 1e-3)."""
+    g = torch.Generator().manual_seed(0)
+    bank = tm.ExpertBank(16, 512, 256, act)
+    randomize(bank)
+    idx, counts = routing(8192, 16, load, g)
+    x, weights, probe = (torch.randn(8192, n, generator=g) for n in (512, 2, 512))
+    results = {}
+    for kernel, device, dtype in (("torch", "cpu", torch.float32), ("torch", "cuda", torch.bfloat16), ("quack", "cuda", torch.bfloat16)):
+        b = copy.deepcopy(bank).to(device)  # the fp32 reference runs on the CPU: CUDA's grouped matmul is bf16 only
+        b.kernel = kernel
+        xi, wi = x.to(device, dtype).requires_grad_(), weights.to(device).requires_grad_()
+        out = b.grouped(xi, idx.to(device), wi, counts.to(device))
+        grads = torch.autograd.grad((out * probe.to(device)).sum(), [xi, wi, b.w_in, b.w_out])
+        results[kernel, dtype] = [t.float().cuda() for t in (out, *grads)]
+    exact = results["torch", torch.float32]
+    for i, name in enumerate(["output", "x", "weights", "w_in", "w_out"]):
+        err = {k: ((results[k, torch.bfloat16][i] - exact[i]).norm() / exact[i].norm()).item() for k in ("torch", "quack")}
+        assert err["quack"] < 2 * err["torch"] + 1e-3, (name, err)
+    for grads in (results["quack", torch.bfloat16][3:]):  # the empty expert's weight gradients are zero
+        assert grads[15].abs().sum() == 0
+
+
+@quack_only
+@pytest.mark.parametrize("mode", [{"MLP_MODE": "sparse"}, {"MLP_MODE": "shared_routed", "ROUTER": "sigmoid"},
+                                  {"MLP_MODE": "sparse", "EXPERT_ACT": "swiglu", "ROUTER": "sqrtsoftplus", "HASH_LAYERS": "1"}])
+def test_quack_moe_layer_compiles_whole_and_matches_eager(mode):
+    cfg = tm.Hyperparameters({**SMALL, **mode, "MODEL_DIM": "256", "EXPERT_HIDDEN": "128", "NUM_EXPERTS": "8",
+                              "EXPERT_KERNEL": "quack"})
+    torch.manual_seed(0)
+    layer = tm.MoEMLP(cfg, 1).cuda()
+    randomize(layer)
+    x = torch.randn(4, 512, 256, device="cuda")
+    ids = torch.randint(0, 64, (4, 512), device="cuda")
+
+    def step(x):
+        with tm.autocast(x.device):
+            y, aux = layer(x, ids)
+        return y.float().square().mean() + aux
+
+    results = []
+    for fn in (step, torch.compile(step, fullgraph=True, dynamic=False)):
+        xi = x.clone().requires_grad_()
+        loss = fn(xi)
+        results.append([loss, *torch.autograd.grad(loss, [xi, *layer.parameters()])])
+    for eager, compiled in zip(*results):
+        assert ((compiled.float() - eager.float()).norm() / eager.float().norm().clamp_min(1e-12)).item() < 1e-2

@@ -1,10 +1,12 @@
 """MoE modes of train_moe.py: dispatch, routers, balancing, hash routing, export, compile, whole runs."""
 import json
+from types import SimpleNamespace
 import re
 
 import pytest
 import torch
 
+import quack_stand_in
 import train_moe as tm
 from conftest import DENSE, ONE_MICRO_BATCH, on_gloo_ranks, run_trainer, tiny_env
 
@@ -81,6 +83,49 @@ def test_grouped_gradients_when_one_expert_takes_every_slot():
     for g, r in zip(grads, ref_grads):  # scaled before the second matmul: summed in another order
         torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5)
         assert g[1].abs().sum() == 0 and g[3].abs().sum() == 0 and g[2].abs().sum() > 0
+
+
+@pytest.mark.parametrize("act", ["relu2", "leaky_relu2", "swiglu"])
+def test_quack_experts_compute_what_the_torch_path_computes(act, monkeypatch):
+    """QuackExperts' wiring (gathers, transposes, the epilogue's scale and reduction, the weight-gradient cuts) on
+    a stand-in for QuACK's three GEMMs: output and every gradient as the torch path's, in bf16, with an empty
+    expert and one taking most slots. The real kernels: tests/test_gpu.py."""
+    calls = []
+
+    def counted(name):
+        def call(*args, **kwargs):
+            calls.append(name)
+            return getattr(quack_stand_in, name)(*args, **kwargs)
+        return call
+
+    monkeypatch.setattr(tm, "quack", SimpleNamespace(**{n: counted(n) for n in ("gemm", "gemm_act", "gemm_dact")}))
+    torch.manual_seed(0)
+    bank = tm.ExpertBank(num_experts=5, dim=32, hidden=16, act=act)
+    randomize(bank)
+    x, probe = torch.randn(60, 32).bfloat16(), torch.randn(60, 32)
+    idx = torch.stack([torch.where(torch.rand(60) < 0.7, 1, torch.randint(0, 4, (60,))), torch.randint(0, 4, (60,))], 1)
+    idx[:, 1] = torch.where(idx[:, 1] == idx[:, 0], (idx[:, 0] + 1) % 4, idx[:, 1])  # expert 4 gets nothing
+    counts = torch.zeros(5).scatter_add_(0, idx.flatten(), torch.ones(120))
+    weights = torch.rand(60, 2)
+    results = {}
+    for kernel in ("torch", "quack"):
+        bank.kernel = kernel
+        xi, wi = x.clone().requires_grad_(), weights.clone().requires_grad_()
+        out = bank.grouped(xi, idx, wi, counts)
+        results[kernel] = (out, *torch.autograd.grad((out * probe).sum(), [xi, wi, bank.w_in, bank.w_out]))
+    assert calls == ["gemm_act", "gemm", "gemm_dact", "gemm", "gemm", "gemm"]
+    for name, got, want in zip(["output", "x", "weights", "w_in", "w_out"], results["quack"], results["torch"]):
+        assert got.shape == want.shape, name
+        assert (got.float() - want.float()).norm() / want.float().norm() < 1e-2, name
+    assert results["quack"][3][4].abs().sum() == 0 and results["quack"][4][4].abs().sum() == 0
+
+
+def test_expert_kernel_quack_without_a_hopper_gpu_is_a_config_error():
+    if torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0):
+        pytest.skip("an sm90 GPU is here")
+    with pytest.raises(tm.ConfigError, match=r"^EXPERT_KERNEL=quack: needs a CUDA GPU of compute capability 9.0"):
+        config(EXPERT_KERNEL="quack")
+    assert config().expert_kernel == config(EXPERT_KERNEL="torch").expert_kernel == "torch"  # auto falls back
 
 
 def test_top_k_matches_torch_topk():
