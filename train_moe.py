@@ -2178,7 +2178,9 @@ def environment_report(device) -> str:
     if device.type == "cuda":
         lines.append(f"cuda {torch.version.cuda} gpu {torch.cuda.get_device_name(device)}")
         if quack is not None:
-            lines.append(" ".join(f"{p} {importlib.metadata.version(p)}" for p in ("quack-kernels", "nvidia-cutlass-dsl")))
+            lines.append(" ".join(f"{d.metadata['Name']} {d.version}" for d in importlib.metadata.distributions()
+                                  if d.metadata["Name"] in ("quack-kernels", "nvidia-cutlass-dsl"))
+                         or "quack-kernels (a source checkout, no installed package)")
         try:
             lines.append(subprocess.run(["nvidia-smi"], capture_output=True, text=True, timeout=30).stdout)
         except (OSError, subprocess.SubprocessError) as e:

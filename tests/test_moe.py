@@ -128,6 +128,24 @@ def test_expert_kernel_quack_without_a_hopper_gpu_is_a_config_error():
     assert config().expert_kernel == config(EXPERT_KERNEL="torch").expert_kernel == "torch"  # auto falls back
 
 
+@pytest.mark.parametrize("installed", [True, False])
+def test_the_environment_lines_give_quacks_versions(monkeypatch, installed):
+    """Where QuACK runs, the log's environment names its packages' versions; a QuACK imported from a source checkout
+    (no package metadata) is said to be one, where importlib.metadata.version would raise."""
+    def dist(name, version):
+        return SimpleNamespace(metadata={"Name": name}, version=version)
+
+    found = [dist("numpy", "2.0"), dist("quack-kernels", "0.6.5"), dist("nvidia-cutlass-dsl", "4.7.1")] if installed else []
+    monkeypatch.setattr(tm, "quack", SimpleNamespace())
+    monkeypatch.setattr(tm.importlib.metadata, "distributions", lambda: found)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: "NVIDIA H100 80GB HBM3")
+    monkeypatch.setattr(tm.subprocess, "run", lambda *args, **kwargs: SimpleNamespace(stdout="nvidia-smi table"))
+    lines = tm.environment_report(torch.device("cuda")).splitlines()
+    assert lines[2] == ("quack-kernels 0.6.5 nvidia-cutlass-dsl 4.7.1" if installed else
+                        "quack-kernels (a source checkout, no installed package)")
+    assert lines[1].endswith("gpu NVIDIA H100 80GB HBM3") and lines[3] == "nvidia-smi table"
+
+
 def test_top_k_matches_torch_topk():
     scores = torch.randn(300, 8)
     for k in (1, 2, 3, 8):
