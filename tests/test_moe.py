@@ -1,7 +1,7 @@
 """MoE modes of train_moe.py: dispatch, routers, balancing, hash routing, export, compile, whole runs."""
 import json
-from types import SimpleNamespace
 import re
+from types import SimpleNamespace
 
 import pytest
 import torch
