@@ -33,10 +33,10 @@ def routed(tokens: int, experts: int, busiest: float, generator: torch.Generator
     """[tokens, 2] distinct experts; expert 0 takes `busiest` times a fair share of the slots (in expectation),
     the others share the rest evenly: the first pick is expert 0 with probability p, else uniform over the
     others, and the second is uniform over the experts the first did not pick."""
+    if not 1 <= busiest <= experts / 2:
+        raise ValueError(f"busiest={busiest}: top-2 over {experts} experts allows 1 to {experts / 2} times a fair share")
     fair = 2 / experts  # expert 0's share of tokens at balance
     p = (busiest * fair - 1 / (experts - 1)) / (1 - 1 / (experts - 1))
-    if not 0 <= p <= 1:
-        raise ValueError(f"busiest={busiest}: top-2 over {experts} experts allows 1 to {experts / 2} times a fair share")
     device = generator.device
     first = torch.where(torch.rand(tokens, device=device, generator=generator) < p, 0,
                         torch.randint(1, experts, (tokens,), device=device, generator=generator))

@@ -78,8 +78,9 @@ def test_without_quack_only_torch_and_dense_rows(monkeypatch, tmp_path):
     assert {r["path"] for r in result["rows"]} == {"dense", "torch"} and result["totals"] == []
 
 
-def test_a_skew_top_2_cannot_reach_is_refused(capsys):
+@pytest.mark.parametrize("busiest", ["5", "0.8"])  # 8 experts, top-2: 1 to 4 times a fair share
+def test_a_skew_top_2_cannot_reach_is_refused(busiest, capsys):
     with pytest.raises(SystemExit) as e:
-        bench_experts.main(ARGS + ["--skews", "5"])  # 8 experts, top-2: at most 4x a fair share
+        bench_experts.main(ARGS + ["--skews", busiest])
     assert e.value.code == 2
-    assert "busiest=5.0: top-2 over 8 experts allows 1 to 4.0 times a fair share" in capsys.readouterr().err
+    assert f"busiest={float(busiest)}: top-2 over 8 experts allows 1 to 4.0 times a fair share" in capsys.readouterr().err
