@@ -1310,8 +1310,9 @@ class ExpertBank(nn.Module):
 
     def grouped(self, x: Tensor, expert_idx: Tensor, weights: Tensor, counts: Tensor) -> Tensor:
         """Dropless top-k: x [N, D], expert_idx and weights [N, K] -> the weighted sum of each token's experts, fp32
-        [N, D]. Slots are sorted by expert and run through two grouped matmuls (QuACK's in bf16 when EXPERT_KERNEL
-        resolved to quack, else torch._grouped_mm); static shapes and no host sync, so it compiles whole."""
+        [N, D]. Slots are sorted by expert and run through two grouped matmuls (QuACK's in bf16 with gradients on
+        when EXPERT_KERNEL resolved to quack, else torch._grouped_mm); static shapes and no host sync, so it compiles
+        whole."""
         n, k = expert_idx.shape
         # uint8 keys (NUM_EXPERTS <= 256) sort in one radix pass where int64 keys take eight.
         order = torch.argsort(expert_idx.flatten().to(torch.uint8), stable=True)
@@ -1319,7 +1320,10 @@ class ExpertBank(nn.Module):
         # 4E chunks: on an H100 (8 experts, 131072 slots) 11% faster than 2E, balanced or not too skewed.
         groups = expert_groups(counts, 4 * len(counts))
         dtype = matmul_dtype(x)
-        if self.kernel == "quack" and dtype == torch.bfloat16:
+        # QuACK's autotuner keys on every tensor's shape. Forwards without gradients (evaluation, calibration) take
+        # torch._grouped_mm, which has nothing to tune: GPTQ's stages cut to fewer sequences met new shapes on the
+        # clock and tuned there, and a 45 s MoE run on an H100 ended 1.2 s past its cap (cap_slack_ms:-1198).
+        if self.kernel == "quack" and dtype == torch.bfloat16 and torch.is_grad_enabled():
             w_in = self.w_in.to(dtype)
             if self.act == "swiglu":  # QuACK pairs gate and up in adjacent columns: [g0, u0, g1, u1, ...]
                 w_in = w_in.unflatten(1, (2, -1)).transpose(1, 2).flatten(1, 2)

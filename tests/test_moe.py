@@ -85,11 +85,8 @@ def test_grouped_gradients_when_one_expert_takes_every_slot():
         assert g[1].abs().sum() == 0 and g[3].abs().sum() == 0 and g[2].abs().sum() > 0
 
 
-@pytest.mark.parametrize("act", ["relu2", "leaky_relu2", "swiglu"])
-def test_quack_experts_compute_what_the_torch_path_computes(act, monkeypatch):
-    """QuackExperts' wiring (gathers, transposes, the epilogue's scale and reduction, the weight-gradient cuts) on
-    a stand-in for QuACK's three GEMMs: output and every gradient as the torch path's, in bf16, with an empty
-    expert and one taking most slots. The real kernels: tests/test_gpu.py."""
+def stand_in_quack(monkeypatch) -> list[str]:
+    """tests/quack_stand_in.py as train_moe's QuACK; the list it returns names each GEMM called, in order."""
     calls = []
 
     def counted(name):
@@ -99,6 +96,15 @@ def test_quack_experts_compute_what_the_torch_path_computes(act, monkeypatch):
         return call
 
     monkeypatch.setattr(tm, "quack", SimpleNamespace(**{n: counted(n) for n in ("gemm", "gemm_act", "gemm_dact")}))
+    return calls
+
+
+@pytest.mark.parametrize("act", ["relu2", "leaky_relu2", "swiglu"])
+def test_quack_experts_compute_what_the_torch_path_computes(act, monkeypatch):
+    """QuackExperts' wiring (gathers, transposes, the epilogue's scale and reduction, the weight-gradient cuts) on
+    a stand-in for QuACK's three GEMMs: output and every gradient as the torch path's, in bf16, with an empty
+    expert and one taking most slots. The real kernels: tests/test_gpu.py."""
+    calls = stand_in_quack(monkeypatch)
     torch.manual_seed(0)
     bank = tm.ExpertBank(num_experts=5, dim=32, hidden=16, act=act)
     randomize(bank)
@@ -118,6 +124,27 @@ def test_quack_experts_compute_what_the_torch_path_computes(act, monkeypatch):
         assert got.shape == want.shape, name
         assert (got.float() - want.float()).norm() / want.float().norm() < 1e-2, name
     assert results["quack"][3][4].abs().sum() == 0 and results["quack"][4][4].abs().sum() == 0
+
+
+def test_forwards_without_gradients_do_not_call_quack(monkeypatch):
+    """Evaluation and calibration run without gradients, at shapes training never saw: QuACK would autotune each one
+    (its tuning keys on every tensor's shape), on the clock when GPTQ's stages are cut. They take the torch path."""
+    calls = stand_in_quack(monkeypatch)
+    torch.manual_seed(0)
+    bank = tm.ExpertBank(num_experts=4, dim=32, hidden=16, act="relu2")
+    randomize(bank)
+    x, idx, weights = torch.randn(24, 32).bfloat16(), torch.randint(0, 4, (24, 2)), torch.rand(24, 2)
+    idx[:, 1] = (idx[:, 0] + 1) % 4
+    counts = torch.zeros(4).scatter_add_(0, idx.flatten(), torch.ones(48))
+    outputs = {}
+    for kernel in ("torch", "quack"):
+        bank.kernel = kernel
+        with torch.no_grad():
+            outputs[kernel] = bank.grouped(x, idx, weights, counts)
+    assert calls == [] and torch.equal(outputs["quack"], outputs["torch"])
+    with torch.enable_grad():
+        bank.grouped(x, idx, weights, counts)
+    assert calls == ["gemm_act", "gemm"]  # with gradients, QuACK runs
 
 
 def test_expert_kernel_quack_without_a_hopper_gpu_is_a_config_error():
