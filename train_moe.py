@@ -1310,9 +1310,8 @@ class ExpertBank(nn.Module):
 
     def grouped(self, x: Tensor, expert_idx: Tensor, weights: Tensor, counts: Tensor) -> Tensor:
         """Dropless top-k: x [N, D], expert_idx and weights [N, K] -> the weighted sum of each token's experts, fp32
-        [N, D]. Slots are sorted by expert and run through two grouped matmuls (QuACK's in bf16 with gradients on
-        when EXPERT_KERNEL resolved to quack, else torch._grouped_mm); static shapes and no host sync, so it compiles
-        whole."""
+        [N, D]. Slots are sorted by expert and run through two grouped matmuls (QuACK's in bf16 when EXPERT_KERNEL is
+        quack and gradients are on, else torch._grouped_mm); static shapes and no host sync, so it compiles whole."""
         n, k = expert_idx.shape
         # uint8 keys (NUM_EXPERTS <= 256) sort in one radix pass where int64 keys take eight.
         order = torch.argsort(expert_idx.flatten().to(torch.uint8), stable=True)
