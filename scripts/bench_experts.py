@@ -29,12 +29,19 @@ import train_moe  # noqa: E402
 quack = train_moe.quack  # None without quack-kernels; the tests put a CPU stand-in here
 
 
+def skew_error(busiest: float, experts: int) -> str | None:
+    """Why top-2 routing cannot put `busiest` times a fair share on one expert, or None where it can."""
+    if not 1 <= busiest <= experts / 2:
+        return f"busiest={busiest}: top-2 over {experts} experts allows 1 to {experts / 2} times a fair share"
+    return None
+
+
 def routed(tokens: int, experts: int, busiest: float, generator: torch.Generator) -> torch.Tensor:
     """[tokens, 2] distinct experts; expert 0 takes `busiest` times a fair share of the slots (in expectation),
     the others share the rest evenly: the first pick is expert 0 with probability p, else uniform over the
     others, and the second is uniform over the experts the first did not pick."""
-    if not 1 <= busiest <= experts / 2:
-        raise ValueError(f"busiest={busiest}: top-2 over {experts} experts allows 1 to {experts / 2} times a fair share")
+    if error := skew_error(busiest, experts):
+        raise ValueError(error)
     fair = 2 / experts  # expert 0's share of tokens at balance
     p = (busiest * fair - 1 / (experts - 1)) / (1 - 1 / (experts - 1))
     device = generator.device
@@ -98,7 +105,7 @@ def expert_rows(x, grad, experts: int, hidden: int, busiest: float, chunks: list
                          error=None if check is None else relative_error(*check())))
 
     pre = torch._grouped_mm(x_sorted, w_in.mT, offs=offsets)
-    hid = train_moe.activate(pre.float(), act.replace("_sq", "2")).to(dtype)
+    hid = train_moe.activate(pre.float(), act).to(dtype)
     add("torch", "first, rows gathered before", lambda: torch._grouped_mm(x_sorted, w_in.mT, offs=offsets))
     add("torch", "second", lambda: torch._grouped_mm(hid, w_out.mT, offs=offsets))
     want_w_out = torch._grouped_mm(grad_sorted.mT, hid, offs=offsets)  # [E, D, F], uncut: the reference
@@ -109,6 +116,7 @@ def expert_rows(x, grad, experts: int, hidden: int, busiest: float, chunks: list
                 torch._grouped_mm(grad_sorted.mT, hid, offs=cuts).float(), ce, experts), want_w_out))
     if quack is None:
         return rows
+    act = train_moe.QUACK_ACTIVATIONS[act]
     wsorted = weights.flatten()[order]
     preact, hidden_q = quack.gemm_act(x, w_in.mT, activation=act, cu_seqlens_m=bounds, A_idx=token)
     grad_pre, weighted, _ = quack.gemm_dact(grad, w_out, preact, activation=act, colvec_scale=wsorted,
@@ -171,18 +179,16 @@ def main(argv=None):
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--experts", type=int, default=16)
     parser.add_argument("--hidden", type=int, default=512, help="each expert's; the dense MLP's is 2 x dim")
-    parser.add_argument("--act", default="relu_sq", choices=sorted(set(train_moe.QUACK_ACTIVATIONS.values()) - {"swiglu"}))
+    parser.add_argument("--act", default="relu2", choices=sorted(set(train_moe.QUACK_ACTIVATIONS) - {"swiglu"}))
     parser.add_argument("--skews", type=float, nargs="+", default=[1.0, 2.0, 5.0], help="busiest expert / fair share")
     parser.add_argument("--chunks", type=int, nargs="+", default=[0, 16, 32, 64], help="row chunks of the weight "
                         "gradients' cuts (the trainer's: 4 x experts)")
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--json", default="", help="where the rows go")
     args = parser.parse_args(argv)
-    try:
-        for busiest in args.skews:
-            routed(2, args.experts, busiest, torch.Generator())
-    except ValueError as e:
-        parser.error(str(e))
+    for busiest in args.skews:
+        if error := skew_error(busiest, args.experts):
+            parser.error(error)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     g = torch.Generator(device=device).manual_seed(0)
