@@ -275,11 +275,13 @@ def test_kernel_families_sum_each_profiled_rows_kernels_once():
                           "_ZN7cutlass13device_kernelIN2at4cuda6GemmUniversalINS5_17GroupProblemShapeIN4cute": 6.0,
                           "kernel_cutlass_kernel_quackgemm_default_epiGemmDefaultSm90_object_at__TiledMMA": 2.0},
                 "peer": {"sm90_xmma_gemm_bf16": 9.0}}
-    lines = {line.split()[0]: line.split()[1:] for line in bench_step.family_table(profiles).splitlines()[1:]}
+    table = bench_step.family_table(profiles, {"dense": 31.0, "peer": 9.5}).splitlines()
+    lines = {line.split()[0]: line.split()[1:] for line in table[1:]}
     assert lines["matmul"] == ["10.00", "9.00"] and lines["attention"] == ["7.00", "0.00"] and lines["norm"] == ["2.00", "0.00"]
     assert lines["grouped"] == ["8.00", "0.00"] and lines["optimizer"] == ["1.00", "0.00"] and lines["copy"] == ["0.12", "0.00"]
     assert lines["elementwise"] == ["0.75", "0.00"] and lines["other"] == ["1.00", "0.00"]
     assert lines["total"] == ["29.88", "9.00"]  # each kernel in one family only
+    assert table[-2].split()[2:] == ["31.00", "9.50"] and table[-1].split()[2:] == ["1.12", "0.50"]  # timed step, GPU idle
 
 
 def test_kernel_times_leave_out_annotations_and_host_events():
