@@ -116,16 +116,17 @@ def expert_rows(x, grad, experts: int, hidden: int, busiest: float, chunks: list
                 torch._grouped_mm(grad_sorted.mT, hid, offs=cuts).float(), ce, experts), want_w_out))
     if quack is None:
         return rows
-    act = train_moe.QUACK_ACTIVATIONS[act]
+    quack_act = train_moe.QUACK_ACTIVATIONS[act]
     wsorted = weights.flatten()[order]
-    preact, hidden_q = quack.gemm_act(x, w_in.mT, activation=act, cu_seqlens_m=bounds, A_idx=token)
-    grad_pre, weighted, _ = quack.gemm_dact(grad, w_out, preact, activation=act, colvec_scale=wsorted,
+    preact, hidden_q = quack.gemm_act(x, w_in.mT, activation=quack_act, cu_seqlens_m=bounds, A_idx=token)
+    grad_pre, weighted, _ = quack.gemm_dact(grad, w_out, preact, activation=quack_act, colvec_scale=wsorted,
                                             colvec_reduce=True, cu_seqlens_m=bounds, A_idx=token)
-    add("quack", "first, gather + activation", lambda: quack.gemm_act(x, w_in.mT, activation=act, cu_seqlens_m=bounds,
-                                                                        A_idx=token))
+    add("quack", "first, gather + activation", lambda: quack.gemm_act(x, w_in.mT, activation=quack_act,
+                                                                        cu_seqlens_m=bounds, A_idx=token))
     add("quack", "second", lambda: quack.gemm(hidden_q, w_out.mT, cu_seqlens_m=bounds))
     add("quack", "backward: gather + activation grad", lambda: quack.gemm_dact(
-        grad, w_out, preact, activation=act, colvec_scale=wsorted, colvec_reduce=True, cu_seqlens_m=bounds, A_idx=token))
+        grad, w_out, preact, activation=quack_act, colvec_scale=wsorted, colvec_reduce=True, cu_seqlens_m=bounds,
+        A_idx=token))
     add("quack", "input grad", lambda: quack.gemm(grad_pre, w_in, cu_seqlens_m=bounds))
     want_in = torch._grouped_mm(x_sorted.mT, grad_pre, offs=offsets)  # [E, D, F]
     want_out = torch._grouped_mm(grad_sorted.mT, weighted, offs=offsets)
