@@ -2453,9 +2453,10 @@ def run(cfg, sp, val_tokens, device, distributed, log, artifact_path: Path, fp32
         train_model = DDP(train_model, device_ids=[cfg.local_rank] if device.type == "cuda" else None, **{no_sync: False})
     eval_losses = compiled(model.token_losses, cfg)
     params = parameter_report(model)
+    grouped = cfg.mlp_mode in ("sparse", "shared_routed")  # dense and soft run no grouped matmul
     log.metrics("model", params=params.pop("total"), active_params=params.pop("active"), **params,
                 muon_matrices=len(muon_params(model)), val_tokens=val_tokens.numel() - 1, world_size=cfg.world_size,
-                grad_accum_steps=cfg.grad_accum_steps, expert_kernel=cfg.expert_kernel)
+                grad_accum_steps=cfg.grad_accum_steps, expert_kernel=cfg.expert_kernel if grouped else "none")
 
     def set_schedule(step: int, scale: float):
         frac = min(step / cfg.muon_momentum_warmup_steps, 1.0) if cfg.muon_momentum_warmup_steps else 1.0

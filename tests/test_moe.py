@@ -474,6 +474,7 @@ def test_every_mode_trains_exports_and_roundtrips(tiny_data, tmp_path, mode):
     train = [e["train_loss"] for e in evs if e["event"] == "train"]
     assert train[-1] < train[0] - 1.0
     final = {e["event"]: e for e in evs if e["event"].startswith("final") or e["event"] in ("model", "artifact")}
+    assert final["model"]["expert_kernel"] == ("none" if mode == "soft" else "torch")  # soft: one wide matmul
     assert final["model"]["experts"] > 0 and final["model"]["active_params"] <= final["model"]["params"]
     assert final["artifact"]["status"] == "OK"
     assert abs(final["final_roundtrip"]["val_bpb"] - final["final_ema"]["val_bpb"]) < 0.02

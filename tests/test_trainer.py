@@ -453,6 +453,7 @@ def test_tiny_run_learns_exports_and_roundtrips(tiny_data, tmp_path):
     assert art["status"] == "OK" and art["limit"] == 16_000_000
     log_text = (tmp_path / "logs" / "tiny.txt").read_text()
     assert log_text.startswith((REPO / "train_moe.py").read_text())
+    assert only(evs, "model")["expert_kernel"] == "none"  # a dense run has no experts to name a kernel for
     assert "config mlp_mode:dense" in log_text and f"torch {torch.__version__}" in log_text
     # On screen: the metrics and the launch command, not the source nor the 80 settings; no bar off a terminal.
     assert "config mlp_mode" not in result.stdout and "config launch:" in result.stdout and "step/s" not in result.stderr
