@@ -281,7 +281,7 @@ class Hyperparameters:
         self.compile = get.flag("COMPILE", 1)
         # The compiled step replayed as CUDA graphs (torch.compile's reduce-overhead), on one GPU: QuACK's host dispatch
         # (0.25-0.47 ms a call) left an H100 idle 10.7 ms a step in the default MoE and 24.5 in sparse, 7.8 in dense.
-        # Replayed, the default's step went from 1.045x dense to 1.034x and sparse's from 1.23-1.25x to 1.20x.
+        # Replayed, the default's step went from 1.045x dense to 1.034x and sparse's from 1.21-1.25x to 1.20x.
         self.cuda_graphs = get.flag("CUDA_GRAPHS", 1)
         # auto: QuACK's expert GEMMs where they run (sm90 and the package), else torch._grouped_mm, the CPU and
         # reference path. Not a model setting: both compute the same model.
@@ -2059,15 +2059,15 @@ def compiled(fn, cfg: Hyperparameters, graphs: bool = False):
     return torch.compile(fn, dynamic=False, fullgraph=True, mode=mode) if cfg.compile else fn
 
 
-def step_graphs(cfg: Hyperparameters, device) -> bool:
-    """CUDA graphs for the training step: compiled, on one GPU (under DDP they are not measured)."""
-    return cfg.cuda_graphs and cfg.compile and device.type == "cuda" and cfg.world_size == 1
+def step_graphs(cfg: Hyperparameters, device, distributed: bool) -> bool:
+    """CUDA graphs for the training step: compiled, on a GPU, without torchrun (DDP with graphs is not measured)."""
+    return bool(cfg.cuda_graphs and cfg.compile) and device.type == "cuda" and not distributed
 
 
 def train_step(cfg: Hyperparameters, model: GPT, train_model: nn.Module, optimizers: list, loader, looped: bool = True) -> Tensor:
     """One optimizer step (train_model: compiled and/or DDP; looped: with recurrence) -> mean loss, no host sync."""
     distributed = isinstance(train_model, DDP)
-    graphs = step_graphs(cfg, model.tok_emb.weight.device)
+    graphs = step_graphs(cfg, model.tok_emb.weight.device, distributed)
     if graphs:  # gradients accumulate into .grad made here, not into a graph's output, which the next replay overwrites
         for p in model.parameters():
             if p.grad is None:
@@ -2463,7 +2463,7 @@ def run(cfg, sp, val_tokens, device, distributed, log, artifact_path: Path, fp32
     tables = build_byte_tables(sp, device)
     model = GPT(cfg).to(device)
     optimizers = build_optimizers(model, cfg)
-    train_model = compiled(model, cfg, step_graphs(cfg, device))
+    train_model = compiled(model, cfg, step_graphs(cfg, device, distributed))
     if distributed:
         # No buffer broadcast each forward: router biases move alike on every rank (torch 2.13 renamed the flag).
         no_sync = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters else "broadcast_buffers"
@@ -2474,7 +2474,7 @@ def run(cfg, sp, val_tokens, device, distributed, log, artifact_path: Path, fp32
     log.metrics("model", params=params.pop("total"), active_params=params.pop("active"), **params,
                 muon_matrices=len(muon_params(model)), val_tokens=val_tokens.numel() - 1, world_size=cfg.world_size,
                 grad_accum_steps=cfg.grad_accum_steps, expert_kernel=cfg.expert_kernel if grouped else "none",
-                cuda_graphs=int(step_graphs(cfg, device)))
+                cuda_graphs=int(step_graphs(cfg, device, distributed)))
 
     def set_schedule(step: int, scale: float):
         frac = min(step / cfg.muon_momentum_warmup_steps, 1.0) if cfg.muon_momentum_warmup_steps else 1.0

@@ -104,7 +104,7 @@ def bench_mode(mode: str, base_env: dict, args, device, recompiles: RecompileCou
     model = train_moe.GPT(cfg).to(device)
     optimizers = train_moe.build_optimizers(model, cfg)
     # No fullgraph here: a graph break is counted and reported instead of stopping the benchmark.
-    graphs = "reduce-overhead" if train_moe.step_graphs(cfg, device) else None
+    graphs = "reduce-overhead" if train_moe.step_graphs(cfg, device, dist.is_initialized()) else None
     train_model = torch.compile(model, dynamic=False, mode=graphs) if cfg.compile else model
     if dist.is_initialized():
         train_model = DDP(train_model, device_ids=[cfg.local_rank] if device.type == "cuda" else None, broadcast_buffers=False)

@@ -134,7 +134,7 @@ def test_gpu_cuda_graph_steps_give_the_compiled_steps_gradients(mode):
         loader = type("OnTheGPU", (), {"next_batch": lambda self: [t.cuda() for t in batches.next_batch()]})()
         torch._dynamo.reset()
         torch._dynamo.utils.counters.clear()
-        train_model = tm.compiled(model, cfg, tm.step_graphs(cfg, torch.device("cuda")))
+        train_model = tm.compiled(model, cfg, tm.step_graphs(cfg, torch.device("cuda"), distributed=False))
         losses = [tm.train_step(cfg, model, train_model, [recorder], loader).item() for _ in range(3)]
         runs.append((losses, recorder.steps, dict(torch._dynamo.utils.counters["inductor"])))
     (graph_losses, graph_steps, graph_counters), (losses, steps, _) = runs

@@ -411,6 +411,17 @@ def test_ema_update_follows_the_ramped_decay():
 
 # ---------------------------------------------------------------- compile
 
+@pytest.mark.parametrize("env, device, distributed, expected", [
+    ({}, "cuda", False, True),
+    ({}, "cuda", True, False),  # torchrun, even with one process: DDP with graphs is not measured
+    ({}, "cpu", False, False),
+    ({"COMPILE": "0"}, "cuda", False, False),  # graphs are compile's reduce-overhead mode
+    ({"CUDA_GRAPHS": "0"}, "cuda", False, False),
+])
+def test_cuda_graphs_only_for_a_compiled_step_on_a_gpu_without_torchrun(env, device, distributed, expected):
+    assert tm.step_graphs(tm.Hyperparameters(env), torch.device(device), distributed) is expected
+
+
 def test_train_step_compiles_fullgraph_without_recompiles(tiny_data):
     import torch._dynamo
 
