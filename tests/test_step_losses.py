@@ -41,8 +41,8 @@ class MarkovBatches:
     """A learnable stream, fresh every call: each token is followed by one of 4 fixed successors. Repeated random
     batches are memorised instead, and that steep descent grows rounding to 5% in twenty steps."""
 
-    def __init__(self, cfg: train_moe.Hyperparameters):
-        self.g = torch.Generator().manual_seed(0)
+    def __init__(self, cfg: train_moe.Hyperparameters, device: str = "cpu"):
+        self.g, self.device = torch.Generator().manual_seed(0), device
         self.successors = torch.randint(0, cfg.vocab_size, (cfg.vocab_size, 4), generator=self.g)
         self.rows = cfg.train_batch_tokens // cfg.grad_accum_steps // cfg.train_seq_len
         self.cfg = cfg
@@ -52,7 +52,7 @@ class MarkovBatches:
         for _ in range(self.cfg.train_seq_len):
             tokens.append(self.successors[tokens[-1], torch.randint(0, 4, (self.rows,), generator=self.g)])
         seq = torch.stack(tokens, 1)
-        return seq[:, :-1], seq[:, 1:]
+        return seq[:, :-1].to(self.device), seq[:, 1:].to(self.device)
 
 
 def twenty_steps(mode: str, env: dict = SHAPE) -> list[float]:
